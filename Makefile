@@ -1,0 +1,38 @@
+# One command to run, one to test; both create the virtualenv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint format bench clean
+
+$(BIN)/python:
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); \
+	  else \
+	    echo "python3 cannot create a virtualenv: install it with 'sudo apt-get install python3-venv'"; exit 1; \
+	  fi; }
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+run: $(STAMP)
+	$(BIN)/further-link $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check further_link tests benchmarks examples
+	$(BIN)/ruff format --check further_link tests benchmarks examples
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format further_link tests benchmarks examples
+	$(BIN)/ruff check --fix further_link tests benchmarks examples
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

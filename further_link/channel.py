@@ -1,0 +1,106 @@
+"""The side channel between a user's program and the server, program side.
+
+A run's server listens on a unix socket whose path is in ``FURTHER_LINK_IO_SOCKET``.
+Each message is a frame: one kind byte, a 4-byte big-endian length, then the
+payload. The server answers every frame with one ACK byte once the message is
+queued for the client, which keeps frames in order with the program's prints
+(see ``Program.sync_output``). Only the standard library is imported here, so
+``import further_link`` stays cheap inside user programs; Pillow and numpy
+are imported only when an image needs converting.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import struct
+import threading
+from typing import Any
+
+SOCKET_ENV_VAR = "FURTHER_LINK_IO_SOCKET"
+KIND_JPEG = b"J"
+ACK = b"\x06"
+HEADER = struct.Struct("!cI")
+JPEG_MAGIC = b"\xff\xd8"
+
+
+class ChannelError(RuntimeError):
+    """The program is not connected to a further-link server, or it went away."""
+
+
+def encode_frame(kind: bytes, payload: bytes) -> bytes:
+    return HEADER.pack(kind, len(payload)) + payload
+
+
+def to_jpeg(image: Any, quality: int = 80) -> bytes:
+    """Accept JPEG bytes, a Pillow image or an HxWx3 uint8 RGB numpy array."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        if data.startswith(JPEG_MAGIC):
+            return data
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(data))
+    elif not hasattr(image, "save"):
+        from PIL import Image
+
+        image = Image.fromarray(image)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+class _Connection:
+    """One lazily opened connection per program, shared by its threads."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def _connect(self) -> socket.socket:
+        path = os.environ.get(SOCKET_ENV_VAR)
+        if not path:
+            raise ChannelError(
+                "send_image works only in a program started by further-link "
+                f"({SOCKET_ENV_VAR} is not set)"
+            )
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            raise ChannelError(f"cannot reach further-link at {path}: {exc.strerror}") from None
+        return sock
+
+    def send(self, kind: bytes, payload: bytes) -> None:
+        with self._lock:
+            if self._sock is None:
+                self._sock = self._connect()
+            try:
+                self._sock.sendall(encode_frame(kind, payload))
+                if self._sock.recv(1) != ACK:
+                    raise ChannelError("further-link closed the image channel")
+            except OSError as exc:
+                self._sock.close()
+                self._sock = None
+                raise ChannelError(f"further-link image channel failed: {exc}") from None
+
+
+_connection = _Connection()
+
+
+def send_image(image: Any, quality: int = 80) -> None:
+    """Show ``image`` in the client as a ``video`` frame.
+
+    Output printed before this call reaches the client first; the call
+    returns once the frame is queued, so later prints arrive after it.
+    """
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    _connection.send(KIND_JPEG, to_jpeg(image, quality))

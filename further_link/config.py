@@ -1,0 +1,163 @@
+"""All settings, read once from the environment and flags into one frozen object.
+
+No other module reads ``os.environ``: the snapshot taken here (``program_env``)
+is also the base environment of every program the server runs.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+MiB = 1024 * 1024
+DEFAULT_PORT = 8028
+DEFAULT_USER = "pi"
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The account programs run under, and whether the server must switch to it."""
+
+    name: str
+    uid: int
+    gid: int
+    home: Path
+    switch: bool  # True when the server must drop privileges to this account
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    work_dir: Path = Path.home() / "further"
+    config_dir: Path = Path.home() / ".config" / "further-link"
+    ssl: bool = True
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    run_as: RunAs | None = None
+    python: str = sys.executable
+    kill_grace: float = 1.0
+    heartbeat: float = 10.0
+    max_message_bytes: int = 16 * MiB
+    max_source_bytes: int = 16 * MiB
+    max_upload_files: int = 1000
+    max_upload_bytes: int = 100 * MiB
+    max_download_bytes: int = 100 * MiB
+    output_queue_bytes: int = 1 * MiB
+    program_env: Mapping[str, str] = field(default_factory=dict)
+
+    def with_overrides(self, **changes: Any) -> Config:
+        """A copy with some fields replaced (``None`` values are ignored)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.work_dir / ".flcache"
+
+
+_FALSE_WORDS = {"", "0", "false", "no", "off"}
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    return environ.get(name, "").strip().lower() not in _FALSE_WORDS
+
+
+def _number(environ: Mapping[str, str], name: str, default: float, kind: type = int) -> Any:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    if value < 0:
+        raise ConfigError(f"{name}={raw!r} must not be negative")
+    return value
+
+
+def resolve_run_as(requested: str | None, euid: int | None = None) -> RunAs:
+    """Pick the account for programs: ``pi`` when root and it exists, else ourselves.
+
+    ``requested`` (FURTHER_LINK_USER / --user) names another account; only
+    root can switch to it.
+    """
+    euid = os.geteuid() if euid is None else euid
+    me = pwd.getpwuid(euid)
+    if euid == 0:
+        name = requested or (DEFAULT_USER if _user_exists(DEFAULT_USER) else None)
+        if name:
+            try:
+                entry = pwd.getpwnam(name)
+            except KeyError:
+                raise ConfigError(f"user {name!r} to run programs as does not exist") from None
+            return RunAs(
+                name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir), switch=entry.pw_uid != 0
+            )
+    elif requested and requested != me.pw_name:
+        raise ConfigError(
+            f"cannot run programs as {requested!r}: only root can switch users "
+            f"(the server runs as {me.pw_name!r})"
+        )
+    return RunAs(me.pw_name, me.pw_uid, me.pw_gid, Path(me.pw_dir), switch=False)
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+    """Build the config from environment variables, then apply flag overrides."""
+    env = dict(os.environ if environ is None else environ)
+    run_as = resolve_run_as(overrides.pop("user", None) or env.get("FURTHER_LINK_USER") or None)
+
+    work_dir_raw = overrides.pop("work_dir", None) or env.get("FURTHER_LINK_WORK_DIR")
+    work_dir = Path(work_dir_raw).expanduser() if work_dir_raw else run_as.home / "further"
+
+    config_home = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    config_dir_raw = overrides.pop("config_dir", None) or env.get("FURTHER_LINK_CONFIG_DIR")
+    config_dir = (
+        Path(config_dir_raw).expanduser() if config_dir_raw else Path(config_home) / "further-link"
+    )
+
+    no_ssl = overrides.pop("no_ssl", False) or _flag(env, "FURTHER_LINK_NOSSL")
+    cert = overrides.pop("cert_file", None) or env.get("FURTHER_LINK_CERT")
+    key = overrides.pop("key_file", None) or env.get("FURTHER_LINK_KEY")
+    if bool(cert) != bool(key):
+        raise ConfigError("give both a certificate and a key (FURTHER_LINK_CERT, FURTHER_LINK_KEY)")
+
+    port = _number(env, "FURTHER_LINK_PORT", DEFAULT_PORT)
+    if port > 65535:
+        raise ConfigError(f"FURTHER_LINK_PORT={port} is not a port number")
+
+    config = Config(
+        host=env.get("FURTHER_LINK_HOST") or "0.0.0.0",
+        port=port,
+        work_dir=work_dir.absolute(),
+        config_dir=config_dir.absolute(),
+        ssl=not no_ssl,
+        cert_file=Path(cert) if cert else None,
+        key_file=Path(key) if key else None,
+        run_as=run_as,
+        python=env.get("FURTHER_LINK_PYTHON") or sys.executable,
+        kill_grace=_number(env, "FURTHER_LINK_KILL_GRACE", 1.0, float),
+        heartbeat=_number(env, "FURTHER_LINK_HEARTBEAT", 10.0, float),
+        max_message_bytes=_number(env, "FURTHER_LINK_MAX_MESSAGE_BYTES", 16 * MiB),
+        max_source_bytes=_number(env, "FURTHER_LINK_MAX_SOURCE_BYTES", 16 * MiB),
+        max_upload_files=_number(env, "FURTHER_LINK_MAX_UPLOAD_FILES", 1000),
+        max_upload_bytes=_number(env, "FURTHER_LINK_MAX_UPLOAD_BYTES", 100 * MiB),
+        max_download_bytes=_number(env, "FURTHER_LINK_MAX_DOWNLOAD_BYTES", 100 * MiB),
+        output_queue_bytes=_number(env, "FURTHER_LINK_OUTPUT_QUEUE_BYTES", 1 * MiB),
+        program_env=env,
+    )
+    return config.with_overrides(**overrides)

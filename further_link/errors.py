@@ -1,0 +1,63 @@
+"""Every way further-link can refuse or fail, as one tree.
+
+    FurtherLinkError            base: message is meant for the person at the browser
+     +-- ProtocolError          the client's message is malformed or not allowed
+     +-- SessionStateError      the command does not fit now ("no program is running")
+     +-- StartError             a program could not be started (missing file, bad dir)
+     +-- StdinError             input could not be handed to the program
+     +-- UploadError            an upload was refused; the previous directory is kept
+     |    +-- UnsafePathError   a client-supplied name would leave its directory
+     |    +-- LimitExceededError a configured cap (files, bytes) was exceeded
+     |    +-- DownloadError     a url file could not be fetched completely
+     +-- ConfigError            the server's own configuration is unusable
+
+Each message names what was wrong so that a learner or teacher can act on it.
+The web layer turns any of them into one ``error`` event; nothing else is
+caught broadly.
+"""
+
+from __future__ import annotations
+
+
+class FurtherLinkError(Exception):
+    """Base of all errors whose text may be shown to the client."""
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ProtocolError(FurtherLinkError):
+    """The client sent something that is not a valid command."""
+
+
+class SessionStateError(FurtherLinkError):
+    """The command is valid but does not fit the session's current state."""
+
+
+class StartError(FurtherLinkError):
+    """The program could not be started."""
+
+
+class StdinError(FurtherLinkError):
+    """Input could not be delivered to the program."""
+
+
+class UploadError(FurtherLinkError):
+    """An upload was refused or failed; the work dir is left as it was."""
+
+
+class UnsafePathError(UploadError):
+    """A name from the client would escape the directory it belongs in."""
+
+
+class LimitExceededError(UploadError):
+    """A configured cap was exceeded."""
+
+
+class DownloadError(UploadError):
+    """A url file could not be downloaded completely."""
+
+
+class ConfigError(FurtherLinkError):
+    """The server's configuration cannot be used."""

@@ -1,0 +1,98 @@
+"""A connection's outgoing events: ordered, bounded in bytes, coalesced.
+
+Program output waits for room (that wait is what pauses reading the program's
+pipe); control events such as ``started``, ``stopped`` and ``error`` never
+wait, so a flood cannot hold up an answer. When the client is slower than the
+program, adjacent output of one stream is merged into fewer, larger messages;
+when it keeps up, each chunk goes out as soon as it is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from .protocol import Event, Output, Video, encode_event
+
+MERGE_LIMIT = 1024 * 1024
+
+
+class OutboxClosed(Exception):
+    """The connection has gone; nothing more will be sent."""
+
+
+class Outbox:
+    def __init__(self, limit_bytes: int) -> None:
+        self._limit = max(1, limit_bytes)
+        self._events: deque[Event] = deque()
+        self._queued_bytes = 0
+        self._readable = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._closed = False
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
+    def put(self, event: Event) -> None:
+        """Queue a control event; never waits."""
+        if self._closed:
+            return
+        self._append(event, 0)
+
+    async def put_output(self, event: Output | Video) -> None:
+        """Queue program output, waiting while the backlog is over the limit."""
+        while self._queued_bytes >= self._limit and not self._closed:
+            self._room.clear()
+            await self._room.wait()
+        if self._closed:
+            raise OutboxClosed
+        self._append(event, len(event.output))
+
+    def _append(self, event: Event, size: int) -> None:
+        self._events.append(event)
+        self._queued_bytes += size
+        self._readable.set()
+
+    async def get(self) -> str:
+        """The next message to send, as JSON text (merged output when backed up)."""
+        while not self._events:
+            if self._closed:
+                raise OutboxClosed
+            self._readable.clear()
+            await self._readable.wait()
+        event = self._events.popleft()
+        if isinstance(event, Output):
+            parts = [event.output]
+            size = len(event.output)
+            while self._events and size < MERGE_LIMIT:
+                following = self._events[0]
+                if not (isinstance(following, Output) and following.stream == event.stream):
+                    break
+                self._events.popleft()
+                parts.append(following.output)
+                size += len(following.output)
+            self._release(size)
+            if len(parts) > 1:
+                event = Output(event.stream, "".join(parts))
+        elif isinstance(event, Video):
+            self._release(len(event.output))
+        return encode_event(event)
+
+    def _release(self, size: int) -> None:
+        self._queued_bytes -= size
+        if self._queued_bytes < self._limit:
+            self._room.set()
+
+    def close(self) -> None:
+        """Wake every waiter; later puts are dropped, gets raise ``OutboxClosed``."""
+        self._closed = True
+        self._room.set()
+        self._readable.set()
+
+    def drained(self) -> bool:
+        return not self._events
+
+    def pending(self) -> int | None:
+        return len(self._events)

@@ -1,0 +1,308 @@
+"""One user program as an async object: start, feed stdin, stop, collect output.
+
+Output is read straight from the pipes' file descriptors, decoded with an
+incremental UTF-8 decoder (no character is split, invalid bytes become U+FFFD)
+and handed to an async sink. Awaiting the sink is the backpressure: while the
+sink is full the pipe is not read, so the program blocks on write instead of
+the server buffering without limit. This module knows nothing about JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import logging
+import os
+import signal
+import uuid
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import proctree
+from .config import RunAs
+from .errors import StartError, StdinError
+
+log = logging.getLogger(__name__)
+
+OutputSink = Callable[[str, str], Awaitable[None]]
+READ_CHUNK = 256 * 1024
+STDIN_BACKLOG_LIMIT = 4 * 1024 * 1024
+# After the program has exited and its tree is killed, how long to wait for
+# pipes to report end-of-file before giving up on a process that escaped.
+PIPE_DRAIN_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class ProgramSpec:
+    """Everything needed to start one program."""
+
+    argv: Sequence[str]
+    cwd: Path
+    env: Mapping[str, str]
+    run_as: RunAs | None = None
+
+
+class PipeReader:
+    """Reads one pipe without blocking and delivers decoded text to a sink.
+
+    ``read_available`` can also be called from outside (see ``Program.sync``)
+    to deliver everything written so far before a side-channel message.
+    """
+
+    def __init__(self, fd: int, stream: str, sink: OutputSink) -> None:
+        self.fd = fd
+        self.stream = stream
+        self._sink = sink
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._lock = asyncio.Lock()
+        self.eof = False
+        os.set_blocking(fd, False)
+
+    async def read_available(self) -> None:
+        async with self._lock:
+            while not self.eof:
+                try:
+                    data = os.read(self.fd, READ_CHUNK)
+                except BlockingIOError:
+                    return
+                except OSError as exc:  # EIO and friends end the stream too
+                    log.debug("reading %s failed: %s", self.stream, exc)
+                    data = b""
+                if not data:
+                    self.eof = True
+                    text = self._decoder.decode(b"", final=True)
+                else:
+                    text = self._decoder.decode(data)
+                if text:
+                    await self._sink(self.stream, text)
+
+    async def _readable(self, timeout: float | None) -> bool:
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(self.fd, wake)
+        try:
+            await asyncio.wait_for(ready, timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(self.fd)
+
+    async def run(self, deadline: Callable[[], float | None]) -> None:
+        """Read until end-of-file, or until ``deadline()`` seconds pass idle."""
+        while not self.eof:
+            await self.read_available()
+            if self.eof:
+                break
+            if not await self._readable(deadline()):
+                log.warning("%s still open after the program ended; closing it", self.stream)
+                await self.read_available()
+                break
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class Program:
+    """A started program and, through its run tag, every process it creates.
+
+    The owner must ``await wait()`` (or ``stop()`` then ``wait()``); ``wait``
+    returns only when the program has exited, its leftover processes are
+    killed and every byte of output has reached the sink.
+    """
+
+    def __init__(self, spec: ProgramSpec, sink: OutputSink, kill_grace: float = 1.0) -> None:
+        self.spec = spec
+        self.tag = uuid.uuid4().hex
+        self._sink = sink
+        self._kill_grace = kill_grace
+        self._process: asyncio.subprocess.Process | None = None
+        self._readers: list[PipeReader] = []
+        self._pump_tasks: list[asyncio.Task[None]] = []
+        self._stdin_task: asyncio.Task[None] | None = None
+        self._stdin_buffer = bytearray()
+        self._stdin_wakeup = asyncio.Event()
+        self._stdin_closed = False
+        self._drain_deadline: float | None = None
+        self._exit_code: int | None = None
+        self._stopping = False
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "program not started"
+        return self._process.pid
+
+    @property
+    def exited(self) -> bool:
+        return self._process is not None and self._process.returncode is not None
+
+    async def start(self) -> None:
+        env = dict(self.spec.env)
+        env[proctree.RUN_TAG_VAR] = self.tag
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        extra: dict[str, object] = {}
+        run_as = self.spec.run_as
+        if run_as is not None and run_as.switch:
+            extra = {
+                "user": run_as.uid,
+                "group": run_as.gid,
+                "extra_groups": os.getgrouplist(run_as.name, run_as.gid),
+            }
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *self.spec.argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=out_w,
+                stderr=err_w,
+                cwd=str(self.spec.cwd),
+                env=env,
+                start_new_session=True,
+                **extra,  # type: ignore[arg-type]
+            )
+        except OSError as exc:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            raise StartError(f"could not start {self.spec.argv[0]!r}: {exc.strerror}") from None
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        log.info("program started pid=%d cwd=%s", self._process.pid, self.spec.cwd)
+        self._readers = [
+            PipeReader(out_r, "stdout", self._sink),
+            PipeReader(err_r, "stderr", self._sink),
+        ]
+        self._pump_tasks = [
+            asyncio.ensure_future(reader.run(self._remaining_drain_time))
+            for reader in self._readers
+        ]
+        self._stdin_task = asyncio.ensure_future(self._feed_stdin())
+
+    def _remaining_drain_time(self) -> float | None:
+        if self._drain_deadline is None:
+            return None
+        return max(0.0, self._drain_deadline - asyncio.get_running_loop().time())
+
+    # ------------------------------------------------------------- stdin
+
+    def write_stdin(self, text: str) -> None:
+        """Queue input for the program; raises if it can no longer take any."""
+        if self._stdin_closed or self.exited:
+            raise StdinError("the program has finished reading input (its stdin is closed)")
+        if len(self._stdin_buffer) > STDIN_BACKLOG_LIMIT:
+            raise StdinError(
+                f"the program is not reading its input: {len(self._stdin_buffer)} bytes are waiting"
+            )
+        self._stdin_buffer += text.encode("utf-8")
+        self._stdin_wakeup.set()
+
+    async def _feed_stdin(self) -> None:
+        assert self._process is not None and self._process.stdin is not None
+        writer = self._process.stdin
+        try:
+            while True:
+                await self._stdin_wakeup.wait()
+                self._stdin_wakeup.clear()
+                if not self._stdin_buffer:
+                    continue
+                data = bytes(self._stdin_buffer)
+                self._stdin_buffer.clear()
+                writer.write(data)
+                await writer.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            log.debug("program closed its stdin")
+        finally:
+            self._stdin_closed = True
+            self._stdin_buffer.clear()
+            writer.close()
+
+    # ------------------------------------------------------- side channel
+
+    async def sync_output(self) -> None:
+        """Deliver everything already written to stdout/stderr.
+
+        A side channel (images) calls this before delivering its own message,
+        so that a frame sent after a print arrives after that print.
+        """
+        for reader in self._readers:
+            await reader.read_available()
+
+    # ------------------------------------------------------ end of a run
+
+    async def stop(self) -> None:
+        """End the whole process tree: SIGTERM, then SIGKILL after the grace period."""
+        if self._process is None or self._stopping:
+            return
+        self._stopping = True
+        if self._process.returncode is None:
+            log.info("stopping program pid=%d", self._process.pid)
+        await self._terminate_tree(include_root=True)
+
+    async def _terminate_tree(self, include_root: bool) -> None:
+        assert self._process is not None
+        root = self._process.pid
+        loop = asyncio.get_running_loop()
+        signalled = await loop.run_in_executor(
+            None, proctree.kill_run, root, self.tag, signal.SIGTERM
+        )
+        if not signalled:
+            return
+        deadline = loop.time() + self._kill_grace
+        while loop.time() < deadline:
+            remaining = await loop.run_in_executor(
+                None, proctree.find_run_processes, root, self.tag
+            )
+            if not remaining or (not include_root and remaining == {root}):
+                return
+            await asyncio.sleep(0.02)
+        killed = await loop.run_in_executor(None, proctree.kill_run, root, self.tag, signal.SIGKILL)
+        if killed:
+            log.info("killed %d process(es) of pid=%d that ignored SIGTERM", killed, root)
+
+    async def wait(self) -> int:
+        """Wait for exit, end leftovers, deliver all output; return the exit code.
+
+        The exit code is negative (the signal number) when a signal ended it.
+        """
+        assert self._process is not None, "program not started"
+        if self._exit_code is not None:
+            return self._exit_code
+        code = await self._process.wait()
+        # The program is gone; whatever it left running goes too.
+        await self._terminate_tree(include_root=False)
+        self._drain_deadline = asyncio.get_running_loop().time() + PIPE_DRAIN_TIMEOUT
+        await asyncio.gather(*self._pump_tasks)
+        await self._close()
+        self._exit_code = code
+        log.info("program ended pid=%d exit code %d", self._process.pid, code)
+        return code
+
+    async def _close(self) -> None:
+        if self._stdin_task is not None:
+            self._stdin_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stdin_task
+        for reader in self._readers:
+            reader.close()
+
+    async def abort(self) -> None:
+        """Used when the owner goes away: kill everything, drop the output."""
+        if self._process is None or self._exit_code is not None:
+            return
+        await self.stop()
+        for task in self._pump_tasks:
+            task.cancel()
+        await asyncio.gather(*self._pump_tasks, return_exceptions=True)
+        with contextlib.suppress(ProcessLookupError):
+            await self._process.wait()
+        await self._close()
+        self._exit_code = self._process.returncode

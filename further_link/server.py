@@ -1,0 +1,128 @@
+"""aiohttp wiring: routes, one Session and one Outbox per websocket, shutdown.
+
+Nothing here knows what a message means; that is protocol.py and session.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from . import __version__
+from .config import Config
+from .launch import prepare_library_dir
+from .outbox import Outbox, OutboxClosed
+from .session import Services, Session
+from .upload import UrlCache
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", Config)
+SERVICES = web.AppKey("services", Services)
+CONNECTIONS = web.AppKey("connections", dict)
+
+OPEN_CORS = {"Access-Control-Allow-Origin": "*"}
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.Response(text="OK", headers=OPEN_CORS)
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": __version__}, headers=OPEN_CORS)
+
+
+async def run_py(request: web.Request) -> web.WebSocketResponse:
+    app = request.app
+    config = app[CONFIG]
+    ws = web.WebSocketResponse(
+        max_msg_size=config.max_message_bytes, heartbeat=config.heartbeat or None
+    )
+    await ws.prepare(request)
+    outbox = Outbox(config.output_queue_bytes)
+    session = Session(app[SERVICES], outbox)
+    app[CONNECTIONS][session] = ws
+    writer = asyncio.ensure_future(_send_events(ws, outbox))
+    log.debug("client connected from %s", request.remote)
+    try:
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                await session.receive(message.data)
+            elif message.type is WSMsgType.BINARY:
+                session.receive_binary()
+    finally:
+        app[CONNECTIONS].pop(session, None)
+        await session.close()
+        outbox.close()
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        log.debug("client from %s disconnected", request.remote)
+    return ws
+
+
+async def _send_events(ws: web.WebSocketResponse, outbox: Outbox) -> None:
+    try:
+        while True:
+            text = await outbox.get()
+            await ws.send_str(text)
+    except (OutboxClosed, ConnectionError):
+        pass
+    finally:
+        outbox.close()
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    _prepare_work_dir(config)
+    library_dir = prepare_library_dir()
+    http = aiohttp.ClientSession()
+    app[SERVICES] = Services(
+        config=config,
+        cache=UrlCache(config.cache_dir, http, config.max_download_bytes),
+        library_dir=library_dir,
+    )
+    try:
+        yield
+    finally:
+        await http.close()
+        shutil.rmtree(library_dir, ignore_errors=True)
+
+
+def _prepare_work_dir(config: Config) -> None:
+    created = not config.work_dir.exists()
+    config.work_dir.mkdir(parents=True, exist_ok=True)
+    run_as = config.run_as
+    if created and run_as is not None and run_as.switch:
+        os.chown(config.work_dir, run_as.uid, run_as.gid)
+
+
+async def _close_connections(app: web.Application) -> None:
+    """Server shutdown: end every program first, then say goodbye to clients."""
+    connections = list(app[CONNECTIONS].items())
+    await asyncio.gather(*(session.close() for session, _ in connections))
+    await asyncio.gather(
+        *(
+            ws.close(code=WSCloseCode.GOING_AWAY, message=b"server stopping")
+            for _, ws in connections
+        )
+    )
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application()
+    app[CONFIG] = config
+    app[CONNECTIONS] = {}
+    app.router.add_get("/status", status)
+    app.router.add_get("/version", version)
+    app.router.add_get("/run-py", run_py)
+    app.cleanup_ctx.append(_services)
+    app.on_shutdown.append(_close_connections)
+    return app

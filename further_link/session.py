@@ -1,0 +1,244 @@
+"""One websocket connection's state: at most one program, and what it may do.
+
+States (the only legal ones)::
+
+    IDLE --start--> RUNNING --stop--> STOPPING
+      ^                |                  |
+      +----- program ended: `stopped` ----+
+
+``upload`` and ``ping`` are allowed in every state. Every ``FurtherLinkError``
+raised while handling a message becomes one ``error`` event here, and the
+session stays usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import enum
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import protocol
+from .config import Config
+from .errors import FurtherLinkError, ProtocolError, SessionStateError, StartError, UploadError
+from .launch import SOCKET_NAME, plan_program
+from .outbox import Outbox, OutboxClosed
+from .process import Program
+from .protocol import (
+    Command,
+    ErrorEvent,
+    Output,
+    PingCommand,
+    Pong,
+    StartCommand,
+    Started,
+    StdinCommand,
+    StopCommand,
+    Stopped,
+    UploadCommand,
+    Uploaded,
+    Video,
+)
+from .streams import SideChannel
+from .upload import Owner, UploadLimits, UrlCache, materialise_upload
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    RUNNING = "running"
+    STOPPING = "stopping"
+
+
+@dataclass(frozen=True)
+class Services:
+    """What all sessions of one server share."""
+
+    config: Config
+    cache: UrlCache
+    library_dir: Path  # holds a `further_link` link; goes on every program's import path
+
+
+@dataclass
+class Run:
+    """One program execution and everything it owns."""
+
+    program: Program
+    channel: SideChannel
+    run_dir: Path
+    task: asyncio.Task[None] | None = None
+
+
+class Session:
+    def __init__(self, services: Services, outbox: Outbox) -> None:
+        self._services = services
+        self._config = services.config
+        self.outbox = outbox
+        self.state = State.IDLE
+        self._run: Run | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------ inbound
+
+    async def receive(self, text: str) -> None:
+        """Handle one text frame; errors become an ``error`` event."""
+        try:
+            command = protocol.parse_command(text)
+            log.debug("command %s", type(command).__name__)
+            await self._dispatch(command)
+        except FurtherLinkError as exc:
+            log.info("refused: %s", exc.message)
+            self.outbox.put(ErrorEvent(exc.message))
+
+    def receive_binary(self) -> None:
+        self.outbox.put(
+            ErrorEvent("binary messages are not understood; send JSON as a text message")
+        )
+
+    async def _dispatch(self, command: Command) -> None:
+        if isinstance(command, StartCommand):
+            await self._start(command)
+        elif isinstance(command, StopCommand):
+            self._stop()
+        elif isinstance(command, StdinCommand):
+            self._stdin(command)
+        elif isinstance(command, UploadCommand):
+            await self._upload(command)
+        elif isinstance(command, PingCommand):
+            self.outbox.put(Pong())
+        else:  # pragma: no cover - parse_command returns only the above
+            raise ProtocolError(f"unsupported command {command!r}")
+
+    # ------------------------------------------------------------ start
+
+    async def _start(self, command: StartCommand) -> None:
+        if self.state is not State.IDLE:
+            raise SessionStateError("a program is already running; send stop first")
+        run_as = self._config.run_as
+        try:
+            run_dir = Path(tempfile.mkdtemp(prefix="further-link-run-"))
+        except OSError as exc:
+            raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
+        try:
+            if run_as is not None and run_as.switch:
+                os.chown(run_dir, run_as.uid, run_as.gid)
+            spec = plan_program(command, self._config, self._services.library_dir, run_dir)
+            program = Program(spec, self._deliver_output, self._config.kill_grace)
+            run = Run(
+                program,
+                SideChannel(
+                    run_dir / SOCKET_NAME,
+                    lambda kind, payload: self._deliver_frame(program, payload),
+                    self._config.max_message_bytes,
+                    owner=run_as.uid if run_as is not None and run_as.switch else None,
+                ),
+                run_dir,
+            )
+            await run.channel.start()
+            try:
+                await program.start()
+            except BaseException:
+                await run.channel.close()
+                raise
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        self._run = run
+        self.state = State.RUNNING
+        self.outbox.put(Started())
+        run.task = asyncio.ensure_future(self._supervise(run))
+
+    async def _supervise(self, run: Run) -> None:
+        """Wait for the program to end, then release what the run owns."""
+        try:
+            code = await run.program.wait()
+            await run.channel.close()
+        finally:
+            shutil.rmtree(run.run_dir, ignore_errors=True)
+        self._run = None
+        self.state = State.IDLE
+        self.outbox.put(Stopped(code))
+
+    async def _deliver_output(self, stream: str, text: str) -> None:
+        with contextlib.suppress(OutboxClosed):
+            await self.outbox.put_output(Output(stream, text))
+
+    async def _deliver_frame(self, program: Program, jpeg: bytes) -> None:
+        await program.sync_output()
+        with contextlib.suppress(OutboxClosed):
+            await self.outbox.put_output(Video(base64.b64encode(jpeg).decode("ascii")))
+
+    # ------------------------------------------------------ stop / stdin
+
+    def _stop(self) -> None:
+        if self.state is State.IDLE or self._run is None:
+            raise SessionStateError("no program is running")
+        if self.state is State.STOPPING:
+            return
+        self.state = State.STOPPING
+        self._spawn(self._run.program.stop())
+
+    def _stdin(self, command: StdinCommand) -> None:
+        if self._run is None:
+            raise SessionStateError("no program is running to read this input")
+        self._run.program.write_stdin(command.input)
+
+    # ------------------------------------------------------------ upload
+
+    async def _upload(self, command: UploadCommand) -> None:
+        config = self._config
+        limits = UploadLimits(
+            max_files=config.max_upload_files,
+            max_bytes=config.max_upload_bytes,
+            max_download_bytes=config.max_download_bytes,
+        )
+        run_as = config.run_as
+        owner = Owner(run_as.uid, run_as.gid) if run_as is not None and run_as.switch else None
+        try:
+            await materialise_upload(command, config.work_dir, self._services.cache, limits, owner)
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise UploadError(f"upload failed: {exc.strerror}{where}") from None
+        self.outbox.put(Uploaded())
+
+    # ------------------------------------------------------------- close
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """The connection is gone: end the program tree and every task."""
+        if self._closed:
+            return
+        self._closed = True
+        run, self._run = self._run, None
+        if run is not None:
+            if run.task is not None:
+                run.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await run.task
+            await run.program.abort()
+            await run.channel.close()
+            shutil.rmtree(run.run_dir, ignore_errors=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.state = State.IDLE
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

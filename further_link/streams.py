@@ -1,0 +1,89 @@
+"""Server side of a run's side channel: a unix socket that carries images.
+
+One ``SideChannel`` per run. It owns its socket file and the connection
+handlers; ``close`` ends them and removes the file. Each received frame is
+passed to an async callback before it is acknowledged, so a program that sent
+a frame knows it is queued ahead of anything it prints next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Callable
+
+from .channel import ACK, HEADER, KIND_JPEG
+
+log = logging.getLogger(__name__)
+
+FrameHandler = Callable[[bytes, bytes], Awaitable[None]]
+# Frames already written by a program that has exited are read for this long.
+CLOSE_DRAIN_TIMEOUT = 1.0
+
+
+class SideChannel:
+    def __init__(
+        self, path: Path, on_frame: FrameHandler, max_frame_bytes: int, owner: int | None = None
+    ) -> None:
+        self.path = path
+        self._on_frame = on_frame
+        self._max_frame_bytes = max_frame_bytes
+        self._owner = owner
+        self._server: asyncio.AbstractServer | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._accept, path=str(self.path))
+        if self._owner is not None:
+            os.chown(self.path, self._owner, -1)
+        os.chmod(self.path, 0o600)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await self._serve(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            log.debug("side channel connection ended mid-frame")
+        finally:
+            self._handlers.discard(task)
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                header = await reader.readexactly(HEADER.size)
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    log.warning("side channel closed inside a frame header")
+                return
+            kind, length = HEADER.unpack(header)
+            if kind != KIND_JPEG or length > self._max_frame_bytes:
+                log.warning("side channel: refusing frame kind=%r length=%d", kind, length)
+                return
+            payload = await reader.readexactly(length)
+            await self._on_frame(kind, payload)
+            writer.write(ACK)
+            await writer.drain()
+
+    async def close(self) -> None:
+        """Stop listening, let pending frames through briefly, then end."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        handlers = list(self._handlers)
+        if handlers:
+            _, pending = await asyncio.wait(handlers, timeout=CLOSE_DRAIN_TIMEOUT)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if server is not None:
+            # On 3.12+ this also waits for connections, which are all ended now.
+            await server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()

@@ -1,0 +1,93 @@
+"""The server's TLS certificate: the configured one, or this device's own.
+
+Without a configured certificate, a self-signed one is generated once for
+this device (its hostname, ``localhost`` and loopback addresses) and kept in
+the config dir with its key readable only by the server's user. No private
+key ever ships in the package.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from .config import Config
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CERT_NAME = "cert.pem"
+KEY_NAME = "key.pem"
+VALIDITY = datetime.timedelta(days=3650)
+
+
+def ensure_self_signed(config_dir: Path) -> tuple[Path, Path]:
+    """Paths of this device's certificate and key, creating them the first time."""
+    cert_path, key_path = config_dir / CERT_NAME, config_dir / KEY_NAME
+    if cert_path.is_file() and key_path.is_file():
+        return cert_path, key_path
+    config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = ec.generate_private_key(ec.SECP256R1())
+    hostname = socket.gethostname() or "further-link"
+    names: list[x509.GeneralName] = [x509.DNSName(hostname), x509.DNSName("localhost")]
+    if "." not in hostname:
+        names.append(x509.DNSName(f"{hostname}.local"))
+    names += [
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"further-link {hostname}")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + VALIDITY)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_bytes = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write_private(key_path, key_bytes)
+    _write_private(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
+    log.info("created a self-signed certificate for %s in %s", hostname, config_dir)
+    return cert_path, key_path
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    partial = path.with_name(path.name + ".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(partial, path)
+
+
+def server_ssl_context(config: Config) -> ssl.SSLContext:
+    """The context the server listens with."""
+    if config.cert_file is not None and config.key_file is not None:
+        cert_path, key_path = config.cert_file, config.key_file
+    else:
+        cert_path, key_path = ensure_self_signed(config.config_dir)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert_path, key_path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load certificate {cert_path} / key {key_path}: {exc}") from None
+    return context
