@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 
 async def serve(config: Config) -> None:
     """Serve until SIGTERM or SIGINT, then end every run and exit."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
@@ -104,10 +108,6 @@ async def serve(config: Config) -> None:
             config.work_dir,
             config.run_as.name if config.run_as else "this user",
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("stopping: ending all programs")
     finally:

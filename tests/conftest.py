@@ -1,0 +1,229 @@
+"""Fixtures that start the real thing: a server on an ephemeral loopback port,
+websocket clients, and a loopback HTTP server for url uploads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from further_link.config import Config, load_config
+from further_link.server import create_app
+from further_link.tls import server_ssl_context
+
+# Generous: tests must pass on a slow, busy machine.
+TIMEOUT = 30.0
+
+
+@dataclass
+class RunningServer:
+    config: Config
+    base_url: str
+    ssl_client: ssl.SSLContext | None
+
+    def ws_url(self, path: str = "/run-py") -> str:
+        return self.base_url.replace("http", "ws", 1) + path
+
+
+@dataclass
+class Client:
+    """A websocket client that speaks /run-py and remembers what it received."""
+
+    ws: aiohttp.ClientWebSocketResponse
+    received: list[dict[str, Any]] = field(default_factory=list)
+
+    async def send(self, kind: str, data: dict[str, Any] | None = None) -> None:
+        message: dict[str, Any] = {"type": kind}
+        if data is not None:
+            message["data"] = data
+        await self.ws.send_str(json.dumps(message))
+
+    async def receive(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        message = await asyncio.wait_for(self.ws.receive(), timeout)
+        assert message.type == aiohttp.WSMsgType.TEXT, f"expected text, got {message!r}"
+        decoded: dict[str, Any] = json.loads(message.data)
+        self.received.append(decoded)
+        return decoded
+
+    async def receive_type(self, kind: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """Next message of ``kind``; anything else in between is kept in ``received``."""
+        while True:
+            message = await self.receive(timeout)
+            if message["type"] == kind:
+                return message
+
+    async def run(self, data: dict[str, Any], stdin: tuple[str, ...] = ()) -> RunResult:
+        """Start a program, feed it input, collect everything until ``stopped``."""
+        await self.send("start", data)
+        started = await self.receive()
+        assert started["type"] == "started", started
+        for text in stdin:
+            await self.send("stdin", {"input": text})
+        return await self.collect()
+
+    async def collect(self) -> RunResult:
+        result = RunResult()
+        while True:
+            message = await self.receive()
+            kind = message["type"]
+            result.messages.append(message)
+            if kind == "stopped":
+                result.exit_code = message["data"]["exitCode"]
+                return result
+            if kind in ("stdout", "stderr"):
+                setattr(result, kind, getattr(result, kind) + message["data"]["output"])
+            elif kind == "video":
+                result.frames.append(message["data"]["output"])
+            elif kind == "error":
+                result.errors.append(message["data"]["message"])
+
+
+@dataclass
+class RunResult:
+    stdout: str = ""
+    stderr: str = ""
+    exit_code: int | None = None
+    frames: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> Config:
+    environ = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(tmp_path)}
+    environ.update(overrides.pop("environ", {}))
+    settings: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "work_dir": str(tmp_path / "work"),
+        "config_dir": str(tmp_path / "config"),
+        "no_ssl": True,
+    }
+    settings.update(overrides)
+    return load_config(environ=environ, **settings)
+
+
+@pytest.fixture
+async def start_server(
+    tmp_path: Path,
+) -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
+    """Factory: ``await start_server(no_ssl=False, kill_grace=0.5, ...)``."""
+    runners: list[web.AppRunner] = []
+
+    async def start(**overrides: Any) -> RunningServer:
+        config = make_config(tmp_path, **overrides)
+        runner = web.AppRunner(create_app(config), handle_signals=False)
+        await runner.setup()
+        runners.append(runner)
+        ssl_context = server_ssl_context(config) if config.ssl else None
+        site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
+        await site.start()
+        port = runner.addresses[0][1]
+        client_ssl = None
+        if ssl_context is not None:
+            trusted = config.cert_file or config.config_dir / "cert.pem"
+            client_ssl = ssl.create_default_context(cafile=str(trusted))
+        scheme = "https" if ssl_context else "http"
+        return RunningServer(config, f"{scheme}://127.0.0.1:{port}", client_ssl)
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def server(start_server: Callable[..., Awaitable[RunningServer]]) -> RunningServer:
+    return await start_server()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def connect(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> AsyncIterator[Callable[..., Awaitable[Client]]]:
+    """Factory for websocket clients of the default server; all closed afterwards."""
+    sockets: list[aiohttp.ClientWebSocketResponse] = []
+
+    async def open_client(target: RunningServer | None = None, **kwargs: Any) -> Client:
+        target = target or server
+        ws = await http.ws_connect(target.ws_url(), ssl=target.ssl_client or True, **kwargs)
+        sockets.append(ws)
+        return Client(ws)
+
+    yield open_client
+    for ws in sockets:
+        await ws.close()
+
+
+@pytest.fixture
+async def client(connect: Callable[..., Awaitable[Client]]) -> Client:
+    return await connect()
+
+
+@dataclass
+class FileServer:
+    """A loopback HTTP server whose routes and request counts tests control."""
+
+    base_url: str
+    bodies: dict[str, bytes]
+    hits: dict[str, int]
+
+    def url(self, name: str) -> str:
+        return f"{self.base_url}/{name}"
+
+
+@pytest.fixture
+async def file_server() -> AsyncIterator[FileServer]:
+    bodies: dict[str, bytes] = {}
+    hits: dict[str, int] = {}
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        hits[name] = hits.get(name, 0) + 1
+        if name == "broken":
+            return web.Response(status=500, text="boom")
+        if name not in bodies:
+            return web.Response(status=404)
+        return web.Response(body=bodies[name])
+
+    app = web.Application()
+    app.router.add_get("/{name}", serve)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield FileServer(f"http://127.0.0.1:{port}", bodies, hits)
+    await runner.cleanup()
+
+
+def sleeper_script(marker: Path, seconds: int = 60) -> str:
+    """A program that records its pid in ``marker``, prints 'up' and sleeps."""
+    return (
+        "import os, time\n"
+        f"open({str(marker)!r}, 'w').write(str(os.getpid()))\n"
+        "print('up')\n"
+        f"time.sleep({seconds})\n"
+    )
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"

@@ -1,0 +1,166 @@
+"""The `further-link` command as a user starts it: a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import alive, sleeper_script
+
+from further_link.config import DEFAULT_PORT, load_config
+from further_link.errors import ConfigError
+
+LISTENING = re.compile(r"listening on [^ ]+:(\d+)")
+
+
+class ServerProcess:
+    """`python -m further_link` in the background, with its log captured."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "further_link", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.log: list[str] = []
+        self.port = self._wait_for_port()
+
+    def _wait_for_port(self) -> int:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log.append(line)
+            match = LISTENING.search(line)
+            if match:
+                return int(match.group(1))
+        raise AssertionError("server exited before listening:\n" + "".join(self.log))
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=30)
+        assert self.proc.stdout is not None
+        self.log += self.proc.stdout.readlines()
+        return code
+
+
+@pytest.fixture
+def server_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    return env
+
+
+@pytest.fixture
+def spawned(tmp_path: Path, server_env: dict[str, str]) -> Iterator[ServerProcess]:
+    env = dict(server_env, FURTHER_LINK_PORT="0", FURTHER_LINK_WORK_DIR=str(tmp_path / "w"))
+    env["FURTHER_LINK_NOSSL"] = "1"
+    server = ServerProcess(["--host", "127.0.0.1"], env)
+    yield server
+    if server.proc.poll() is None:
+        server.proc.kill()
+        server.proc.wait()
+
+
+async def test_env_vars_configure_port_work_dir_and_no_ssl(
+    spawned: ServerProcess, tmp_path: Path
+) -> None:
+    assert (tmp_path / "w").is_dir()
+    startup = "".join(spawned.log)
+    assert f"serving http://127.0.0.1:{spawned.port}/" in startup
+    status_url = f"http://127.0.0.1:{spawned.port}/status"
+    async with aiohttp.ClientSession() as http, http.get(status_url) as response:
+        assert await response.text() == "OK"
+    assert spawned.stop() == 0
+
+
+async def test_sigterm_ends_running_programs_and_exits_cleanly(
+    spawned: ServerProcess, tmp_path: Path
+) -> None:
+    marker = tmp_path / "pid"
+    script = sleeper_script(marker, 120)
+    url = f"http://127.0.0.1:{spawned.port}/run-py"
+    async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+        await ws.send_str(json.dumps({"type": "start", "data": {"sourceScript": script}}))
+        while json.loads((await ws.receive(timeout=30)).data)["type"] != "stdout":
+            pass
+        pid = int(marker.read_text())
+        assert alive(pid)
+        code = await asyncio.get_running_loop().run_in_executor(None, spawned.stop)
+    assert code == 0
+    assert not alive(pid)
+    assert any("stopping" in line for line in spawned.log)
+
+
+def test_tls_is_on_by_default(tmp_path: Path, server_env: dict[str, str]) -> None:
+    server = ServerProcess(
+        ["--host", "127.0.0.1", "--port", "0", "--work-dir", str(tmp_path / "w")], server_env
+    )
+    try:
+        assert any(f"serving https://127.0.0.1:{server.port}/" in line for line in server.log)
+        assert (tmp_path / "config" / "further-link" / "key.pem").is_file()
+    finally:
+        assert server.stop() == 0
+
+
+def test_version_flag(server_env: dict[str, str]) -> None:
+    from further_link import __version__
+
+    out = subprocess.run(
+        [sys.executable, "-m", "further_link", "--version"],
+        env=server_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == f"further-link {__version__}"
+
+
+def test_bad_port_is_reported_not_a_traceback(server_env: dict[str, str]) -> None:
+    env = dict(server_env, FURTHER_LINK_PORT="eighty")
+    out = subprocess.run(
+        [sys.executable, "-m", "further_link"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 1
+    assert "FURTHER_LINK_PORT='eighty' is not a valid int" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_config_defaults_follow_the_seed(tmp_path: Path) -> None:
+    config = load_config(environ={"HOME": str(tmp_path)})
+    assert config.port == DEFAULT_PORT == 8028
+    assert config.ssl is True
+    assert config.work_dir.name == "further"
+    assert config.run_as is not None
+    assert config.work_dir == config.run_as.home / "further"
+
+
+def test_config_env_vars(tmp_path: Path) -> None:
+    config = load_config(
+        environ={
+            "FURTHER_LINK_PORT": "9000",
+            "FURTHER_LINK_WORK_DIR": str(tmp_path / "wd"),
+            "FURTHER_LINK_NOSSL": "true",
+        }
+    )
+    assert (config.port, config.work_dir, config.ssl) == (9000, tmp_path / "wd", False)
+    assert load_config(environ={"FURTHER_LINK_NOSSL": "0"}).ssl is True
+
+
+def test_flags_override_env(tmp_path: Path) -> None:
+    config = load_config(environ={"FURTHER_LINK_PORT": "9000"}, port=9100)
+    assert config.port == 9100
+
+
+def test_config_rejects_half_a_certificate() -> None:
+    with pytest.raises(ConfigError, match="both a certificate and a key"):
+        load_config(environ={"FURTHER_LINK_CERT": "/x.pem"})

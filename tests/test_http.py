@@ -1,0 +1,79 @@
+"""The plain HTTP endpoints and TLS set-up."""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Callable
+
+import aiohttp
+from conftest import RunningServer
+from cryptography import x509
+
+import further_link
+from further_link.tls import ensure_self_signed
+
+StartServer = Callable[..., Awaitable[RunningServer]]
+
+
+async def test_status_is_ok_with_cors(server: RunningServer, http: aiohttp.ClientSession) -> None:
+    async with http.get(
+        server.base_url + "/status", headers={"Origin": "https://further.pi-top.com"}
+    ) as r:
+        assert r.status == 200
+        assert await r.text() == "OK"
+        assert r.headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_version_reports_the_package_version(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(server.base_url + "/version") as r:
+        assert r.status == 200
+        assert await r.json() == {"version": further_link.__version__}
+        assert r.headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_self_signed_certificate_is_created_once_and_reused(
+    start_server: StartServer, http: aiohttp.ClientSession
+) -> None:
+    first = await start_server(no_ssl=False)
+    cert_path = first.config.config_dir / "cert.pem"
+    key_path = first.config.config_dir / "key.pem"
+    assert os.stat(key_path).st_mode & 0o777 == 0o600
+    original = cert_path.read_bytes()
+    certificate = x509.load_pem_x509_certificate(original)
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in names.get_values_for_type(x509.DNSName)
+
+    second = await start_server(no_ssl=False)
+    assert cert_path.read_bytes() == original
+    for running in (first, second):
+        async with http.get(running.base_url + "/status", ssl=running.ssl_client) as r:
+            assert await r.text() == "OK"
+
+
+async def test_tls_refuses_clients_that_do_not_trust_it(
+    start_server: StartServer, http: aiohttp.ClientSession
+) -> None:
+    secure = await start_server(no_ssl=False)
+    strict = ssl.create_default_context()
+    try:
+        async with http.get(secure.base_url + "/status", ssl=strict):
+            raise AssertionError("an untrusted self-signed certificate was accepted")
+    except aiohttp.ClientConnectorCertificateError:
+        pass
+
+
+async def test_configured_certificate_is_used(
+    start_server: StartServer, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    own_dir = tmp_path / "own-cert"
+    cert, key = ensure_self_signed(own_dir)
+    running = await start_server(no_ssl=False, cert_file=str(cert), key_file=str(key))
+    client_ssl = ssl.create_default_context(cafile=str(cert))
+    async with http.get(running.base_url + "/status", ssl=client_ssl) as r:
+        assert await r.text() == "OK"
+    assert not (running.config.config_dir / "cert.pem").exists()
