@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+SOURCES := $(wildcard further_link tests benchmarks examples)
 STAMP := $(VENV)/.installed
 
 .PHONY: run test lint format bench clean
@@ -23,13 +24,13 @@ run: $(STAMP)
 	$(BIN)/further-link $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check further_link tests benchmarks examples
-	$(BIN)/ruff format --check further_link tests benchmarks examples
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format further_link tests benchmarks examples
-	$(BIN)/ruff check --fix further_link tests benchmarks examples
+	$(BIN)/ruff format $(SOURCES)
+	$(BIN)/ruff check --fix $(SOURCES)
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
