@@ -5,7 +5,11 @@ BIN := $(VENV)/bin
 SOURCES := $(wildcard further_link tests benchmarks examples)
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format bench clean
+# As root (as in CI) the tests run programs as `nobody` with Debian's python3,
+# which then needs numpy and Pillow from Debian.
+DEBIAN_TEST_PACKAGES := python3-numpy python3-pil
+
+.PHONY: run test lint format bench clean system-deps
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -32,7 +36,16 @@ format: $(STAMP)
 	$(BIN)/ruff format $(SOURCES)
 	$(BIN)/ruff check --fix $(SOURCES)
 
-test: lint
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=$$(for p in $(DEBIAN_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing $$missing from Debian for the tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  fi; \
+	fi
+
+test: lint system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

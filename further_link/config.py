@@ -83,29 +83,35 @@ def _number(environ: Mapping[str, str], name: str, default: float, kind: type = 
 
 
 def resolve_run_as(requested: str | None, euid: int | None = None) -> RunAs:
-    """Pick the account for programs: ``pi`` when root and it exists, else ourselves.
+    """Pick the account programs run as; never root.
 
-    ``requested`` (FURTHER_LINK_USER / --user) names another account; only
-    root can switch to it.
+    Started as root, programs run as ``requested`` (FURTHER_LINK_USER / --user)
+    or else ``pi``; with neither the server refuses to start rather than run
+    a learner's code as root. Started as anyone else, programs run as that
+    same user.
     """
     euid = os.geteuid() if euid is None else euid
     me = pwd.getpwuid(euid)
-    if euid == 0:
-        name = requested or (DEFAULT_USER if _user_exists(DEFAULT_USER) else None)
-        if name:
-            try:
-                entry = pwd.getpwnam(name)
-            except KeyError:
-                raise ConfigError(f"user {name!r} to run programs as does not exist") from None
-            return RunAs(
-                name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir), switch=entry.pw_uid != 0
+    if euid != 0:
+        if requested and requested != me.pw_name:
+            raise ConfigError(
+                f"cannot run programs as {requested!r}: only root can switch users "
+                f"(the server runs as {me.pw_name!r})"
             )
-    elif requested and requested != me.pw_name:
+        return RunAs(me.pw_name, me.pw_uid, me.pw_gid, Path(me.pw_dir), switch=False)
+    name = requested or (DEFAULT_USER if _user_exists(DEFAULT_USER) else None)
+    if name is None:
         raise ConfigError(
-            f"cannot run programs as {requested!r}: only root can switch users "
-            f"(the server runs as {me.pw_name!r})"
+            "further-link was started as root, but programs never run as root and there is "
+            f"no {DEFAULT_USER!r} user: set FURTHER_LINK_USER (or --user) to an unprivileged account"
         )
-    return RunAs(me.pw_name, me.pw_uid, me.pw_gid, Path(me.pw_dir), switch=False)
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError(f"user {name!r} to run programs as does not exist") from None
+    if entry.pw_uid == 0:
+        raise ConfigError(f"programs never run as root, and user {name!r} is root")
+    return RunAs(name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir), switch=True)
 
 
 def _user_exists(name: str) -> bool:

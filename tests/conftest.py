@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import ssl
-from collections.abc import AsyncIterator, Awaitable
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +24,14 @@ from further_link.tls import server_ssl_context
 
 # Generous: tests must pass on a slow, busy machine.
 TIMEOUT = 30.0
+
+# CI runs the suite as root, and the server never runs programs as root: then
+# programs run as `nobody` with the system's Python (whose numpy and Pillow
+# `make test` installs from Debian). As any other user, programs run as that user.
+AS_ROOT = os.geteuid() == 0
+PROGRAM_SETTINGS: dict[str, str] = (
+    {"FURTHER_LINK_USER": "nobody", "FURTHER_LINK_PYTHON": "/usr/bin/python3"} if AS_ROOT else {}
+)
 
 
 @dataclass
@@ -96,14 +107,36 @@ class RunResult:
     messages: list[dict[str, Any]] = field(default_factory=list)
 
 
-def make_config(tmp_path: Path, **overrides: Any) -> Config:
-    environ = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(tmp_path)}
+@pytest.fixture
+def sandbox() -> Iterator[Path]:
+    """A directory that programs can reach even when they run as `nobody`.
+
+    ``sandbox / "shared"`` is world-writable: programs leave pid files there
+    and tests put files there for programs to read.
+    """
+    root = Path(tempfile.mkdtemp(prefix="further-link-test-"))
+    root.chmod(0o755)
+    shared = root / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def shared(sandbox: Path) -> Path:
+    return sandbox / "shared"
+
+
+def make_config(sandbox: Path, **overrides: Any) -> Config:
+    environ = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(sandbox)}
+    environ.update(PROGRAM_SETTINGS)
     environ.update(overrides.pop("environ", {}))
     settings: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": 0,
-        "work_dir": str(tmp_path / "work"),
-        "config_dir": str(tmp_path / "config"),
+        "work_dir": str(sandbox / "work"),
+        "config_dir": str(sandbox / "config"),
         "no_ssl": True,
     }
     settings.update(overrides)
@@ -112,13 +145,13 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
 
 @pytest.fixture
 async def start_server(
-    tmp_path: Path,
+    sandbox: Path,
 ) -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
     """Factory: ``await start_server(no_ssl=False, kill_grace=0.5, ...)``."""
     runners: list[web.AppRunner] = []
 
     async def start(**overrides: Any) -> RunningServer:
-        config = make_config(tmp_path, **overrides)
+        config = make_config(sandbox, **overrides)
         runner = web.AppRunner(create_app(config), handle_signals=False)
         await runner.setup()
         runners.append(runner)

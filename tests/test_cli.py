@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import alive, sleeper_script
+from conftest import PROGRAM_SETTINGS, alive, sleeper_script
 
 from further_link.config import DEFAULT_PORT, load_config
 from further_link.errors import ConfigError
@@ -54,15 +54,16 @@ class ServerProcess:
 
 
 @pytest.fixture
-def server_env(tmp_path: Path) -> dict[str, str]:
+def server_env(sandbox: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
-    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    env["XDG_CONFIG_HOME"] = str(sandbox / "config")
+    env.update(PROGRAM_SETTINGS)
     return env
 
 
 @pytest.fixture
-def spawned(tmp_path: Path, server_env: dict[str, str]) -> Iterator[ServerProcess]:
-    env = dict(server_env, FURTHER_LINK_PORT="0", FURTHER_LINK_WORK_DIR=str(tmp_path / "w"))
+def spawned(sandbox: Path, server_env: dict[str, str]) -> Iterator[ServerProcess]:
+    env = dict(server_env, FURTHER_LINK_PORT="0", FURTHER_LINK_WORK_DIR=str(sandbox / "w"))
     env["FURTHER_LINK_NOSSL"] = "1"
     server = ServerProcess(["--host", "127.0.0.1"], env)
     yield server
@@ -72,9 +73,9 @@ def spawned(tmp_path: Path, server_env: dict[str, str]) -> Iterator[ServerProces
 
 
 async def test_env_vars_configure_port_work_dir_and_no_ssl(
-    spawned: ServerProcess, tmp_path: Path
+    spawned: ServerProcess, sandbox: Path
 ) -> None:
-    assert (tmp_path / "w").is_dir()
+    assert (sandbox / "w").is_dir()
     startup = "".join(spawned.log)
     assert f"serving http://127.0.0.1:{spawned.port}/" in startup
     status_url = f"http://127.0.0.1:{spawned.port}/status"
@@ -84,9 +85,9 @@ async def test_env_vars_configure_port_work_dir_and_no_ssl(
 
 
 async def test_sigterm_ends_running_programs_and_exits_cleanly(
-    spawned: ServerProcess, tmp_path: Path
+    spawned: ServerProcess, shared: Path
 ) -> None:
-    marker = tmp_path / "pid"
+    marker = shared / "pid"
     script = sleeper_script(marker, 120)
     url = f"http://127.0.0.1:{spawned.port}/run-py"
     async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
@@ -101,13 +102,13 @@ async def test_sigterm_ends_running_programs_and_exits_cleanly(
     assert any("stopping" in line for line in spawned.log)
 
 
-def test_tls_is_on_by_default(tmp_path: Path, server_env: dict[str, str]) -> None:
+def test_tls_is_on_by_default(sandbox: Path, server_env: dict[str, str]) -> None:
     server = ServerProcess(
-        ["--host", "127.0.0.1", "--port", "0", "--work-dir", str(tmp_path / "w")], server_env
+        ["--host", "127.0.0.1", "--port", "0", "--work-dir", str(sandbox / "w")], server_env
     )
     try:
         assert any(f"serving https://127.0.0.1:{server.port}/" in line for line in server.log)
-        assert (tmp_path / "config" / "further-link" / "key.pem").is_file()
+        assert (sandbox / "config" / "further-link" / "key.pem").is_file()
     finally:
         assert server.stop() == 0
 
@@ -136,7 +137,7 @@ def test_bad_port_is_reported_not_a_traceback(server_env: dict[str, str]) -> Non
 
 
 def test_config_defaults_follow_the_seed(tmp_path: Path) -> None:
-    config = load_config(environ={"HOME": str(tmp_path)})
+    config = load_config(environ={"HOME": str(tmp_path), **PROGRAM_SETTINGS})
     assert config.port == DEFAULT_PORT == 8028
     assert config.ssl is True
     assert config.work_dir.name == "further"
@@ -147,20 +148,21 @@ def test_config_defaults_follow_the_seed(tmp_path: Path) -> None:
 def test_config_env_vars(tmp_path: Path) -> None:
     config = load_config(
         environ={
+            **PROGRAM_SETTINGS,
             "FURTHER_LINK_PORT": "9000",
             "FURTHER_LINK_WORK_DIR": str(tmp_path / "wd"),
             "FURTHER_LINK_NOSSL": "true",
         }
     )
     assert (config.port, config.work_dir, config.ssl) == (9000, tmp_path / "wd", False)
-    assert load_config(environ={"FURTHER_LINK_NOSSL": "0"}).ssl is True
+    assert load_config(environ={"FURTHER_LINK_NOSSL": "0", **PROGRAM_SETTINGS}).ssl is True
 
 
-def test_flags_override_env(tmp_path: Path) -> None:
-    config = load_config(environ={"FURTHER_LINK_PORT": "9000"}, port=9100)
+def test_flags_override_env() -> None:
+    config = load_config(environ={"FURTHER_LINK_PORT": "9000", **PROGRAM_SETTINGS}, port=9100)
     assert config.port == 9100
 
 
 def test_config_rejects_half_a_certificate() -> None:
     with pytest.raises(ConfigError, match="both a certificate and a key"):
-        load_config(environ={"FURTHER_LINK_CERT": "/x.pem"})
+        load_config(environ={"FURTHER_LINK_CERT": "/x.pem", **PROGRAM_SETTINGS})

@@ -67,8 +67,8 @@ async def test_stop_reports_minus_15(client: Client) -> None:
     assert stopped == {"type": "stopped", "data": {"exitCode": -15}}
 
 
-async def test_stop_ends_children_and_grandchildren(client: Client, tmp_path: Path) -> None:
-    pids = tmp_path / "pids"
+async def test_stop_ends_children_and_grandchildren(client: Client, shared: Path) -> None:
+    pids = shared / "pids"
     script = textwrap.dedent(
         f"""
         import subprocess, sys, time
@@ -156,8 +156,8 @@ async def test_source_path_relative_to_work_dir(client: Client, server: RunningS
     assert result.exit_code == 0
 
 
-async def test_source_path_absolute(client: Client, tmp_path: Path) -> None:
-    script = tmp_path / "elsewhere.py"
+async def test_source_path_absolute(client: Client, shared: Path) -> None:
+    script = shared / "elsewhere.py"
     script.write_text("print(__file__)\n")
     result = await client.run({"sourcePath": str(script)})
     assert result.stdout == f"{script}\n"
@@ -253,8 +253,8 @@ async def test_program_sees_unbuffered_utf8_environment(client: Client) -> None:
     assert result.stdout == "utf-8 1\n"
 
 
-async def test_closing_the_socket_ends_the_program(connect: ClientFactory, tmp_path: Path) -> None:
-    marker = tmp_path / "pid"
+async def test_closing_the_socket_ends_the_program(connect: ClientFactory, shared: Path) -> None:
+    marker = shared / "pid"
     client = await connect()
     await client.send("start", {"sourceScript": sleeper_script(marker)})
     await client.receive_type("stdout")
