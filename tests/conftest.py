@@ -71,6 +71,19 @@ class Client:
             if message["type"] == kind:
                 return message
 
+    async def read_output(self, expected: str, stream: str = "stdout") -> None:
+        """Read ``stream`` messages until exactly ``expected`` has arrived.
+
+        Programs run unbuffered, so one print may arrive as several messages
+        (``"hi"`` then ``"\\n"``); only the concatenation is guaranteed.
+        """
+        text = ""
+        while len(text) < len(expected):
+            message = await self.receive()
+            assert message["type"] == stream, f"expected {stream}, got {message}"
+            text += message["data"]["output"]
+        assert text == expected
+
     async def run(self, data: dict[str, Any], stdin: tuple[str, ...] = ()) -> RunResult:
         """Start a program, feed it input, collect everything until ``stopped``."""
         await self.send("start", data)
