@@ -102,8 +102,8 @@ def resolve_run_as(requested: str | None, euid: int | None = None) -> RunAs:
     name = requested or (DEFAULT_USER if _user_exists(DEFAULT_USER) else None)
     if name is None:
         raise ConfigError(
-            "further-link was started as root, but programs never run as root and there is "
-            f"no {DEFAULT_USER!r} user: set FURTHER_LINK_USER (or --user) to an unprivileged account"
+            "further-link was started as root, but programs never run as root and there is no "
+            f"{DEFAULT_USER!r} user: set FURTHER_LINK_USER (or --user) to an unprivileged account"
         )
     try:
         entry = pwd.getpwnam(name)
