@@ -1,25 +1,30 @@
-"""The ``further-link`` command: argument parsing, logging, starting the server."""
+"""The ``further-link`` command: argument parsing, logging, and each sub-command.
+
+``further-link`` alone (or with serve's flags) runs the server, as the seed's
+``python3 server.py`` did; other sub-commands are small tools around it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
+from typing import Callable
 
 from aiohttp import web
 
 from . import __version__
-from .config import Config, load_config
+from .auth import TokenStore, pairing_code
+from .config import Config, load_config, resolve_config_dir
 from .errors import FurtherLinkError
 from .server import create_app
 from .tls import server_ssl_context
 
 log = logging.getLogger(__name__)
-
-COMMANDS = ("serve",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"further-link {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
     serve = commands.add_parser("serve", help="run the server (the default command)")
     serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port (default 8028, env FURTHER_LINK_PORT)")
@@ -37,8 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cert", help="TLS certificate file (env FURTHER_LINK_CERT)")
     serve.add_argument("--key", help="TLS private key file (env FURTHER_LINK_KEY)")
     serve.add_argument("--user", help="account programs run as, when started as root")
-    serve.add_argument("--config-dir", help="where the certificate is kept")
+    serve.add_argument("--config-dir", help="where the certificate and token are kept")
+    serve.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="accept clients without the device token (env FURTHER_LINK_AUTH=off)",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.set_defaults(handler=_serve_command)
+
+    token = commands.add_parser("token", help="print the device token and pairing code")
+    token.add_argument("--rotate", action="store_true", help="replace the token (re-pair all)")
+    token.add_argument("--config-dir", help="where the token is kept")
+    token.set_defaults(handler=_token_command)
     return parser
 
 
@@ -49,34 +66,52 @@ def _with_default_command(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(
-        _with_default_command(list(sys.argv[1:] if argv is None else argv))
-    )
+    parser = build_parser()
+    args = parser.parse_args(_with_default_command(list(sys.argv[1:] if argv is None else argv)))
     if args.command is None:
-        build_parser().print_help()
+        parser.print_help()
         return 2
     logging.basicConfig(
         level=getattr(args, "log_level", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        config = load_config(
-            host=args.host,
-            port=args.port,
-            work_dir=args.work_dir,
-            no_ssl=args.no_ssl,
-            cert_file=args.cert,
-            key_file=args.key,
-            user=args.user,
-            config_dir=args.config_dir,
-        )
-        asyncio.run(serve(config))
+        return handler(args)
     except FurtherLinkError as exc:
         log.error("%s", exc.message)
         return 1
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    config = load_config(
+        host=args.host,
+        port=args.port,
+        work_dir=args.work_dir,
+        no_ssl=args.no_ssl,
+        cert_file=args.cert,
+        key_file=args.key,
+        user=args.user,
+        config_dir=args.config_dir,
+        no_auth=args.no_auth or None,
+    )
+    try:
+        asyncio.run(serve(config))
     except OSError as exc:
         log.error("cannot start the server: %s", exc)
         return 1
+    return 0
+
+
+def _token_command(args: argparse.Namespace) -> int:
+    store = TokenStore(resolve_config_dir(os.environ, args.config_dir))
+    token = store.rotate() if args.rotate else store.load_or_create()
+    code = pairing_code(token)
+    if args.rotate:
+        print("new token created: every paired browser and client must pair again")
+    print(f"token: {token}")
+    print(f"pairing code: {code.code} (valid for {code.seconds_left() // 60 + 1} more minutes)")
+    print(f"connect with: ?token={token}")
     return 0
 
 
@@ -86,9 +121,12 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    app = create_app(config)
+    tokens = TokenStore(config.config_dir)
+    tokens.load_or_create()
+    app = create_app(config, tokens)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
+    announcer: asyncio.Task[None] | None = None
     try:
         ssl_context = server_ssl_context(config) if config.ssl else None
         site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
@@ -96,19 +134,45 @@ async def serve(config: Config) -> None:
         host, port = runner.addresses[0][:2]
         scheme = "https" if ssl_context else "http"
         shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
+        url = f"{scheme}://{shown}:{port}/"
         log.info(
-            "further-link %s serving %s://%s:%d/ "
-            "(listening on %s:%d, work dir %s, programs run as %s)",
+            "further-link %s serving %s (listening on %s:%d, work dir %s, programs run as %s)",
             __version__,
-            scheme,
-            shown,
-            port,
+            url,
             host,
             port,
             config.work_dir,
             config.run_as.name if config.run_as else "this user",
         )
+        _warn_about_open_doors(config)
+        if config.auth:
+            log.info("connect with: %s?token=%s", url, tokens.current())
+            announcer = asyncio.ensure_future(_announce_pairing_codes(tokens))
         await stop.wait()
         log.info("stopping: ending all programs")
     finally:
+        if announcer is not None:
+            announcer.cancel()
+            await asyncio.gather(announcer, return_exceptions=True)
         await runner.cleanup()
+
+
+def _warn_about_open_doors(config: Config) -> None:
+    if not config.auth:
+        log.warning(
+            "pairing is OFF (FURTHER_LINK_AUTH=off / --no-auth): anyone who can reach this "
+            "port can run code on this device; use this only on a trusted network"
+        )
+    if "*" in config.origins:
+        log.warning(
+            "FURTHER_LINK_ORIGINS contains '*': web pages from any site may connect "
+            "(they still need the token unless pairing is off)"
+        )
+
+
+async def _announce_pairing_codes(tokens: TokenStore) -> None:
+    """Log the pairing code now and each time it changes, for the device's screen."""
+    while True:
+        code = pairing_code(tokens.current())
+        log.info("pairing code: %s (valid for %d s)", code.code, code.seconds_left())
+        await asyncio.sleep(code.seconds_left() + 1)

@@ -19,6 +19,9 @@ from .errors import ConfigError
 MiB = 1024 * 1024
 DEFAULT_PORT = 8028
 DEFAULT_USER = "pi"
+# The Further coding site may open websockets to devices by default; it still
+# needs the device token, obtained by pairing.
+DEFAULT_ORIGINS = ("https://further.pi-top.com",)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class Config:
     max_upload_bytes: int = 100 * MiB
     max_download_bytes: int = 100 * MiB
     output_queue_bytes: int = 1 * MiB
+    auth: bool = True
+    origins: tuple[str, ...] = DEFAULT_ORIGINS
     program_env: Mapping[str, str] = field(default_factory=dict)
 
     def with_overrides(self, **changes: Any) -> Config:
@@ -122,6 +127,15 @@ def _user_exists(name: str) -> bool:
     return True
 
 
+def resolve_config_dir(environ: Mapping[str, str], override: str | None = None) -> Path:
+    """Where the certificate and device token live (no other setting needed)."""
+    raw = override or environ.get("FURTHER_LINK_CONFIG_DIR")
+    if raw:
+        return Path(raw).expanduser().absolute()
+    config_home = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return (Path(config_home) / "further-link").absolute()
+
+
 def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
     """Build the config from environment variables, then apply flag overrides."""
     env = dict(os.environ if environ is None else environ)
@@ -130,13 +144,18 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
     work_dir_raw = overrides.pop("work_dir", None) or env.get("FURTHER_LINK_WORK_DIR")
     work_dir = Path(work_dir_raw).expanduser() if work_dir_raw else run_as.home / "further"
 
-    config_home = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    config_dir_raw = overrides.pop("config_dir", None) or env.get("FURTHER_LINK_CONFIG_DIR")
-    config_dir = (
-        Path(config_dir_raw).expanduser() if config_dir_raw else Path(config_home) / "further-link"
-    )
+    config_dir = resolve_config_dir(env, overrides.pop("config_dir", None))
 
     no_ssl = overrides.pop("no_ssl", False) or _flag(env, "FURTHER_LINK_NOSSL")
+    no_auth = overrides.pop("no_auth", False) or env.get(
+        "FURTHER_LINK_AUTH", "on"
+    ).strip().lower() in _FALSE_WORDS - {""}
+    origins_raw = env.get("FURTHER_LINK_ORIGINS")
+    origins = (
+        DEFAULT_ORIGINS
+        if origins_raw is None
+        else tuple(o.strip() for o in origins_raw.split(",") if o.strip())
+    )
     cert = overrides.pop("cert_file", None) or env.get("FURTHER_LINK_CERT")
     key = overrides.pop("key_file", None) or env.get("FURTHER_LINK_KEY")
     if bool(cert) != bool(key):
@@ -150,7 +169,7 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
         host=env.get("FURTHER_LINK_HOST") or "0.0.0.0",
         port=port,
         work_dir=work_dir.absolute(),
-        config_dir=config_dir.absolute(),
+        config_dir=config_dir,
         ssl=not no_ssl,
         cert_file=Path(cert) if cert else None,
         key_file=Path(key) if key else None,
@@ -164,6 +183,8 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
         max_upload_bytes=_number(env, "FURTHER_LINK_MAX_UPLOAD_BYTES", 100 * MiB),
         max_download_bytes=_number(env, "FURTHER_LINK_MAX_DOWNLOAD_BYTES", 100 * MiB),
         output_queue_bytes=_number(env, "FURTHER_LINK_OUTPUT_QUEUE_BYTES", 1 * MiB),
+        auth=not no_auth,
+        origins=origins,
         program_env=env,
     )
     return config.with_overrides(**overrides)

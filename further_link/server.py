@@ -15,7 +15,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import __version__
+from . import __version__, proctree
+from .access import check_origin, check_token, setup_access
+from .auth import TokenStore
 from .config import Config
 from .launch import prepare_library_dir
 from .outbox import Outbox, OutboxClosed
@@ -40,6 +42,8 @@ async def version(request: web.Request) -> web.Response:
 
 
 async def run_py(request: web.Request) -> web.WebSocketResponse:
+    check_origin(request)
+    check_token(request)
     app = request.app
     config = app[CONFIG]
     ws = web.WebSocketResponse(
@@ -81,6 +85,8 @@ async def _send_events(ws: web.WebSocketResponse, outbox: Outbox) -> None:
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    # Orphans of programs (double-forked daemons) become ours, to kill and reap.
+    proctree.become_subreaper()
     _prepare_work_dir(config)
     library_dir = prepare_library_dir()
     http = aiohttp.ClientSession()
@@ -116,9 +122,14 @@ async def _close_connections(app: web.Application) -> None:
     )
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, tokens: TokenStore | None = None) -> web.Application:
+    """The whole server; ``tokens`` defaults to the device token in the config dir."""
     app = web.Application()
     app[CONFIG] = config
+    if tokens is None:
+        tokens = TokenStore(config.config_dir)
+        tokens.load_or_create()
+    setup_access(app, config, tokens)
     app[CONNECTIONS] = {}
     app.router.add_get("/status", status)
     app.router.add_get("/version", version)

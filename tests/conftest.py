@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from further_link.auth import TokenStore
 from further_link.config import Config, load_config
 from further_link.server import create_app
 from further_link.tls import server_ssl_context
@@ -39,9 +40,12 @@ class RunningServer:
     config: Config
     base_url: str
     ssl_client: ssl.SSLContext | None
+    token: str
 
-    def ws_url(self, path: str = "/run-py") -> str:
-        return self.base_url.replace("http", "ws", 1) + path
+    def ws_url(self, path: str = "/run-py", token: bool = True) -> str:
+        """The websocket URL, carrying the device token unless ``token=False``."""
+        url = self.base_url.replace("http", "ws", 1) + path
+        return f"{url}?token={self.token}" if token else url
 
 
 @dataclass
@@ -165,7 +169,9 @@ async def start_server(
 
     async def start(**overrides: Any) -> RunningServer:
         config = make_config(sandbox, **overrides)
-        runner = web.AppRunner(create_app(config), handle_signals=False)
+        tokens = TokenStore(config.config_dir)
+        token = tokens.load_or_create()
+        runner = web.AppRunner(create_app(config, tokens), handle_signals=False)
         await runner.setup()
         runners.append(runner)
         ssl_context = server_ssl_context(config) if config.ssl else None
@@ -177,7 +183,7 @@ async def start_server(
             trusted = config.cert_file or config.config_dir / "cert.pem"
             client_ssl = ssl.create_default_context(cafile=str(trusted))
         scheme = "https" if ssl_context else "http"
-        return RunningServer(config, f"{scheme}://127.0.0.1:{port}", client_ssl)
+        return RunningServer(config, f"{scheme}://127.0.0.1:{port}", client_ssl, token)
 
     yield start
     for runner in runners:
@@ -202,9 +208,12 @@ async def connect(
     """Factory for websocket clients of the default server; all closed afterwards."""
     sockets: list[aiohttp.ClientWebSocketResponse] = []
 
-    async def open_client(target: RunningServer | None = None, **kwargs: Any) -> Client:
+    async def open_client(
+        target: RunningServer | None = None, token: bool = True, **kwargs: Any
+    ) -> Client:
         target = target or server
-        ws = await http.ws_connect(target.ws_url(), ssl=target.ssl_client or True, **kwargs)
+        url = target.ws_url(token=token)
+        ws = await http.ws_connect(url, ssl=target.ssl_client or True, **kwargs)
         sockets.append(ws)
         return Client(ws)
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import PROGRAM_SETTINGS, alive, sleeper_script
 
 from further_link.config import DEFAULT_PORT, load_config
 from further_link.errors import ConfigError
+
+from conftest import PROGRAM_SETTINGS, alive, sleeper_script
 
 LISTENING = re.compile(r"listening on [^ ]+:(\d+)")
 
@@ -37,13 +38,21 @@ class ServerProcess:
         self.port = self._wait_for_port()
 
     def _wait_for_port(self) -> int:
+        match = LISTENING.search(self.read_until("listening on"))
+        assert match is not None
+        return int(match.group(1))
+
+    def read_until(self, text: str) -> str:
+        """Read the log up to and including the first line containing ``text``."""
         assert self.proc.stdout is not None
+        for line in self.log:
+            if text in line:
+                return line
         for line in self.proc.stdout:
             self.log.append(line)
-            match = LISTENING.search(line)
-            if match:
-                return int(match.group(1))
-        raise AssertionError("server exited before listening:\n" + "".join(self.log))
+            if text in line:
+                return line
+        raise AssertionError(f"server exited before logging {text!r}:\n" + "".join(self.log))
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -85,11 +94,12 @@ async def test_env_vars_configure_port_work_dir_and_no_ssl(
 
 
 async def test_sigterm_ends_running_programs_and_exits_cleanly(
-    spawned: ServerProcess, shared: Path
+    spawned: ServerProcess, sandbox: Path, shared: Path
 ) -> None:
     marker = shared / "pid"
     script = sleeper_script(marker, 120)
-    url = f"http://127.0.0.1:{spawned.port}/run-py"
+    token = (sandbox / "config" / "further-link" / "token").read_text().strip()
+    url = f"http://127.0.0.1:{spawned.port}/run-py?token={token}"
     async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
         await ws.send_str(json.dumps({"type": "start", "data": {"sourceScript": script}}))
         while json.loads((await ws.receive(timeout=30)).data)["type"] != "stdout":

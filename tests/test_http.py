@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Callable
 
 import aiohttp
-from conftest import RunningServer
 from cryptography import x509
 
 import further_link
 from further_link.tls import ensure_self_signed
+
+from conftest import RunningServer
 
 StartServer = Callable[..., Awaitable[RunningServer]]
 

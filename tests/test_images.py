@@ -7,8 +7,9 @@ import io
 from pathlib import Path
 
 import aiohttp
-from conftest import Client, RunningServer
 from PIL import Image
+
+from conftest import Client, RunningServer
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,10 +7,11 @@ import pwd
 from pathlib import Path
 
 import pytest
-from conftest import AS_ROOT, Client, RunningServer
 
 from further_link.config import resolve_run_as
 from further_link.errors import ConfigError
+
+from conftest import AS_ROOT, Client, RunningServer
 
 
 def test_root_without_pi_or_configured_user_refuses_to_start() -> None:

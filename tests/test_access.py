@@ -1,0 +1,322 @@
+"""Who may connect: the device token, pairing codes, origins (hostile cases)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Callable
+
+import aiohttp
+import pytest
+from test_cli import ServerProcess
+
+from further_link.auth import (
+    CODE_WINDOW_SECONDS,
+    PairingLimiter,
+    PairingLocked,
+    TokenStore,
+    code_is_valid,
+    normalise_origin,
+    origin_allowed,
+    pairing_code,
+)
+
+from conftest import PROGRAM_SETTINGS, Client, RunningServer
+
+StartServer = Callable[..., Awaitable[RunningServer]]
+
+
+async def handshake_status(http: aiohttp.ClientSession, url: str, **kwargs: object) -> int:
+    """The HTTP status of a websocket upgrade attempt (101 when it succeeds)."""
+    try:
+        ws = await http.ws_connect(url, **kwargs)  # type: ignore[arg-type]
+    except aiohttp.WSServerHandshakeError as exc:
+        return exc.status
+    await ws.close()
+    return 101
+
+
+async def current_code(server: RunningServer) -> str:
+    return pairing_code(server.token).code
+
+
+# ---------------------------------------------------------------- tokens
+
+
+async def test_no_token_is_refused_before_upgrade(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
+    assert await handshake_status(http, server.ws_url(token=False)) == 401
+    async with http.get(server.ws_url(token=False).replace("ws", "http", 1)) as response:
+        assert response.status == 401
+        assert "pair with the code shown on the device" in await response.text()
+
+
+async def test_wrong_token_is_refused(server: RunningServer, http: aiohttp.ClientSession) -> None:
+    url = server.ws_url(token=False) + "?token=guess"
+    assert await handshake_status(http, url) == 401
+    headers = {"Authorization": "Bearer guess"}
+    assert await handshake_status(http, server.ws_url(token=False), headers=headers) == 401
+
+
+async def test_token_in_query_header_or_cookie_is_accepted(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
+    assert await handshake_status(http, server.ws_url()) == 101
+    headers = {"Authorization": f"Bearer {server.token}"}
+    assert await handshake_status(http, server.ws_url(token=False), headers=headers) == 101
+    cookie = {"Cookie": f"further_link_token={server.token}"}
+    assert await handshake_status(http, server.ws_url(token=False), headers=cookie) == 101
+
+
+async def test_status_and_version_need_no_token(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
+    for path in ("/status", "/version"):
+        async with http.get(server.base_url + path, headers={"Origin": "https://evil.test"}) as r:
+            assert r.status == 200
+
+
+async def test_auth_off_accepts_legacy_clients(
+    start_server: StartServer, connect: Callable[..., Awaitable[Client]]
+) -> None:
+    legacy = await start_server(environ={"FURTHER_LINK_AUTH": "off"})
+    ws = await connect(legacy, token=False)
+    result = await ws.run({"sourceScript": "print('legacy')"})
+    assert result.stdout == "legacy\n"
+
+
+# --------------------------------------------------------------- origins
+
+
+@pytest.mark.parametrize(
+    ("origin", "expected"),
+    [
+        ("https://evil.example", 403),
+        ("http://127.0.0.1.evil.example", 403),
+        ("null", 403),
+        ("https://further.pi-top.com", 101),
+        ("HTTPS://Further.pi-top.com:443", 101),
+    ],
+)
+async def test_origin_check(
+    server: RunningServer, http: aiohttp.ClientSession, origin: str, expected: int
+) -> None:
+    status = await handshake_status(http, server.ws_url(), headers={"Origin": origin})
+    assert status == expected
+
+
+async def test_own_origin_is_allowed(server: RunningServer, http: aiohttp.ClientSession) -> None:
+    headers = {"Origin": server.base_url}
+    assert await handshake_status(http, server.ws_url(), headers=headers) == 101
+
+
+async def test_forbidden_origin_is_refused_even_with_auth_off(
+    start_server: StartServer, http: aiohttp.ClientSession
+) -> None:
+    legacy = await start_server(environ={"FURTHER_LINK_AUTH": "off"})
+    headers = {"Origin": "https://evil.example"}
+    assert await handshake_status(http, legacy.ws_url(token=False), headers=headers) == 403
+
+
+async def test_configured_origins_replace_the_default(
+    start_server: StartServer, http: aiohttp.ClientSession
+) -> None:
+    custom = await start_server(
+        environ={"FURTHER_LINK_ORIGINS": "https://ide.school.test, http://x.test:8000"}
+    )
+    for origin, expected in [
+        ("https://ide.school.test", 101),
+        ("http://x.test:8000", 101),
+        ("http://x.test", 403),
+        ("https://further.pi-top.com", 403),
+    ]:
+        assert await handshake_status(http, custom.ws_url(), headers={"Origin": origin}) == expected
+    anyone = await start_server(environ={"FURTHER_LINK_ORIGINS": "*"})
+    headers = {"Origin": "https://anything.test"}
+    assert await handshake_status(http, anyone.ws_url(), headers=headers) == 101
+    assert await handshake_status(http, anyone.ws_url(token=False), headers=headers) == 401
+
+
+def test_origin_matching_rules() -> None:
+    assert normalise_origin("HTTP://Host:80") == "http://host"
+    assert normalise_origin("https://h:8028/") == "https://h:8028"
+    assert origin_allowed(None, [], [])
+    assert not origin_allowed("https://a.test", ["https://b.test"], [])
+    assert origin_allowed("https://a.test:443", [], ["https://a.test"])
+
+
+# --------------------------------------------------------------- pairing
+
+
+async def test_pairing_code_gives_token_and_cookie(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
+    jar_session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+    async with jar_session:
+        code = await current_code(server)
+        async with jar_session.post(server.base_url + "/pair", json={"code": code}) as response:
+            assert response.status == 200
+            assert await response.json() == {"token": server.token}
+            cookie = response.cookies["further_link_token"]
+            assert cookie.value == server.token
+            assert cookie["httponly"] and cookie["samesite"] == "Strict"
+        # The cookie alone now opens the websocket.
+        async with jar_session.ws_connect(server.ws_url(token=False)) as ws:
+            await ws.send_json({"type": "ping"})
+            assert (await ws.receive_json(timeout=30))["type"] == "pong"
+
+
+async def test_wrong_codes_are_rate_limited(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
+    good = await current_code(server)
+    bad = f"{(int(good) + 1) % 1_000_000:06d}"
+    for left in (4, 3, 2, 1):
+        async with http.post(server.base_url + "/pair", json={"code": bad}) as response:
+            assert response.status == 403
+            assert (await response.json())["error"] == (
+                f"wrong pairing code; {left} tries left before a one-minute lock"
+            )
+    async with http.post(server.base_url + "/pair", json={"code": bad}) as response:
+        assert response.status == 403
+        assert (await response.json())["error"] == "wrong pairing code; locked for a minute"
+    # Locked: even the right code is refused now.
+    async with http.post(server.base_url + "/pair", json={"code": good}) as response:
+        assert response.status == 429
+        assert 0 < int(response.headers["Retry-After"]) <= 60
+        assert "too many wrong codes" in (await response.json())["error"]
+
+
+@pytest.mark.parametrize("body", ["not json", '["123456"]', '{"code": ""}', '{"code": null}', "{}"])
+async def test_malformed_pair_requests_say_what_to_send(
+    server: RunningServer, http: aiohttp.ClientSession, body: str
+) -> None:
+    async with http.post(
+        server.base_url + "/pair", data=body, headers={"Content-Type": "application/json"}
+    ) as response:
+        assert response.status == 400
+        assert (await response.json())["error"] == 'send JSON like {"code": "123456"}'
+
+
+async def test_pairing_from_an_allowed_site_uses_cors(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
+    origin = "https://further.pi-top.com"
+    async with http.options(
+        server.base_url + "/pair",
+        headers={"Origin": origin, "Access-Control-Request-Method": "POST"},
+    ) as preflight:
+        assert preflight.status == 204
+        assert preflight.headers["Access-Control-Allow-Origin"] == origin
+        assert preflight.headers["Access-Control-Allow-Credentials"] == "true"
+    code = await current_code(server)
+    async with http.post(
+        server.base_url + "/pair", json={"code": code}, headers={"Origin": origin}
+    ) as response:
+        assert response.status == 200
+        assert response.headers["Access-Control-Allow-Origin"] == origin
+    async with http.post(
+        server.base_url + "/pair", json={"code": code}, headers={"Origin": "https://evil.test"}
+    ) as response:
+        assert response.status == 403
+
+
+def test_codes_change_every_window_and_with_the_token() -> None:
+    token = "device-token"
+    start = 1_800_000_000 - (1_800_000_000 % CODE_WINDOW_SECONDS)
+    first = pairing_code(token, start + 5)
+    assert len(first.code) == 6 and first.code.isdigit()
+    assert first.expires_at == start + CODE_WINDOW_SECONDS
+    assert pairing_code(token, start + CODE_WINDOW_SECONDS - 1).code == first.code
+    later = pairing_code(token, start + CODE_WINDOW_SECONDS + 5)
+    assert later.code != first.code  # fixed token and times: deterministic
+    assert pairing_code("other-token", start + 5).code != first.code
+    assert code_is_valid(token, first.code, start + 5)
+    assert not code_is_valid(token, "000000" if first.code != "000000" else "111111", start + 5)
+    # The old code stays valid for a short grace after its window ends, then not.
+    assert code_is_valid(token, first.code, start + CODE_WINDOW_SECONDS + 30)
+    assert not code_is_valid(token, first.code, start + CODE_WINDOW_SECONDS + 120)
+
+
+def test_limiter_unlocks_after_a_minute() -> None:
+    limiter = PairingLimiter(max_wrong=2, lock_seconds=60)
+    assert limiter.wrong("a", now=0) == 1
+    assert limiter.wrong("a", now=1) == 0
+    with pytest.raises(PairingLocked):
+        limiter.check("a", now=30)
+    limiter.check("b", now=30)  # other addresses are unaffected
+    limiter.check("a", now=62)
+    assert limiter.wrong("a", now=63) == 1
+
+
+def test_token_file_is_private_and_rotation_replaces_it(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path / "cfg")
+    token = store.load_or_create()
+    assert len(token) >= 32
+    assert os.stat(store.path).st_mode & 0o777 == 0o600
+    assert TokenStore(tmp_path / "cfg").load_or_create() == token
+    rotated = store.rotate()
+    assert rotated != token and store.matches(rotated) and not store.matches(token)
+
+
+def test_token_command_prints_token_and_code(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
+    env["FURTHER_LINK_CONFIG_DIR"] = str(tmp_path / "cfg")
+
+    def token_command(*extra: str) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "further_link", "token", *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        return out.stdout.splitlines()
+
+    lines = token_command()
+    token = (tmp_path / "cfg" / "token").read_text().strip()
+    assert lines[0] == f"token: {token}"
+    assert lines[1].startswith(f"pairing code: {pairing_code(token).code} (valid for ")
+    rotated = token_command("--rotate")
+    new_token = (tmp_path / "cfg" / "token").read_text().strip()
+    assert new_token != token
+    assert f"token: {new_token}" in rotated
+
+
+async def test_rotating_the_token_locks_out_the_old_one(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
+    old = server.token
+    new = TokenStore(server.config.config_dir).rotate()
+    base = server.ws_url(token=False)
+    assert await handshake_status(http, f"{base}?token={old}") == 401
+    assert await handshake_status(http, f"{base}?token={new}") == 101
+
+
+def test_startup_log_shows_connect_url_and_pairing_code(sandbox: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
+    env.update(PROGRAM_SETTINGS, FURTHER_LINK_CONFIG_DIR=str(sandbox / "cfg"))
+    args = ["--host", "127.0.0.1", "--port", "0", "--no-ssl", "--work-dir", str(sandbox / "w")]
+    server = ServerProcess(args, env)
+    try:
+        token = (sandbox / "cfg" / "token").read_text().strip()
+        server.read_until("pairing code")
+        log = "".join(server.log)
+        assert f"connect with: http://127.0.0.1:{server.port}/?token={token}" in log
+        assert f"pairing code: {pairing_code(token).code} (valid for " in log
+        assert "pairing is OFF" not in log
+    finally:
+        assert server.stop() == 0
+
+    server = ServerProcess([*args, "--no-auth"], env)
+    try:
+        warning = server.read_until("pairing is OFF")
+        assert "WARNING" in warning and "anyone who can reach this port" in warning
+        assert "?token=" not in "".join(server.log)
+    finally:
+        assert server.stop() == 0
