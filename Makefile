@@ -6,8 +6,9 @@ SOURCES := $(wildcard further_link tests benchmarks examples)
 STAMP := $(VENV)/.installed
 
 # As root (as in CI) the tests run programs as `nobody` with Debian's python3,
-# which then needs numpy and Pillow from Debian.
-DEBIAN_TEST_PACKAGES := python3-numpy python3-pil
+# which then needs numpy and Pillow from Debian; tests/test_webpage.py drives
+# Debian's chromium (headless, through Playwright; no browser download).
+DEBIAN_TEST_PACKAGES := python3-numpy python3-pil chromium
 
 .PHONY: run test lint format bench clean system-deps
 
@@ -47,6 +48,10 @@ system-deps:
 
 test: lint system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Figures, not pass/fail: see benchmarks/run.py --help. BENCH_ARGS=--quick for a smoke run.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

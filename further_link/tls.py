@@ -16,11 +16,6 @@ import socket
 import ssl
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from .config import Config
 from .errors import ConfigError
 
@@ -36,6 +31,12 @@ def ensure_self_signed(config_dir: Path) -> tuple[Path, Path]:
     cert_path, key_path = config_dir / CERT_NAME, config_dir / KEY_NAME
     if cert_path.is_file() and key_path.is_file():
         return cert_path, key_path
+    # Imported only here: cryptography costs ~8 MB of RSS, needed once per device.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = ec.generate_private_key(ec.SECP256R1())
     hostname = socket.gethostname() or "further-link"
