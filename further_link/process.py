@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import uuid
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,6 +33,24 @@ STDIN_BACKLOG_LIMIT = 4 * 1024 * 1024
 # After the program has exited and its tree is killed, how long to wait for
 # pipes to report end-of-file before giving up on a process that escaped.
 PIPE_DRAIN_TIMEOUT = 2.0
+# How long SIGKILLed processes may take to vanish before the server gives up
+# on them (a process stuck in the kernel) and reports the run as ended anyway.
+KILL_TIMEOUT = 5.0
+# While waiting for the run's processes to end, /proc is scanned after these
+# pauses: soon at first (most programs end at once), then less often, since a
+# scan reads every process's environment.
+POLL_FIRST = 0.005
+POLL_MAX = 0.1
+# How often orphans that die while the program still runs are reaped, so that
+# e.g. a loop of `os.system("cmd &")` does not pile up zombies.
+ORPHAN_REAP_INTERVAL = 1.0
+
+
+def _poll_pauses() -> Iterator[float]:
+    pause = POLL_FIRST
+    while True:
+        yield pause
+        pause = min(pause * 2, POLL_MAX)
 
 
 @dataclass(frozen=True)
@@ -115,9 +133,10 @@ class PipeReader:
 class Program:
     """A started program and, through its run tag, every process it creates.
 
-    The owner must ``await wait()`` (or ``stop()`` then ``wait()``); ``wait``
-    returns only when the program has exited, its leftover processes are
-    killed and every byte of output has reached the sink.
+    The owner must ``await wait()`` (or ``stop()`` then ``wait()``), or
+    ``abort()`` when it goes away; either returns only when the program has
+    exited and its leftover processes are killed and reaped. ``wait`` also
+    delivers every byte of output to the sink first.
     """
 
     def __init__(self, spec: ProgramSpec, sink: OutputSink, kill_grace: float = 1.0) -> None:
@@ -126,6 +145,9 @@ class Program:
         self._sink = sink
         self._kill_grace = kill_grace
         self._process: asyncio.subprocess.Process | None = None
+        self._tree: proctree.RunTree | None = None
+        self._ending: asyncio.Task[None] | None = None
+        self._orphan_reaper: asyncio.Task[None] | None = None
         self._readers: list[PipeReader] = []
         self._pump_tasks: list[asyncio.Task[None]] = []
         self._stdin_task: asyncio.Task[None] | None = None
@@ -134,7 +156,6 @@ class Program:
         self._stdin_closed = False
         self._drain_deadline: float | None = None
         self._exit_code: int | None = None
-        self._stopping = False
 
     @property
     def pid(self) -> int:
@@ -177,6 +198,7 @@ class Program:
             os.close(out_w)
             os.close(err_w)
         log.info("program started pid=%d cwd=%s", self._process.pid, self.spec.cwd)
+        self._tree = proctree.RunTree(self._process.pid, self.tag)
         self._readers = [
             PipeReader(out_r, "stdout", self._sink),
             PipeReader(err_r, "stderr", self._sink),
@@ -186,6 +208,7 @@ class Program:
             for reader in self._readers
         ]
         self._stdin_task = asyncio.ensure_future(self._feed_stdin())
+        self._orphan_reaper = asyncio.ensure_future(self._reap_orphans_while_running())
 
     def _remaining_drain_time(self) -> float | None:
         if self._drain_deadline is None:
@@ -240,33 +263,64 @@ class Program:
 
     async def stop(self) -> None:
         """End the whole process tree: SIGTERM, then SIGKILL after the grace period."""
-        if self._process is None or self._stopping:
+        if self._process is None:
             return
-        self._stopping = True
-        if self._process.returncode is None:
+        if self._process.returncode is None and self._ending is None:
             log.info("stopping program pid=%d", self._process.pid)
-        await self._terminate_tree(include_root=True)
+        await self._end_tree()
 
-    async def _terminate_tree(self, include_root: bool) -> None:
-        assert self._process is not None
-        root = self._process.pid
+    async def _end_tree(self) -> None:
+        """End every process of the run, once; later callers wait for the same ending."""
+        if self._ending is None:
+            self._ending = asyncio.ensure_future(self._terminate_tree())
+        # Shielded: a caller cancelled because its connection went away must not
+        # leave the tree half killed; ``abort`` then waits for this same task.
+        await asyncio.shield(self._ending)
+
+    async def _terminate_tree(self) -> None:
+        assert self._tree is not None
         loop = asyncio.get_running_loop()
-        signalled = await loop.run_in_executor(
-            None, proctree.kill_run, root, self.tag, signal.SIGTERM
-        )
-        if not signalled:
-            return
-        deadline = loop.time() + self._kill_grace
+        signalled = await loop.run_in_executor(None, self._tree.signal, signal.SIGTERM)
+        if signalled and not await self._wait_until_gone(self._kill_grace):
+            await self._kill_survivors()
+        await loop.run_in_executor(None, self._tree.reap_orphans)
+
+    async def _wait_until_gone(self, timeout: float) -> bool:
+        assert self._tree is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pauses = _poll_pauses()
+        while await loop.run_in_executor(None, self._tree.live_processes):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(min(next(pauses), max(0.0, deadline - loop.time())))
+        return True
+
+    async def _kill_survivors(self) -> None:
+        """SIGKILL until nothing of the run is left, forks made meanwhile included."""
+        assert self._tree is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + KILL_TIMEOUT
+        killed: set[int] = set()
+        pauses = _poll_pauses()
         while loop.time() < deadline:
-            remaining = await loop.run_in_executor(
-                None, proctree.find_run_processes, root, self.tag
-            )
-            if not remaining or (not include_root and remaining == {root}):
+            signalled = await loop.run_in_executor(None, self._tree.signal, signal.SIGKILL)
+            if not signalled:
+                if killed:
+                    log.info("killed %d process(es) of pid=%d", len(killed), self.pid)
                 return
-            await asyncio.sleep(0.02)
-        killed = await loop.run_in_executor(None, proctree.kill_run, root, self.tag, signal.SIGKILL)
-        if killed:
-            log.info("killed %d process(es) of pid=%d that ignored SIGTERM", killed, root)
+            killed |= signalled
+            await asyncio.sleep(next(pauses))
+        log.warning(
+            "pid=%d: processes survived SIGKILL for %.0f s; giving up", self.pid, KILL_TIMEOUT
+        )
+
+    async def _reap_orphans_while_running(self) -> None:
+        assert self._tree is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(ORPHAN_REAP_INTERVAL)
+            await loop.run_in_executor(None, self._tree.reap_orphans)
 
     async def wait(self) -> int:
         """Wait for exit, end leftovers, deliver all output; return the exit code.
@@ -278,7 +332,7 @@ class Program:
             return self._exit_code
         code = await self._process.wait()
         # The program is gone; whatever it left running goes too.
-        await self._terminate_tree(include_root=False)
+        await self._end_tree()
         self._drain_deadline = asyncio.get_running_loop().time() + PIPE_DRAIN_TIMEOUT
         await asyncio.gather(*self._pump_tasks)
         await self._close()
@@ -287,10 +341,11 @@ class Program:
         return code
 
     async def _close(self) -> None:
-        if self._stdin_task is not None:
-            self._stdin_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._stdin_task
+        for task in (self._stdin_task, self._orphan_reaper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for reader in self._readers:
             reader.close()
 
@@ -302,7 +357,9 @@ class Program:
         for task in self._pump_tasks:
             task.cancel()
         await asyncio.gather(*self._pump_tasks, return_exceptions=True)
-        with contextlib.suppress(ProcessLookupError):
-            await self._process.wait()
+        try:
+            await asyncio.wait_for(self._process.wait(), KILL_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("pid=%d survived SIGKILL; leaving it behind", self.pid)
         await self._close()
         self._exit_code = self._process.returncode

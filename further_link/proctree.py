@@ -1,23 +1,53 @@
-"""Finding and signalling every process that belongs to one run.
+"""Finding, signalling and reaping every process that belongs to one run.
 
 A program may fork, call ``setsid`` or double-fork to escape its process
 group. A run's processes are found three ways, any one of which is enough:
 descent from the program's pid, membership of its process group or session,
 and the run tag in their environment (which survives setsid and reparenting).
+
+The server is a child subreaper (``become_subreaper``), so a run's orphans
+become the server's children instead of init's, and must be reaped by the
+server once they die. A zombie has no environment left to read, so
+``RunTree`` remembers every process it has seen alive (pid and start time)
+and reaps only zombies it can prove belong to the run. It never waits for
+the run's own program: asyncio's child watcher owns that pid.
+
 Only ``/proc`` is read; this module knows nothing about asyncio.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
+import sys
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
 RUN_TAG_VAR = "FURTHER_LINK_RUN_ID"
+PR_SET_CHILD_SUBREAPER = 36  # from <linux/prctl.h>
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants of this process its children, not init's.
+
+    Without this, a double-forked daemon of a run is adopted by init and the
+    server can still kill it (by its run tag) but no longer reap it. Returns
+    False where the system offers no subreaper (not Linux, or older than 3.4).
+    """
+    if not sys.platform.startswith("linux"):
+        log.warning("not Linux: orphaned processes of programs go to init")
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        error = ctypes.get_errno()
+        log.warning("cannot become a child subreaper: %s", os.strerror(error))
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -27,6 +57,11 @@ class ProcInfo:
     pgid: int
     sid: int
     state: str
+    start_time: int  # clock ticks after boot: with the pid, names one process for good
+
+    @property
+    def zombie(self) -> bool:
+        return self.state == "Z"
 
 
 def read_proc_info(pid: int) -> ProcInfo | None:
@@ -38,7 +73,16 @@ def read_proc_info(pid: int) -> ProcInfo | None:
         return None
     # comm is in parentheses and may itself contain spaces or parentheses.
     rest = raw[raw.rfind(")") + 2 :].split()
-    return ProcInfo(pid, ppid=int(rest[1]), pgid=int(rest[2]), sid=int(rest[3]), state=rest[0])
+    if len(rest) < 20:  # read while the process was being torn down
+        return None
+    return ProcInfo(
+        pid,
+        ppid=int(rest[1]),
+        pgid=int(rest[2]),
+        sid=int(rest[3]),
+        state=rest[0],
+        start_time=int(rest[19]),
+    )
 
 
 def _all_pids() -> Iterable[int]:
@@ -47,40 +91,16 @@ def _all_pids() -> Iterable[int]:
             yield int(name)
 
 
+def _all_infos() -> dict[int, ProcInfo]:
+    return {pid: info for pid in _all_pids() if (info := read_proc_info(pid)) is not None}
+
+
 def _has_tag(pid: int, tag_entry: bytes) -> bool:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
             return tag_entry in f.read().split(b"\0")
     except OSError:
         return False
-
-
-def find_run_processes(root_pid: int, tag: str) -> set[int]:
-    """Every live process of the run rooted at ``root_pid`` (the root included)."""
-    infos = {pid: info for pid in _all_pids() if (info := read_proc_info(pid)) is not None}
-    children: dict[int, list[int]] = {}
-    for info in infos.values():
-        children.setdefault(info.ppid, []).append(info.pid)
-    tag_entry = f"{RUN_TAG_VAR}={tag}".encode()
-    me = os.getpid()
-    found: set[int] = set()
-    for info in infos.values():
-        if info.pid == me or info.state == "Z":
-            continue
-        if (
-            info.pid == root_pid
-            or root_pid in (info.pgid, info.sid)
-            or _has_tag(info.pid, tag_entry)
-        ):
-            found.add(info.pid)
-    # Descendants of anything found so far (children that cleared their env).
-    stack = list(found)
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found and child != me:
-                found.add(child)
-                stack.append(child)
-    return {pid for pid in found if infos[pid].state != "Z"}
 
 
 def signal_processes(pids: Iterable[int], sig: signal.Signals) -> int:
@@ -97,17 +117,111 @@ def signal_processes(pids: Iterable[int], sig: signal.Signals) -> int:
     return sent
 
 
-def kill_run(root_pid: int, tag: str, sig: signal.Signals, rounds: int = 20) -> int:
-    """Signal the whole run, repeating while new processes keep appearing.
+class RunTree:
+    """The processes of one run: found in /proc, signalled, and their orphans reaped.
 
-    Repeating closes the window in which a process forks between the scan
-    and the signal. Returns the number of processes signalled in total.
+    Methods may be called from worker threads; a lock keeps the memory of
+    seen processes consistent.
     """
-    seen: set[int] = set()
-    for _ in range(rounds):
-        pids = find_run_processes(root_pid, tag) - seen
-        if not pids:
-            break
-        signal_processes(pids, sig)
-        seen |= pids
-    return len(seen)
+
+    def __init__(self, root_pid: int, tag: str) -> None:
+        self.root_pid = root_pid
+        self._tag_entry = f"{RUN_TAG_VAR}={tag}".encode()
+        self._me = os.getpid()
+        self._lock = threading.Lock()
+        # pid -> start time of every process seen alive in the run, root included.
+        self._seen: dict[int, int] = {}
+        root = read_proc_info(root_pid)
+        if root is not None:
+            self._seen[root_pid] = root.start_time
+
+    def live_processes(self) -> set[int]:
+        """Every live process of the run (the root included while it runs)."""
+        infos = _all_infos()
+        children: dict[int, list[int]] = {}
+        for info in infos.values():
+            children.setdefault(info.ppid, []).append(info.pid)
+        found: set[int] = set()
+        for info in infos.values():
+            if info.pid == self._me or info.zombie:
+                continue
+            if (
+                info.pid == self.root_pid
+                or self.root_pid in (info.pgid, info.sid)
+                or _has_tag(info.pid, self._tag_entry)
+            ):
+                found.add(info.pid)
+        # Descendants of anything found so far (children that cleared their env).
+        stack = list(found)
+        while stack:
+            for child in children.get(stack.pop(), []):
+                if child not in found and child != self._me:
+                    found.add(child)
+                    stack.append(child)
+        alive = {pid for pid in found if not infos[pid].zombie}
+        self._remember(infos[pid] for pid in alive)
+        return alive
+
+    def signal(self, sig: signal.Signals, rounds: int = 20) -> set[int]:
+        """Signal the whole run, repeating while new processes keep appearing.
+
+        Repeating closes the window in which a process forks between the scan
+        and the signal. Returns the pids signalled.
+        """
+        signalled: set[int] = set()
+        for _ in range(rounds):
+            pids = self.live_processes() - signalled
+            if not pids:
+                break
+            signal_processes(pids, sig)
+            signalled |= pids
+        return signalled
+
+    def reap_orphans(self) -> int:
+        """Reap the run's dead orphans that the server adopted; returns how many.
+
+        Also remembers the run's live orphans (by their tag) so that they can
+        be reaped later, when their environment can no longer be read.
+        """
+        reaped = 0
+        for info in _all_infos().values():
+            if info.ppid != self._me or info.pid == self.root_pid:
+                continue
+            if not info.zombie:
+                if _has_tag(info.pid, self._tag_entry):
+                    self._remember([info])
+            elif self._owns_zombie(info) and _reap(info.pid):
+                reaped += 1
+        if reaped:
+            log.debug("reaped %d orphan(s) of pid=%d", reaped, self.root_pid)
+        return reaped
+
+    def _remember(self, infos: Iterable[ProcInfo]) -> None:
+        with self._lock:
+            for info in infos:
+                self._seen[info.pid] = info.start_time
+
+    def _owns_zombie(self, info: ProcInfo) -> bool:
+        """Whether a zombie child of the server is provably one of the run's processes.
+
+        Either it was seen alive (same pid and start time), or it is in a
+        session or group led by a process seen in the run and started after
+        it. A leader itself is matched only by being seen: every run's program
+        leads its own session, and asyncio, not this class, waits for those.
+        """
+        with self._lock:
+            if self._seen.get(info.pid) == info.start_time:
+                return True
+            for leader in {info.sid, info.pgid} - {info.pid}:
+                leader_start = self._seen.get(leader)
+                if leader_start is not None and info.start_time >= leader_start:
+                    return True
+        return False
+
+
+def _reap(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # someone else reaped it first
+        return False
+    return done == pid

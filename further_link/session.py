@@ -122,6 +122,8 @@ class Session:
     # ------------------------------------------------------------ start
 
     async def _start(self, command: StartCommand) -> None:
+        if self._closed:
+            raise SessionStateError("the connection is closing; no program can start")
         if self.state is not State.IDLE:
             raise SessionStateError("a program is already running; send stop first")
         run_as = self._config.run_as
@@ -219,9 +221,11 @@ class Session:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        """The connection is gone: end the program tree and every task."""
-        if self._closed:
-            return
+        """The connection is gone: end the program tree and every task.
+
+        Server shutdown and the connection handler both call this; each call
+        ends what exists by then, such as a run whose start was under way.
+        """
         self._closed = True
         run, self._run = self._run, None
         if run is not None:

@@ -38,9 +38,14 @@ class SideChannel:
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.path))
-        if self._owner is not None:
-            os.chown(self.path, self._owner, -1)
-        os.chmod(self.path, 0o600)
+        try:
+            if self._owner is not None:
+                os.chown(self.path, self._owner, -1)
+            os.chmod(self.path, 0o600)
+        except OSError:
+            # The caller never gets a started channel to close: do it here.
+            await self.close()
+            raise
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

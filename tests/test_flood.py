@@ -18,17 +18,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
-from conftest import PROGRAM_SETTINGS
 from test_cli import ServerProcess
 
-FLOOD = (
-    "import sys\n"
-    "i = 0\n"
-    "while True:\n"
-    "    sys.stdout.write(f'{i:09d}\\n')\n"
-    "    i += 1\n"
-)
+from conftest import PROGRAM_SETTINGS
+
+FLOOD = "import sys\ni = 0\nwhile True:\n    sys.stdout.write(f'{i:09d}\\n')\n    i += 1\n"
 STALL_SECONDS = 4.0
 
 
