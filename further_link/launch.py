@@ -16,7 +16,7 @@ from pathlib import Path
 from .channel import SOCKET_ENV_VAR
 from .config import Config
 from .errors import StartError, UnsafePathError
-from .paths import confine_path
+from .paths import confine_path, describe_kind
 from .process import ProgramSpec
 from .protocol import StartCommand
 
@@ -31,13 +31,25 @@ def resolve_directory(config: Config, name: str) -> Path:
         directory = confine_path(config.work_dir, name, "directoryName")
     except UnsafePathError as exc:
         raise StartError(str(exc)) from None
-    if not directory.is_dir():
-        raise StartError(f"directoryName {name!r} does not exist in the work dir; upload it first")
+    try:
+        mode = directory.stat().st_mode
+    except FileNotFoundError:
+        raise StartError(
+            f"directoryName {name!r} does not exist in the work dir; upload it first"
+        ) from None
+    except OSError as exc:
+        raise StartError(f"directoryName {name!r} cannot be used: {exc.strerror}") from None
+    if not stat.S_ISDIR(mode):
+        raise StartError(
+            f"directoryName {name!r} is {describe_kind(mode)} in the work dir, not a directory"
+        )
     return directory
 
 
 def resolve_source_path(config: Config, raw: str) -> Path:
     """An existing regular file, absolute or relative to the work dir, within the size cap."""
+    if "\0" in raw:
+        raise StartError(f"sourcePath {raw!r} contains a NUL character")
     path = Path(raw)
     if not path.is_absolute():
         path = config.work_dir / path
@@ -48,11 +60,13 @@ def resolve_source_path(config: Config, raw: str) -> Path:
     except OSError as exc:
         raise StartError(f"sourcePath {raw!r} cannot be read: {exc.strerror}") from None
     if not stat.S_ISREG(info.st_mode):
-        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
-        raise StartError(f"sourcePath {raw!r} is {kind}; give a Python file")
+        raise StartError(
+            f"sourcePath {raw!r} is {describe_kind(info.st_mode)}; give the path of a Python file"
+        )
     if info.st_size > config.max_source_bytes:
         raise StartError(
-            f"sourcePath {raw!r} is {info.st_size} bytes; the limit is {config.max_source_bytes}"
+            f"sourcePath {raw!r} is {info.st_size} bytes; "
+            f"the limit is {config.max_source_bytes} bytes"
         )
     return path
 
@@ -84,7 +98,9 @@ def plan_program(
 ) -> ProgramSpec:
     """Build the spec; writes an inline script into ``run_dir``."""
     directory = (
-        resolve_directory(config, command.directory_name) if command.directory_name else None
+        None
+        if command.directory_name is None
+        else resolve_directory(config, command.directory_name)
     )
     if command.source_path is not None:
         script = resolve_source_path(config, command.source_path)

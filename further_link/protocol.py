@@ -156,6 +156,9 @@ def parse_command(text: str) -> Command:
         ) from None
     except RecursionError:
         raise ProtocolError("message is nested too deeply to be a command") from None
+    except ValueError:
+        # Valid JSON that Python refuses to build: an integer with thousands of digits.
+        raise ProtocolError("message contains a number with too many digits to read") from None
     if not isinstance(message, dict):
         raise ProtocolError(f"message must be a JSON object with a 'type', not {_kind_of(message)}")
     kind = message.get("type")

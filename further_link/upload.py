@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from .errors import DownloadError, LimitExceededError, UploadError
-from .paths import confine_path
+from .paths import confine_path, describe_kind
 from .protocol import TextFile, UploadCommand, UrlFile
 
 log = logging.getLogger(__name__)
@@ -55,24 +55,42 @@ class UrlCache:
         self.cache_dir = cache_dir
         self._http = http
         self._max_bytes = max_bytes
+        # One lock per cache entry while anyone wants it, so it is fetched once.
         self._locks: dict[Path, asyncio.Lock] = {}
+        self._wanted_by: dict[Path, int] = {}
 
     async def fetch(self, file: UrlFile) -> Path:
         """The cached copy of ``file``, downloading it first if needed."""
         scheme = urlsplit(file.url).scheme.lower()
         if scheme not in ("http", "https"):
             raise DownloadError(f"url {file.url!r} is not http or https")
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        bucket = confine_path(self.cache_dir, file.bucket_name, "bucketName", nested=False)
-        bucket.mkdir(exist_ok=True)
-        target = confine_path(bucket, file.file_name, "fileName", nested=False)
+        target = self._locate(file)
         lock = self._locks.setdefault(target, asyncio.Lock())
-        async with lock:
-            if target.is_file():
-                log.debug("cache hit for %s", target)
-                return target
-            await self._download(file.url, target)
-        self._locks.pop(target, None)
+        self._wanted_by[target] = self._wanted_by.get(target, 0) + 1
+        try:
+            async with lock:
+                if target.is_file():
+                    log.debug("cache hit for %s", target)
+                else:
+                    await self._download(file.url, target)
+        finally:
+            self._wanted_by[target] -= 1
+            if self._wanted_by[target] == 0:
+                del self._wanted_by[target], self._locks[target]
+        return target
+
+    def _locate(self, file: UrlFile) -> Path:
+        """The real path of ``file``'s cache entry; its bucket is created, nothing outside."""
+        work_dir = Path(os.path.realpath(self.cache_dir.parent))
+        cache = confine_path(work_dir, self.cache_dir.name, "url cache directory", nested=False)
+        _make_directories(work_dir, cache, "the url cache directory")
+        bucket = confine_path(cache, file.bucket_name, "bucketName", nested=False)
+        _make_directories(cache, bucket, f"bucketName {file.bucket_name!r}")
+        target = confine_path(bucket, file.file_name, "fileName", nested=False)
+        if target.is_dir():
+            raise UploadError(
+                f"fileName {file.file_name!r} is a directory in the url cache, not a file"
+            )
         return target
 
     async def _download(self, url: str, target: Path) -> None:
@@ -108,7 +126,10 @@ class UrlCache:
                             f"{url} is larger than the download limit of {self._max_bytes} bytes"
                         )
                     out.write(chunk)
-                if declared is not None and received != declared:
+                # Compressed bodies are decoded as they arrive, so only a plain body can be
+                # compared with Content-Length (aiohttp checks the encoded length itself).
+                encoded = response.headers.get(aiohttp.hdrs.CONTENT_ENCODING, "identity").lower()
+                if declared is not None and encoded == "identity" and received != declared:
                     raise DownloadError(
                         f"downloading {url} failed: got {received} of {declared} bytes"
                     )
@@ -138,6 +159,41 @@ async def materialise_upload(
     owner: Owner | None = None,
 ) -> Path:
     """Create or replace ``work_dir/<name>`` with the uploaded files; return its path."""
+    text_bytes = _check_limits(command, limits)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    work_real = Path(os.path.realpath(work_dir))
+    what = f"upload directory name {command.name!r}"
+    target = confine_path(work_dir, command.name, "upload directory name")
+    parts = target.relative_to(work_real).parts
+    if parts[0] == CACHE_DIR_NAME or any(part.startswith(STAGING_PREFIX) for part in parts):
+        raise UploadError(f"{what} is reserved by further-link")
+    if os.path.lexists(target) and not target.is_dir():
+        kind = describe_kind(os.lstat(target).st_mode)
+        raise UploadError(f"{what} is {kind} in the work dir, not a directory; remove it first")
+    created = _make_directories(work_real, target.parent, what)
+    staging: Path | None = None
+    try:
+        if owner is not None:
+            for directory in created:
+                _chown(directory, owner)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=STAGING_PREFIX))
+        await _fill(staging, command, cache, limits.max_bytes, text_bytes)
+        if owner is not None:
+            _chown_tree(staging, owner)
+        _swap_in(staging, target)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+    log.info("uploaded %d file(s) into %s", len(command.files), target)
+    return target
+
+
+def _check_limits(command: UploadCommand, limits: UploadLimits) -> int:
+    """Refuse an upload over the file-count or text caps; return its bytes of text."""
     if len(command.files) > limits.max_files:
         raise LimitExceededError(
             f"upload has {len(command.files)} files; the limit is {limits.max_files}"
@@ -149,46 +205,86 @@ async def materialise_upload(
         raise LimitExceededError(
             f"upload is {text_bytes} bytes of text; the limit is {limits.max_bytes} bytes"
         )
-    work_dir.mkdir(parents=True, exist_ok=True)
-    target = confine_path(work_dir, command.name, "upload directory name")
-    top = Path(os.path.relpath(target, os.path.realpath(work_dir))).parts[0]
-    if top == CACHE_DIR_NAME or top.startswith(STAGING_PREFIX):
-        raise UploadError(f"upload directory name {command.name!r} is reserved by further-link")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=STAGING_PREFIX))
-    try:
-        total = text_bytes
-        for alias, file in command.files.items():
-            destination = confine_path(staging, alias, "upload file name")
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(file, TextFile):
-                destination.write_text(file.text, encoding="utf-8")
-                continue
-            cached = await cache.fetch(file)
-            total += cached.stat().st_size
-            if total > limits.max_bytes:
-                raise LimitExceededError(
-                    f"upload is over {limits.max_bytes} bytes with {alias!r}; "
-                    "the limit is the total of all its files"
-                )
-            await asyncio.get_running_loop().run_in_executor(
-                None, shutil.copyfile, cached, destination
+    return text_bytes
+
+
+async def _fill(
+    staging: Path, command: UploadCommand, cache: UrlCache, max_bytes: int, total: int
+) -> None:
+    """Write every file into ``staging``, keeping the ``total`` bytes within ``max_bytes``.
+
+    Every alias is checked before anything is written or downloaded.
+    """
+    destinations = {
+        alias: confine_path(staging, alias, "upload file name") for alias in command.files
+    }
+    _check_collisions(list(command.files))
+    for alias, file in command.files.items():
+        destination = destinations[alias]
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(file, TextFile):
+            destination.write_text(file.text, encoding="utf-8")
+            continue
+        cached = await cache.fetch(file)
+        total += cached.stat().st_size
+        if total > max_bytes:
+            raise LimitExceededError(
+                f"upload is over {max_bytes} bytes with {alias!r}; "
+                "the limit is the total of all its files"
             )
-        if owner is not None:
-            _chown_tree(staging, owner)
-        _swap_in(staging, target)
+        await asyncio.get_running_loop().run_in_executor(None, shutil.copyfile, cached, destination)
+
+
+def _check_collisions(aliases: list[str]) -> None:
+    """``a`` and ``a/b`` cannot both be files; say so rather than fail half-way."""
+    names = set(aliases)
+    for alias in aliases:
+        parts = alias.split("/")
+        for depth in range(1, len(parts)):
+            prefix = "/".join(parts[:depth])
+            if prefix in names:
+                raise UploadError(
+                    f"upload file names {prefix!r} and {alias!r} collide: "
+                    f"{prefix!r} cannot be both a file and a directory"
+                )
+
+
+def _make_directories(base: Path, path: Path, what: str) -> list[Path]:
+    """``mkdir -p`` below ``base`` (both real paths); return what was created, outermost first.
+
+    A file in the way is reported by its name relative to ``base``, not as an OSError.
+    """
+    missing: list[Path] = []
+    existing = path
+    while not os.path.lexists(existing) and existing != base:
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        kind = describe_kind(os.lstat(existing).st_mode)
+        where = os.path.relpath(existing, base)
+        raise UploadError(f"{what} cannot be created: {where!r} is {kind}, not a directory")
+    created: list[Path] = []
+    try:
+        for directory in reversed(missing):
+            directory.mkdir()
+            created.append(directory)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         raise
-    log.info("uploaded %d file(s) into %s", len(command.files), target)
-    return target
+    return created
+
+
+def _chown(path: Path, owner: Owner) -> None:
+    os.chown(path, owner.uid, owner.gid, follow_symlinks=False)
 
 
 def _chown_tree(root: Path, owner: Owner) -> None:
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [*dirnames, *filenames]:
-            os.chown(os.path.join(dirpath, name), owner.uid, owner.gid, follow_symlinks=False)
-    os.chown(root, owner.uid, owner.gid)
+            _chown(Path(dirpath, name), owner)
+    _chown(root, owner)
     os.chmod(root, 0o755)
 
 
@@ -198,9 +294,13 @@ def _swap_in(staging: Path, target: Path) -> None:
     if not os.path.lexists(target):
         os.rename(staging, target)
         return
-    if target.is_symlink() or not target.is_dir():
-        raise UploadError(f"{target.name!r} exists in the work dir and is not a directory")
     retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=STAGING_PREFIX))
     os.rename(target, retired / "old")
-    os.rename(staging, target)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        # Put the previous upload back rather than lose it with the retired dir.
+        os.rename(retired / "old", target)
+        os.rmdir(retired)
+        raise
     shutil.rmtree(retired, ignore_errors=True)
