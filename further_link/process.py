@@ -63,6 +63,66 @@ class ProgramSpec:
     run_as: RunAs | None = None
 
 
+@dataclass(frozen=True)
+class LaunchedProcess:
+    """A process with its output pipes' read ends, as a launcher hands it over."""
+
+    process: asyncio.subprocess.Process
+    stdout_fd: int
+    stderr_fd: int
+    tag: str  # the run tag in its environment (see proctree)
+
+
+Launcher = Callable[[ProgramSpec], Awaitable[LaunchedProcess]]
+
+
+async def spawn(
+    argv: Sequence[str],
+    cwd: Path,
+    env: Mapping[str, str],
+    run_as: RunAs | None,
+    tag: str,
+    pass_fds: Sequence[int] = (),
+) -> LaunchedProcess:
+    """Start a process in its own session, as ``run_as``, with piped stdio."""
+    env = dict(env)
+    env[proctree.RUN_TAG_VAR] = tag
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    extra: dict[str, object] = {}
+    if run_as is not None and run_as.switch:
+        extra = {
+            "user": run_as.uid,
+            "group": run_as.gid,
+            "extra_groups": os.getgrouplist(run_as.name, run_as.gid),
+        }
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=out_w,
+            stderr=err_w,
+            cwd=str(cwd),
+            env=env,
+            start_new_session=True,
+            pass_fds=pass_fds,
+            **extra,  # type: ignore[arg-type]
+        )
+    except OSError as exc:
+        for fd in (out_r, err_r):
+            os.close(fd)
+        raise StartError(f"could not start {argv[0]!r}: {exc.strerror}") from None
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    return LaunchedProcess(process, out_r, err_r, tag)
+
+
+async def cold_launch(spec: ProgramSpec) -> LaunchedProcess:
+    """Start the program as a fresh interpreter."""
+    return await spawn(spec.argv, spec.cwd, spec.env, spec.run_as, uuid.uuid4().hex)
+
+
 class PipeReader:
     """Reads one pipe without blocking and delivers decoded text to a sink.
 
@@ -139,9 +199,16 @@ class Program:
     delivers every byte of output to the sink first.
     """
 
-    def __init__(self, spec: ProgramSpec, sink: OutputSink, kill_grace: float = 1.0) -> None:
+    def __init__(
+        self,
+        spec: ProgramSpec,
+        sink: OutputSink,
+        kill_grace: float = 1.0,
+        launcher: Launcher = cold_launch,
+    ) -> None:
         self.spec = spec
-        self.tag = uuid.uuid4().hex
+        self.tag = ""
+        self._launcher = launcher
         self._sink = sink
         self._kill_grace = kill_grace
         self._process: asyncio.subprocess.Process | None = None
@@ -167,41 +234,14 @@ class Program:
         return self._process is not None and self._process.returncode is not None
 
     async def start(self) -> None:
-        env = dict(self.spec.env)
-        env[proctree.RUN_TAG_VAR] = self.tag
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        extra: dict[str, object] = {}
-        run_as = self.spec.run_as
-        if run_as is not None and run_as.switch:
-            extra = {
-                "user": run_as.uid,
-                "group": run_as.gid,
-                "extra_groups": os.getgrouplist(run_as.name, run_as.gid),
-            }
-        try:
-            self._process = await asyncio.create_subprocess_exec(
-                *self.spec.argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=out_w,
-                stderr=err_w,
-                cwd=str(self.spec.cwd),
-                env=env,
-                start_new_session=True,
-                **extra,  # type: ignore[arg-type]
-            )
-        except OSError as exc:
-            for fd in (out_r, err_r):
-                os.close(fd)
-            raise StartError(f"could not start {self.spec.argv[0]!r}: {exc.strerror}") from None
-        finally:
-            os.close(out_w)
-            os.close(err_w)
+        launched = await self._launcher(self.spec)
+        self._process = launched.process
+        self.tag = launched.tag
         log.info("program started pid=%d cwd=%s", self._process.pid, self.spec.cwd)
         self._tree = proctree.RunTree(self._process.pid, self.tag)
         self._readers = [
-            PipeReader(out_r, "stdout", self._sink),
-            PipeReader(err_r, "stderr", self._sink),
+            PipeReader(launched.stdout_fd, "stdout", self._sink),
+            PipeReader(launched.stderr_fd, "stderr", self._sink),
         ]
         self._pump_tasks = [
             asyncio.ensure_future(reader.run(self._remaining_drain_time))
@@ -317,10 +357,9 @@ class Program:
 
     async def _reap_orphans_while_running(self) -> None:
         assert self._tree is not None
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(ORPHAN_REAP_INTERVAL)
-            await loop.run_in_executor(None, self._tree.reap_orphans)
+            self._tree.reap_orphans()  # reads only the server's few children
 
     async def wait(self) -> int:
         """Wait for exit, end leftovers, deliver all output; return the exit code.
@@ -332,7 +371,9 @@ class Program:
             return self._exit_code
         code = await self._process.wait()
         # The program is gone; whatever it left running goes too.
-        await self._end_tree()
+        assert self._tree is not None
+        if self._ending is not None or self._tree.has_leftovers():
+            await self._end_tree()
         self._drain_deadline = asyncio.get_running_loop().time() + PIPE_DRAIN_TIMEOUT
         await asyncio.gather(*self._pump_tasks)
         await self._close()

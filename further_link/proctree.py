@@ -95,6 +95,25 @@ def _all_infos() -> dict[int, ProcInfo]:
     return {pid: info for pid in _all_pids() if (info := read_proc_info(pid)) is not None}
 
 
+def server_children() -> set[int]:
+    """Pids of this process's children, read from /proc without a full scan."""
+    me = os.getpid()
+    try:
+        tasks = os.listdir(f"/proc/{me}/task")
+    except OSError:
+        tasks = []
+    children: set[int] = set()
+    for tid in tasks:
+        try:
+            with open(f"/proc/{me}/task/{tid}/children") as f:
+                children.update(int(pid) for pid in f.read().split())
+        except FileNotFoundError:  # kernel without CONFIG_PROC_CHILDREN
+            return {info.pid for info in _all_infos().values() if info.ppid == me}
+        except OSError:
+            continue
+    return children
+
+
 def _has_tag(pid: int, tag_entry: bytes) -> bool:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
@@ -162,6 +181,26 @@ class RunTree:
         self._remember(infos[pid] for pid in alive)
         return alive
 
+    def has_leftovers(self) -> bool:
+        """Whether anything of the run may outlive its program, checked cheaply.
+
+        Once the program has exited, each of its live descendants is either
+        still in its process group or, through an orphaned ancestor adopted
+        by this subreaper, below one of the server's own children. So this
+        reads only those few children rather than all of /proc, and a run
+        that left nothing behind ends without a scan.
+        """
+        try:
+            os.killpg(self.root_pid, 0)
+            return True
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            return True
+        return any(
+            pid != self.root_pid and _has_tag(pid, self._tag_entry) for pid in server_children()
+        )
+
     def signal(self, sig: signal.Signals, rounds: int = 20) -> set[int]:
         """Signal the whole run, repeating while new processes keep appearing.
 
@@ -184,8 +223,9 @@ class RunTree:
         be reaped later, when their environment can no longer be read.
         """
         reaped = 0
-        for info in _all_infos().values():
-            if info.ppid != self._me or info.pid == self.root_pid:
+        for pid in server_children():
+            info = read_proc_info(pid)
+            if info is None or info.ppid != self._me or info.pid == self.root_pid:
                 continue
             if not info.zombie:
                 if _has_tag(info.pid, self._tag_entry):
