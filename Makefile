@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 # As root (as in CI) the tests run programs as `nobody` with Debian's python3,
 # which then needs numpy and Pillow from Debian; tests/test_webpage.py drives
 # Debian's chromium (headless, through Playwright; no browser download).
-DEBIAN_TEST_PACKAGES := python3-numpy python3-pil chromium
+# tests/test_service.py checks the systemd unit with systemd-analyze (Debian's systemd).
+DEBIAN_TEST_PACKAGES := python3-numpy python3-pil chromium systemd
 
 .PHONY: run test lint format bench clean system-deps
 
@@ -46,8 +47,10 @@ system-deps:
 	  fi; \
 	fi
 
+# The whole suite runs twice: with the warm interpreter pool (the default) and without.
 test: lint system-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	FURTHER_LINK_TEST_POOL_SIZE=2 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	FURTHER_LINK_TEST_POOL_SIZE=0 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Figures, not pass/fail: see benchmarks/run.py --help. BENCH_ARGS=--quick for a smoke run.
 bench: $(STAMP)

@@ -55,6 +55,7 @@ class Config:
     max_download_bytes: int = 100 * MiB
     output_queue_bytes: int = 1 * MiB
     auth: bool = True
+    pool_size: int = 2
     origins: tuple[str, ...] = DEFAULT_ORIGINS
     program_env: Mapping[str, str] = field(default_factory=dict)
 
@@ -184,6 +185,7 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
         max_download_bytes=_number(env, "FURTHER_LINK_MAX_DOWNLOAD_BYTES", 100 * MiB),
         output_queue_bytes=_number(env, "FURTHER_LINK_OUTPUT_QUEUE_BYTES", 1 * MiB),
         auth=not no_auth,
+        pool_size=_number(env, "FURTHER_LINK_POOL_SIZE", 2),
         origins=origins,
         program_env=env,
     )

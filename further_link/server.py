@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -19,8 +20,9 @@ from . import __version__, proctree
 from .access import check_origin, check_token, setup_access
 from .auth import TokenStore
 from .config import Config
-from .launch import prepare_library_dir
+from .launch import prepare_library_dir, program_env
 from .outbox import Outbox, OutboxClosed
+from .pool import WarmPool
 from .session import Services, Session
 from .upload import UrlCache
 
@@ -90,16 +92,30 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     _prepare_work_dir(config)
     library_dir = prepare_library_dir()
     http = aiohttp.ClientSession()
+    pool = _start_pool(config, library_dir)
     app[SERVICES] = Services(
         config=config,
         cache=UrlCache(config.cache_dir, http, config.max_download_bytes),
         library_dir=library_dir,
+        pool=pool,
     )
     try:
         yield
     finally:
+        if pool is not None:
+            await pool.close()
         await http.close()
         shutil.rmtree(library_dir, ignore_errors=True)
+
+
+def _start_pool(config: Config, library_dir: Path) -> WarmPool | None:
+    if config.pool_size <= 0:
+        return None
+    # The environment every program shares; per-run variables are applied at launch.
+    base_env = program_env(config, library_dir, run_dir=Path("/"), import_dir=None)
+    pool = WarmPool(config.pool_size, config.python, config.run_as, base_env)
+    pool.start()
+    return pool
 
 
 def _prepare_work_dir(config: Config) -> None:

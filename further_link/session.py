@@ -31,7 +31,8 @@ from .config import Config
 from .errors import FurtherLinkError, ProtocolError, SessionStateError, StartError, UploadError
 from .launch import SOCKET_NAME, plan_program
 from .outbox import Outbox, OutboxClosed
-from .process import Program
+from .pool import WarmPool
+from .process import Launcher, Program, cold_launch
 from .protocol import (
     Command,
     ErrorEvent,
@@ -65,7 +66,12 @@ class Services:
 
     config: Config
     cache: UrlCache
-    library_dir: Path  # holds a `further_link` link; goes on every program's import path
+    library_dir: Path  # holds the `further_link` client package; on every program's import path
+    pool: WarmPool | None = None  # pre-started interpreters, when the pool is on
+
+    @property
+    def launcher(self) -> Launcher:
+        return self.pool.launch if self.pool is not None else cold_launch
 
 
 @dataclass
@@ -135,7 +141,9 @@ class Session:
             if run_as is not None and run_as.switch:
                 os.chown(run_dir, run_as.uid, run_as.gid)
             spec = plan_program(command, self._config, self._services.library_dir, run_dir)
-            program = Program(spec, self._deliver_output, self._config.kill_grace)
+            program = Program(
+                spec, self._deliver_output, self._config.kill_grace, self._services.launcher
+            )
             run = Run(
                 program,
                 SideChannel(

@@ -41,6 +41,8 @@ class RunningServer:
     base_url: str
     ssl_client: ssl.SSLContext | None
     token: str
+    # Stopping it early (e.g. to see clients notice) is allowed; cleanup runs again harmlessly.
+    runner: web.AppRunner | None = None
 
     def ws_url(self, path: str = "/run-py", token: bool = True) -> str:
         """The websocket URL, carrying the device token unless ``token=False``."""
@@ -145,8 +147,14 @@ def shared(sandbox: Path) -> Path:
     return sandbox / "shared"
 
 
+# `make test` runs the suite twice: with the warm interpreter pool on (the
+# default) and off, since programs must not be able to tell the difference.
+POOL_SIZE = os.environ.get("FURTHER_LINK_TEST_POOL_SIZE", "2")
+
+
 def make_config(sandbox: Path, **overrides: Any) -> Config:
     environ = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(sandbox)}
+    environ["FURTHER_LINK_POOL_SIZE"] = POOL_SIZE
     environ.update(PROGRAM_SETTINGS)
     environ.update(overrides.pop("environ", {}))
     settings: dict[str, Any] = {
@@ -183,7 +191,7 @@ async def start_server(
             trusted = config.cert_file or config.config_dir / "cert.pem"
             client_ssl = ssl.create_default_context(cafile=str(trusted))
         scheme = "https" if ssl_context else "http"
-        return RunningServer(config, f"{scheme}://127.0.0.1:{port}", client_ssl, token)
+        return RunningServer(config, f"{scheme}://127.0.0.1:{port}", client_ssl, token, runner)
 
     yield start
     for runner in runners:
