@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -28,7 +29,8 @@ from .errors import StartError, StdinError
 log = logging.getLogger(__name__)
 
 OutputSink = Callable[[str, str], Awaitable[None]]
-READ_CHUNK = 256 * 1024
+READ_CHUNK = 1024 * 1024
+PIPE_BUFFER_BYTES = 1024 * 1024
 STDIN_BACKLOG_LIMIT = 4 * 1024 * 1024
 # After the program has exited and its tree is killed, how long to wait for
 # pipes to report end-of-file before giving up on a process that escaped.
@@ -89,6 +91,7 @@ async def spawn(
     env[proctree.RUN_TAG_VAR] = tag
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    _widen_pipe(out_r)
     extra: dict[str, object] = {}
     if run_as is not None and run_as.switch:
         extra = {
@@ -116,6 +119,16 @@ async def spawn(
         os.close(out_w)
         os.close(err_w)
     return LaunchedProcess(process, out_r, err_r, tag)
+
+
+def _widen_pipe(fd: int) -> None:
+    """Give a pipe a larger buffer: fewer reads and wake-ups when a program floods output.
+
+    Unprivileged processes may go up to /proc/sys/fs/pipe-max-size (1 MiB by
+    default); where that fails the default 64 KiB simply stays.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BUFFER_BYTES)  # type: ignore[attr-defined]
 
 
 async def cold_launch(spec: ProgramSpec) -> LaunchedProcess:
