@@ -25,6 +25,7 @@ from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
 from .session import Services, Session
 from .upload import UrlCache
+from .webpage import setup_webpage
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,30 @@ async def version(request: web.Request) -> web.Response:
     return web.json_response({"version": __version__}, headers=OPEN_CORS)
 
 
+class RunPyWebSocket(web.WebSocketResponse):
+    """Says why when aiohttp closes a connection for a message over the size cap.
+
+    aiohttp refuses such a message from its frame header, before reading it,
+    but closes with code 1009 and no reason; clients should see which limit.
+    """
+
+    async def close(
+        self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True
+    ) -> bool:
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not message:
+            message = (
+                f"message over the limit of {self._max_msg_size} bytes "
+                "(FURTHER_LINK_MAX_MESSAGE_BYTES)"
+            ).encode()
+        return await super().close(code=code, message=message, drain=drain)
+
+
 async def run_py(request: web.Request) -> web.WebSocketResponse:
     check_origin(request)
     check_token(request)
     app = request.app
     config = app[CONFIG]
-    ws = web.WebSocketResponse(
-        max_msg_size=config.max_message_bytes, heartbeat=config.heartbeat or None
-    )
+    ws = RunPyWebSocket(max_msg_size=config.max_message_bytes, heartbeat=config.heartbeat or None)
     await ws.prepare(request)
     outbox = Outbox(config.output_queue_bytes)
     session = Session(app[SERVICES], outbox)
@@ -63,6 +80,8 @@ async def run_py(request: web.Request) -> web.WebSocketResponse:
                 await session.receive(message.data)
             elif message.type is WSMsgType.BINARY:
                 session.receive_binary()
+            elif message.type is WSMsgType.ERROR:
+                log.info("closed the connection from %s: %s", request.remote, message.data)
     finally:
         app[CONNECTIONS].pop(session, None)
         await session.close()
@@ -150,6 +169,7 @@ def create_app(config: Config, tokens: TokenStore | None = None) -> web.Applicat
     app.router.add_get("/status", status)
     app.router.add_get("/version", version)
     app.router.add_get("/run-py", run_py)
+    setup_webpage(app)
     app.cleanup_ctx.append(_services)
     app.on_shutdown.append(_close_connections)
     return app

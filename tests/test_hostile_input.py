@@ -317,6 +317,7 @@ async def assert_refused_as_too_big(client: Client, message: dict[str, Any]) -> 
         await client.ws.send_str(json.dumps(message))
     closed = await client.ws.receive(timeout=TIMEOUT)
     assert (closed.type, closed.data) == (aiohttp.WSMsgType.CLOSE, 1009), closed
+    assert "FURTHER_LINK_MAX_MESSAGE_BYTES" in closed.extra, "the close reason names the limit"
 
 
 async def test_default_message_cap_is_16_mib_and_a_3_mb_script_runs(
