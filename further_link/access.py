@@ -88,7 +88,7 @@ async def pair_preflight(request: web.Request) -> web.Response:
     headers = cors_headers(request)
     headers.update(
         {
-            "Access-Control-Allow-Methods": "POST",
+            "Access-Control-Allow-Methods": "POST, DELETE",
             "Access-Control-Allow-Headers": "Content-Type",
             "Access-Control-Max-Age": "600",
         }
@@ -140,6 +140,14 @@ async def pair(request: web.Request) -> web.Response:
     return response
 
 
+async def unpair(request: web.Request) -> web.Response:
+    """Forget this browser's pairing: the cookie is HttpOnly, so only we can clear it."""
+    check_origin(request)
+    response = web.Response(status=204, headers=cors_headers(request))
+    response.del_cookie(COOKIE_NAME, path="/")
+    return response
+
+
 def _error(status: int, message: str, headers: dict[str, str]) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
 
@@ -149,6 +157,7 @@ def setup_access(app: web.Application, config: Config, tokens: TokenStore) -> No
     app[TOKENS] = tokens
     app[LIMITER] = PairingLimiter()
     app.router.add_post("/pair", pair)
+    app.router.add_delete("/pair", unpair)
     app.router.add_route("OPTIONS", "/pair", pair_preflight)
 
 

@@ -47,7 +47,7 @@ class Config:
     run_as: RunAs | None = None
     python: str = sys.executable
     kill_grace: float = 1.0
-    heartbeat: float = 10.0
+    heartbeat: float = 30.0
     max_message_bytes: int = 16 * MiB
     max_source_bytes: int = 16 * MiB
     max_upload_files: int = 1000
@@ -177,7 +177,9 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
         run_as=run_as,
         python=env.get("FURTHER_LINK_PYTHON") or sys.executable,
         kill_grace=_number(env, "FURTHER_LINK_KILL_GRACE", 1.0, float),
-        heartbeat=_number(env, "FURTHER_LINK_HEARTBEAT", 10.0, float),
+        # A ping waits behind queued output, so a slow browser under a flood
+        # answers late; 30 s (pong timeout 15 s) keeps such clients connected.
+        heartbeat=_number(env, "FURTHER_LINK_HEARTBEAT", 30.0, float),
         max_message_bytes=_number(env, "FURTHER_LINK_MAX_MESSAGE_BYTES", 16 * MiB),
         max_source_bytes=_number(env, "FURTHER_LINK_MAX_SOURCE_BYTES", 16 * MiB),
         max_upload_files=_number(env, "FURTHER_LINK_MAX_UPLOAD_FILES", 1000),

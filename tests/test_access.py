@@ -320,3 +320,14 @@ def test_startup_log_shows_connect_url_and_pairing_code(sandbox: Path) -> None:
         assert "?token=" not in "".join(server.log)
     finally:
         assert server.stop() == 0
+
+
+async def test_unpairing_clears_the_cookie(server: RunningServer) -> None:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+        code = await current_code(server)
+        async with browser.post(server.base_url + "/pair", json={"code": code}) as response:
+            assert response.status == 200
+        assert await handshake_status(browser, server.ws_url(token=False)) == 101
+        async with browser.delete(server.base_url + "/pair") as response:
+            assert response.status == 204
+        assert await handshake_status(browser, server.ws_url(token=False)) == 401

@@ -885,6 +885,8 @@ ui.retryNow.addEventListener("click", connect);
 ui.unpair.addEventListener("click", () => {
   storage.set(KEYS.token, null);
   storage.set(KEYS.unpaired, "yes");
+  // The pairing cookie is HttpOnly: ask the device to clear it.
+  fetch("/pair", { method: "DELETE" }).catch(() => {});
   showPairing("This browser forgot the device. Type the pairing code to pair again.");
 });
 ui.bannerClose.addEventListener("click", hideBanner);
