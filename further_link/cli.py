@@ -19,9 +19,11 @@ from aiohttp import web
 
 from . import __version__
 from .auth import TokenStore, pairing_code
+from .client import add_client_commands
 from .config import Config, load_config, resolve_config_dir
 from .errors import FurtherLinkError
 from .server import create_app
+from .service import add_service_command
 from .tls import server_ssl_context
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--rotate", action="store_true", help="replace the token (re-pair all)")
     token.add_argument("--config-dir", help="where the token is kept")
     token.set_defaults(handler=_token_command)
+
+    add_client_commands(commands)
+    add_service_command(commands)
     return parser
 
 

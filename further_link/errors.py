@@ -10,6 +10,9 @@
      |    +-- LimitExceededError a configured cap (files, bytes) was exceeded
      |    +-- DownloadError     a url file could not be fetched completely
      +-- ConfigError            the server's own configuration is unusable
+     +-- ClientError            `further-link run` / `pair` cannot go on (not paired,
+     |                          refused, certificate changed, files it cannot send)
+     +-- ServiceError           `further-link install-service` cannot (un)install the unit
 
 Each message names what was wrong so that a learner or teacher can act on it.
 The web layer turns any of them into one ``error`` event; nothing else is
@@ -61,3 +64,11 @@ class DownloadError(UploadError):
 
 class ConfigError(FurtherLinkError):
     """The server's configuration cannot be used."""
+
+
+class ClientError(FurtherLinkError):
+    """The command-line client cannot connect, pair or run; the message says what to do."""
+
+
+class ServiceError(FurtherLinkError):
+    """The systemd unit cannot be installed or removed."""

@@ -20,6 +20,7 @@ from . import __version__, proctree
 from .access import check_origin, check_token, setup_access
 from .auth import TokenStore
 from .config import Config
+from .device import setup_device
 from .launch import prepare_library_dir, program_env
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
@@ -170,6 +171,7 @@ def create_app(config: Config, tokens: TokenStore | None = None) -> web.Applicat
     app.router.add_get("/version", version)
     app.router.add_get("/run-py", run_py)
     setup_webpage(app)
+    setup_device(app, config)
     app.cleanup_ctx.append(_services)
     app.on_shutdown.append(_close_connections)
     return app

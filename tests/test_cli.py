@@ -9,7 +9,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -26,9 +26,10 @@ LISTENING = re.compile(r"listening on [^ ]+:(\d+)")
 class ServerProcess:
     """`python -m further_link` in the background, with its log captured."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], prefix: Sequence[str] = ()) -> None:
+        """``prefix``: a command that runs the server, e.g. ``setpriv`` with its options."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "further_link", *args],
+            [*prefix, sys.executable, "-m", "further_link", *args],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

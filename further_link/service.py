@@ -1,0 +1,248 @@
+"""``further-link install-service``: start the server at boot under systemd.
+
+The unit runs the server as root on purpose: it switches each program to the
+program user (``pi`` or ``--user``), which needs CAP_SETUID and CAP_SETGID.
+Its hardening is chosen so that switching keeps working and programs keep
+their camera, GPIO, I2C, ``/sys``, X display and home directory:
+``NoNewPrivileges`` only stops gaining privileges through ``exec`` (setuid
+binaries such as ``sudo``), never giving them up, and the capability bounding
+set keeps exactly what the server uses. tests/test_service.py starts a real
+server under that bounding set with no_new_privs and runs a program as
+another user through it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Callable
+
+from .config import resolve_run_as
+from .errors import ConfigError, ServiceError
+
+SERVICE = "further-link"
+UNIT_PATH = Path("etc/systemd/system") / f"{SERVICE}.service"
+DEFAULTS_FILE = "/etc/default/further-link"
+SYSTEMCTL_TIMEOUT = 120
+
+# Capabilities the server uses as root; every other one is gone for it and its programs.
+CAPABILITIES = (
+    "CAP_SETUID CAP_SETGID",  # run each program as the program user
+    "CAP_CHOWN CAP_FOWNER",  # hand uploads and run directories to that user
+    "CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH",  # reach the work dir inside that user's home
+    "CAP_KILL",  # stop programs of another user
+    "CAP_SYS_PTRACE",  # read /proc/PID/environ of programs to find all of a run's processes
+    "CAP_NET_BIND_SERVICE",  # a port below 1024, if configured
+)
+
+HARDENING = """\
+# The server stays root to run each program as the program user. NoNewPrivileges
+# does not stop that (it only blocks gaining privileges through exec, e.g. sudo
+# in a learner's program); the bounding set keeps the capabilities it uses.
+NoNewPrivileges=yes
+CapabilityBoundingSet={capabilities}
+ProtectSystem=full
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+LockPersonality=yes
+RestrictSUIDSGID=yes
+# Not set on purpose: PrivateDevices, PrivateTmp, ProtectHome, ProtectKernelTunables,
+# ProtectClock. Programs use the camera, GPIO and I2C devices, /sys, the X display's
+# socket in /tmp and their user's home directory.
+"""
+
+
+def server_command() -> list[str]:
+    """This installation's server: the interpreter running now, so a venv stays a venv."""
+    return [os.path.abspath(sys.executable), "-m", "further_link", "serve"]
+
+
+def quote_exec_word(word: str) -> str:
+    """One ExecStart= argument, safe from systemd's ``%`` specifiers and ``$`` expansion."""
+    escaped = word.replace("%", "%%").replace("$", "$$")
+    if escaped and not any(c in escaped for c in " \t\"'\\;"):
+        return escaped
+    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def quote_assignment(name: str, value: str) -> str:
+    """``"NAME=value"`` for Environment=, quoted so spaces and quotes survive."""
+    text = f"{name}={value}".replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def render_unit(command: Sequence[str], environment: Mapping[str, str]) -> str:
+    exec_start = " ".join(quote_exec_word(word) for word in command)
+    env_lines = "".join(
+        f"Environment={quote_assignment(name, value)}\n" for name, value in environment.items()
+    )
+    hardening = HARDENING.format(capabilities=" ".join(CAPABILITIES))
+    return (
+        "# Written by `further-link install-service`; "
+        "`further-link install-service --uninstall` removes it.\n"
+        f"# More FURTHER_LINK_* settings (see the README) can go in {DEFAULTS_FILE}.\n"
+        "[Unit]\n"
+        "Description=further-link: run learners' Python programs from a browser\n"
+        "Wants=network-online.target\n"
+        "After=network-online.target\n"
+        "\n"
+        "[Service]\n"
+        "Type=simple\n"
+        f"ExecStart={exec_start}\n"
+        f"{env_lines}"
+        f"EnvironmentFile=-{DEFAULTS_FILE}\n"
+        "Restart=on-failure\n"
+        "RestartSec=2\n"
+        "# SIGTERM goes to the server alone: it ends every run's processes itself;\n"
+        "# whatever is left after TimeoutStopSec is killed.\n"
+        "KillMode=mixed\n"
+        "TimeoutStopSec=20\n"
+        "StandardOutput=journal\n"
+        "StandardError=journal\n"
+        f"SyslogIdentifier={SERVICE}\n"
+        f"{hardening}"
+        "\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+
+
+def environment_from(args: argparse.Namespace) -> dict[str, str]:
+    """The FURTHER_LINK_* settings the given flags ask for."""
+    environment: dict[str, str] = {}
+    if args.user:
+        environment["FURTHER_LINK_USER"] = args.user
+    if args.host:
+        environment["FURTHER_LINK_HOST"] = args.host
+    if args.port is not None:
+        environment["FURTHER_LINK_PORT"] = str(args.port)
+    if args.work_dir:
+        environment["FURTHER_LINK_WORK_DIR"] = os.path.abspath(os.path.expanduser(args.work_dir))
+    if args.no_ssl:
+        environment["FURTHER_LINK_NOSSL"] = "1"
+    return environment
+
+
+def systemd_is_running() -> bool:
+    """As sd_booted(3) decides it, and with systemctl there to talk to it."""
+    return shutil.which("systemctl") is not None and Path("/run/systemd/system").is_dir()
+
+
+def systemctl(*arguments: str) -> None:
+    try:
+        result = subprocess.run(
+            ["systemctl", *arguments], capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ServiceError(f"systemctl {' '.join(arguments)} failed: {exc}") from None
+    if result.returncode != 0:
+        detail = result.stderr.strip() or f"exit code {result.returncode}"
+        raise ServiceError(f"systemctl {' '.join(arguments)} failed: {detail}")
+
+
+class ServiceInstaller:
+    """Writes or removes the unit under ``root`` and, on a live system, tells systemd."""
+
+    def __init__(
+        self,
+        root: Path | None,
+        say: Callable[[str], None],
+        euid: int | None = None,
+        manage: bool | None = None,
+    ) -> None:
+        euid = os.geteuid() if euid is None else euid
+        if root is None and euid != 0:
+            raise ServiceError(
+                f"install-service must run as root: it writes /{UNIT_PATH} and the server "
+                "must be root to run programs as the program user; run it with sudo "
+                "(or give --root DIR to write the unit under DIR)"
+            )
+        self.unit_path = (root or Path("/")) / UNIT_PATH
+        self._say = say
+        self._root = root
+        self._manage = root is None and (systemd_is_running() if manage is None else manage)
+
+    def install(self, unit: str) -> None:
+        existed = self.unit_path.exists()
+        self.unit_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.unit_path.with_name(self.unit_path.name + ".partial")
+        partial.write_text(unit, encoding="utf-8")
+        partial.chmod(0o644)
+        os.replace(partial, self.unit_path)
+        self._say(f"{'updated' if existed else 'wrote'} {self.unit_path}")
+        if not self._manage:
+            self._explain_skip(f"systemctl daemon-reload && systemctl enable --now {SERVICE}")
+            return
+        systemctl("daemon-reload")
+        systemctl("enable", "--now", SERVICE)
+        if existed:
+            systemctl("restart", SERVICE)
+        self._say(
+            f"{SERVICE} is enabled and {'restarted' if existed else 'running'}; it starts at "
+            f"every boot. Its log, with the pairing code: journalctl -u {SERVICE} -f"
+        )
+
+    def uninstall(self) -> None:
+        if not self.unit_path.exists():
+            self._say(f"not installed: there is no {self.unit_path}")
+            return
+        if self._manage:
+            systemctl("disable", "--now", SERVICE)
+        self.unit_path.unlink()
+        self._say(f"removed {self.unit_path}")
+        if self._manage:
+            systemctl("daemon-reload")
+            self._say(f"{SERVICE} is stopped and no longer starts at boot")
+        else:
+            self._explain_skip(f"systemctl disable --now {SERVICE}; systemctl daemon-reload")
+
+    def _explain_skip(self, commands: str) -> None:
+        why = "--root was given" if self._root is not None else "systemd is not running here"
+        self._say(f"{why}, so systemctl was not run; on the target system run: {commands}")
+
+
+def add_service_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``install-service`` with the ``further-link`` command."""
+    parser = commands.add_parser(
+        "install-service",
+        help="start the server at boot (systemd; run as root)",
+        description=f"Write /{UNIT_PATH}, which starts this further-link at boot, "
+        "then enable and start it. Settings given here become Environment= lines; "
+        f"others can go in {DEFAULTS_FILE}.",
+    )
+    parser.add_argument("--uninstall", action="store_true", help="stop, disable and remove it")
+    parser.add_argument(
+        "--root", metavar="DIR", help="write the unit under DIR and leave systemd alone"
+    )
+    parser.add_argument("--user", help="account programs run as (default pi)")
+    parser.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port (default 8028)")
+    parser.add_argument("--work-dir", help="where uploads go (default ~USER/further)")
+    parser.add_argument("--no-ssl", action="store_true", help="serve plain HTTP")
+    parser.set_defaults(handler=_install_service_command)
+
+
+def _install_service_command(args: argparse.Namespace) -> int:
+    def say(message: str) -> None:
+        print(f"further-link: {message}", flush=True)
+
+    try:
+        installer = ServiceInstaller(Path(args.root).absolute() if args.root else None, say)
+        if args.uninstall:
+            installer.uninstall()
+            return 0
+        try:
+            resolve_run_as(args.user, euid=0)
+        except ConfigError as exc:
+            raise ServiceError(f"{exc.message} (give --user ACCOUNT)") from None
+        installer.install(render_unit(server_command(), environment_from(args)))
+    except ServiceError as exc:
+        print(f"further-link: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
