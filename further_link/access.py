@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable
+from typing import Callable
 
 from aiohttp import web
 
@@ -83,17 +85,22 @@ def cors_headers(request: web.Request) -> dict[str, str]:
     }
 
 
-async def pair_preflight(request: web.Request) -> web.Response:
-    check_origin(request)
-    headers = cors_headers(request)
-    headers.update(
-        {
-            "Access-Control-Allow-Methods": "POST, DELETE",
-            "Access-Control-Allow-Headers": "Content-Type",
-            "Access-Control-Max-Age": "600",
-        }
-    )
-    return web.Response(status=204, headers=headers)
+def preflight(methods: str, headers: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A CORS preflight handler: allowed origins may send ``methods`` with ``headers``."""
+
+    async def answer(request: web.Request) -> web.Response:
+        check_origin(request)
+        allowed = cors_headers(request)
+        allowed.update(
+            {
+                "Access-Control-Allow-Methods": methods,
+                "Access-Control-Allow-Headers": headers,
+                "Access-Control-Max-Age": "600",
+            }
+        )
+        return web.Response(status=204, headers=allowed)
+
+    return answer
 
 
 async def pair(request: web.Request) -> web.Response:
@@ -158,7 +165,7 @@ def setup_access(app: web.Application, config: Config, tokens: TokenStore) -> No
     app[LIMITER] = PairingLimiter()
     app.router.add_post("/pair", pair)
     app.router.add_delete("/pair", unpair)
-    app.router.add_route("OPTIONS", "/pair", pair_preflight)
+    app.router.add_route("OPTIONS", "/pair", preflight("POST, DELETE", "Content-Type"))
 
 
 __all__ = ["check_origin", "check_token", "normalise_origin", "setup_access"]

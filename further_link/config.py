@@ -105,7 +105,7 @@ def resolve_run_as(requested: str | None, euid: int | None = None) -> RunAs:
                 f"(the server runs as {me.pw_name!r})"
             )
         return RunAs(me.pw_name, me.pw_uid, me.pw_gid, Path(me.pw_dir), switch=False)
-    name = requested or (DEFAULT_USER if _user_exists(DEFAULT_USER) else None)
+    name = requested or (DEFAULT_USER if user_exists(DEFAULT_USER) else None)
     if name is None:
         raise ConfigError(
             "further-link was started as root, but programs never run as root and there is no "
@@ -120,7 +120,7 @@ def resolve_run_as(requested: str | None, euid: int | None = None) -> RunAs:
     return RunAs(name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir), switch=True)
 
 
-def _user_exists(name: str) -> bool:
+def user_exists(name: str) -> bool:
     try:
         pwd.getpwnam(name)
     except KeyError:

@@ -23,7 +23,7 @@ import psutil
 from aiohttp import web
 
 from . import __version__
-from .access import check_origin, check_token, cors_headers
+from .access import check_origin, check_token, cors_headers, preflight
 from .config import Config
 
 log = logging.getLogger(__name__)
@@ -214,21 +214,8 @@ async def device(request: web.Request) -> web.Response:
     return web.json_response(status, headers={**headers, "Cache-Control": "no-store"})
 
 
-async def device_preflight(request: web.Request) -> web.Response:
-    check_origin(request)
-    headers = cors_headers(request)
-    headers.update(
-        {
-            "Access-Control-Allow-Methods": "GET",
-            "Access-Control-Allow-Headers": "Authorization",
-            "Access-Control-Max-Age": "600",
-        }
-    )
-    return web.Response(status=204, headers=headers)
-
-
 def setup_device(app: web.Application, config: Config) -> None:
     """Serve ``GET /device`` (paired clients only) and its CORS preflight."""
     app[DEVICE_STATUS] = DeviceStatus(config)
     app.router.add_get("/device", device)
-    app.router.add_route("OPTIONS", "/device", device_preflight)
+    app.router.add_route("OPTIONS", "/device", preflight("GET", "Authorization"))

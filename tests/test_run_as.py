@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from further_link.config import resolve_run_as
+from further_link.config import resolve_run_as, user_exists
 from further_link.errors import ConfigError
 
 from conftest import AS_ROOT, Client, RunningServer
 
 
 def test_root_without_pi_or_configured_user_refuses_to_start() -> None:
-    if _user_exists("pi"):
+    if user_exists("pi"):
         pytest.skip("this machine has a 'pi' user, which root would pick")  # pragma: no cover
     with pytest.raises(ConfigError, match="programs never run as root"):
         resolve_run_as(None, euid=0)
@@ -93,11 +93,3 @@ async def test_program_cannot_write_the_servers_files(client: Client, sandbox: P
     result = await client.run({"sourceScript": f"open({str(planted)!r}, 'w')"})
     assert "PermissionError" in result.stderr
     assert not planted.exists()
-
-
-def _user_exists(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
