@@ -132,7 +132,7 @@ class InputReader:
         threading.Thread(target=self._read, name="further-link-stdin", daemon=True).start()
 
     async def next_line(self) -> str | None:
-        """The next line (with its newline, except at the end), or ``None`` at end of input."""
+        """The next line (with its newline, except a last one), or ``None`` at end of input."""
         return await self._lines.get()
 
     def _read(self) -> None:
@@ -151,10 +151,8 @@ class InputReader:
                 lines.append(pending)  # a very long line goes in pieces
                 pending = ""
             if not chunk:
-                # /run-py cannot close the program's stdin, so a last line without
-                # its newline would leave input() waiting for ever; end it instead.
-                lines += [pending + "\n"] if pending else []
-                lines.append(None)
+                lines += [pending] if pending else []
+                lines.append(None)  # end of input: the program's stdin is closed too
             for line in lines:
                 if not self._hand_over(line):
                     return
@@ -476,6 +474,7 @@ class RunSession:
         while True:
             line = await reader.next_line()
             if line is None:
+                await self._send({"type": "stdin", "data": {"input": "", "eof": True}})
                 return
             await self._send({"type": "stdin", "data": {"input": line}})
 

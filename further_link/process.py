@@ -234,6 +234,7 @@ class Program:
         self._stdin_buffer = bytearray()
         self._stdin_wakeup = asyncio.Event()
         self._stdin_closed = False
+        self._stdin_eof = False
         self._drain_deadline: float | None = None
         self._exit_code: int | None = None
 
@@ -272,6 +273,8 @@ class Program:
 
     def write_stdin(self, text: str) -> None:
         """Queue input for the program; raises if it can no longer take any."""
+        if self._stdin_eof:
+            raise StdinError("the program's input was already ended (eof)")
         if self._stdin_closed or self.exited:
             raise StdinError("the program has finished reading input (its stdin is closed)")
         if len(self._stdin_buffer) > STDIN_BACKLOG_LIMIT:
@@ -281,6 +284,11 @@ class Program:
         self._stdin_buffer += text.encode("utf-8")
         self._stdin_wakeup.set()
 
+    def close_stdin(self) -> None:
+        """End the program's input once what is queued has been written."""
+        self._stdin_eof = True
+        self._stdin_wakeup.set()
+
     async def _feed_stdin(self) -> None:
         assert self._process is not None and self._process.stdin is not None
         writer = self._process.stdin
@@ -288,12 +296,14 @@ class Program:
             while True:
                 await self._stdin_wakeup.wait()
                 self._stdin_wakeup.clear()
-                if not self._stdin_buffer:
-                    continue
-                data = bytes(self._stdin_buffer)
-                self._stdin_buffer.clear()
-                writer.write(data)
-                await writer.drain()
+                if self._stdin_buffer:
+                    data = bytes(self._stdin_buffer)
+                    self._stdin_buffer.clear()
+                    writer.write(data)
+                    await writer.drain()
+                if self._stdin_eof and not self._stdin_buffer:
+                    log.debug("closing the program's stdin (eof)")
+                    return
         except (BrokenPipeError, ConnectionResetError):
             log.debug("program closed its stdin")
         finally:

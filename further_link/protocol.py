@@ -36,7 +36,10 @@ class StopCommand:
 
 @dataclass(frozen=True)
 class StdinCommand:
+    """Text for the program's stdin; ``eof`` then closes it, as Ctrl-D would."""
+
     input: str
+    eof: bool = False
 
 
 @dataclass(frozen=True)
@@ -185,8 +188,12 @@ def parse_command(text: str) -> Command:
     if kind == "stop":
         return StopCommand()
     if kind == "stdin":
-        text_in = _required_str(data, "input", "stdin")
-        return StdinCommand(input=text_in)
+        eof = data.get("eof", False)
+        if not isinstance(eof, bool):
+            raise ProtocolError(f"stdin: data.eof must be true or false, not {_kind_of(eof)}")
+        if eof and data.get("input") is None:
+            return StdinCommand(input="", eof=True)
+        return StdinCommand(input=_required_str(data, "input", "stdin"), eof=eof)
     if kind == "upload":
         return _parse_upload(data)
     if kind == "ping":

@@ -202,6 +202,8 @@ class Session:
         if self._run is None:
             raise SessionStateError("no program is running to read this input")
         self._run.program.write_stdin(command.input)
+        if command.eof:
+            self._run.program.close_stdin()
 
     # ------------------------------------------------------------ upload
 

@@ -133,6 +133,12 @@ async def test_piped_stdin_is_forwarded_line_by_line(
         "run", script, *device_args(server), env=client_env, stdin=b"Ada\nByron"
     )
     assert (result.code, result.stdout) == (0, "first? [Ada|Byron]\n")
+    # The end of the piped input ends the program's input too.
+    reader = program(sandbox, "import sys\nprint(sorted(sys.stdin.read().split()))")
+    result = await further_link(
+        "run", reader, *device_args(server), env=client_env, stdin=b"b\nc\na"
+    )
+    assert (result.code, result.stdout) == (0, "['a', 'b', 'c']\n")
 
 
 async def test_input_from_a_terminal_is_forwarded_and_the_terminal_left_as_it_was(

@@ -56,6 +56,13 @@ def test_stdin_keeps_text_exactly() -> None:
     assert parse({"type": "stdin", "data": {"input": "héllo €\n"}}) == StdinCommand("héllo €\n")
 
 
+def test_stdin_eof_with_or_without_input() -> None:
+    assert parse({"type": "stdin", "data": {"eof": True}}) == StdinCommand("", eof=True)
+    assert parse({"type": "stdin", "data": {"input": "x", "eof": True}}) == StdinCommand("x", True)
+    with pytest.raises(ProtocolError, match=r"data\.eof must be true or false, not a string"):
+        parse({"type": "stdin", "data": {"input": "x", "eof": "yes"}})
+
+
 def test_upload_with_text_and_url_files() -> None:
     command = parse(
         {

@@ -278,3 +278,16 @@ async def test_works_over_tls(
     assert result.stdout == "secret hi\n"
     key = secure.config.config_dir / "key.pem"
     assert os.stat(key).st_mode & 0o777 == 0o600
+
+
+async def test_stdin_eof_ends_the_programs_input(client: Client) -> None:
+    script = "import sys\ndata = sys.stdin.read()\nprint(repr(data))\nprint(repr(sys.stdin.read()))"
+    await client.send("start", {"sourceScript": script})
+    await client.receive_type("started")
+    await client.send("stdin", {"input": "first\nsecond"})
+    await client.send("stdin", {"input": " line", "eof": True})
+    await client.send("stdin", {"input": "too late\n"})
+    result = await client.collect()
+    assert result.stdout == "'first\\nsecond line'\n''\n"
+    assert result.errors == ["the program's input was already ended (eof)"]
+    assert result.exit_code == 0
