@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SOURCES := $(wildcard further_link tests benchmarks examples)
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 
 # As root (as in CI) the tests run programs as `nobody` with Debian's python3,
 # which then needs numpy and Pillow from Debian; tests/test_webpage.py drives
@@ -26,7 +27,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $@
 
-run: $(STAMP)
+# Running needs only the package itself, not the test and lint tools.
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	@touch $@
+
+run: $(RUN_STAMP)
 	$(BIN)/further-link $(ARGS)
 
 lint: $(STAMP)

@@ -28,6 +28,8 @@ from .tls import server_ssl_context
 
 log = logging.getLogger(__name__)
 
+PAIRING_CODE_CHECK_INTERVAL = 2.0
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -176,8 +178,15 @@ def _warn_about_open_doors(config: Config) -> None:
 
 
 async def _announce_pairing_codes(tokens: TokenStore) -> None:
-    """Log the pairing code now and each time it changes, for the device's screen."""
+    """Log the pairing code now and whenever it changes (new window or rotated token)."""
+    shown = ""
     while True:
-        code = pairing_code(tokens.current())
-        log.info("pairing code: %s (valid for %d s)", code.code, code.seconds_left())
-        await asyncio.sleep(code.seconds_left() + 1)
+        try:
+            code = pairing_code(tokens.current())
+        except OSError as exc:
+            log.warning("cannot read the device token: %s", exc)
+        else:
+            if code.code != shown:
+                shown = code.code
+                log.info("pairing code: %s (valid for %d s)", code.code, code.seconds_left())
+        await asyncio.sleep(PAIRING_CODE_CHECK_INTERVAL)

@@ -191,4 +191,9 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
         origins=origins,
         program_env=env,
     )
-    return config.with_overrides(**overrides)
+    config = config.with_overrides(**overrides)
+    if not 0 <= config.port <= 65535:
+        raise ConfigError(f"port {config.port} is not a port number (0 to 65535)")
+    if any(ch in config.host for ch in "\r\n\0 "):
+        raise ConfigError(f"host {config.host!r} is not an address")
+    return config

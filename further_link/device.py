@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import psutil
 from aiohttp import web
 
-from . import __version__
+from . import __version__, proctree
 from .access import check_origin, check_token, cors_headers, preflight
 from .config import Config
 
@@ -179,6 +179,7 @@ class DeviceStatus:
         except OSError as exc:
             log.warning("cannot run %s to learn its version: %s", self._config.python, exc)
             return None
+        proctree.MANAGED_CHILDREN.add(process.pid)  # asyncio waits for it, not the reaper
         try:
             out, _ = await asyncio.wait_for(process.communicate(), PYTHON_VERSION_TIMEOUT)
         except asyncio.TimeoutError:

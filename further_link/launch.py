@@ -56,7 +56,8 @@ def resolve_source_path(config: Config, raw: str) -> Path:
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise StartError(f"sourcePath {raw!r} does not exist") from None
+        where = "" if Path(raw).is_absolute() else f" (looked for {str(path)!r} in the work dir)"
+        raise StartError(f"sourcePath {raw!r} does not exist{where}") from None
     except OSError as exc:
         raise StartError(f"sourcePath {raw!r} cannot be read: {exc.strerror}") from None
     if not stat.S_ISREG(info.st_mode):

@@ -118,6 +118,7 @@ async def spawn(
     finally:
         os.close(out_w)
         os.close(err_w)
+    proctree.MANAGED_CHILDREN.add(process.pid)
     return LaunchedProcess(process, out_r, err_r, tag)
 
 
@@ -346,7 +347,7 @@ class Program:
         signalled = await loop.run_in_executor(None, self._tree.signal, signal.SIGTERM)
         if signalled and not await self._wait_until_gone(self._kill_grace):
             await self._kill_survivors()
-        await loop.run_in_executor(None, self._tree.reap_orphans)
+        self._tree.reap_orphans()  # on the loop: never races a spawn registering its pid
 
     async def _wait_until_gone(self, timeout: float) -> bool:
         assert self._tree is not None
@@ -397,6 +398,8 @@ class Program:
         assert self._tree is not None
         if self._ending is not None or self._tree.has_leftovers():
             await self._end_tree()
+        else:
+            self._tree.reap_orphans()  # children that died before anything saw them
         self._drain_deadline = asyncio.get_running_loop().time() + PIPE_DRAIN_TIMEOUT
         await asyncio.gather(*self._pump_tasks)
         await self._close()

@@ -32,6 +32,36 @@ RUN_TAG_VAR = "FURTHER_LINK_RUN_ID"
 PR_SET_CHILD_SUBREAPER = 36  # from <linux/prctl.h>
 
 
+class ManagedChildren:
+    """Pids of the server's children that an asyncio child watcher waits for.
+
+    Every other zombie child of the server is an adopted orphan of some run
+    (the server is a subreaper) and is reaped here; these never are, or
+    asyncio would lose their exit codes. Process-wide by nature, like the
+    subreaper flag itself.
+    """
+
+    def __init__(self) -> None:
+        self._pids: set[int] = set()
+        self._lock = threading.Lock()
+
+    def add(self, pid: int) -> None:
+        with self._lock:
+            self._pids.add(pid)
+
+    def __contains__(self, pid: object) -> bool:
+        with self._lock:
+            return pid in self._pids
+
+    def prune(self, children: set[int]) -> None:
+        """Forget pids asyncio has already reaped (no longer our children)."""
+        with self._lock:
+            self._pids &= children
+
+
+MANAGED_CHILDREN = ManagedChildren()
+
+
 def become_subreaper() -> bool:
     """Make orphaned descendants of this process its children, not init's.
 
@@ -223,14 +253,18 @@ class RunTree:
         be reaped later, when their environment can no longer be read.
         """
         reaped = 0
-        for pid in server_children():
+        children = server_children()
+        MANAGED_CHILDREN.prune(children)
+        for pid in children:
             info = read_proc_info(pid)
             if info is None or info.ppid != self._me or info.pid == self.root_pid:
                 continue
             if not info.zombie:
                 if _has_tag(info.pid, self._tag_entry):
                     self._remember([info])
-            elif self._owns_zombie(info) and _reap(info.pid):
+            elif (self._owns_zombie(info) or info.pid not in MANAGED_CHILDREN) and _reap(info.pid):
+                # Zombies of any run are reaped: one that died before it could
+                # be seen (a setsid child exiting at once) belongs to no one else.
                 reaped += 1
         if reaped:
             log.debug("reaped %d orphan(s) of pid=%d", reaped, self.root_pid)

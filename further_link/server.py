@@ -17,7 +17,7 @@ import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import __version__, proctree
-from .access import check_origin, check_token, setup_access
+from .access import TOKENS, check_origin, check_token, setup_access
 from .auth import TokenStore
 from .config import Config
 from .device import setup_device
@@ -119,9 +119,13 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         library_dir=library_dir,
         pool=pool,
     )
+    watcher = asyncio.ensure_future(_watch_token(app)) if config.auth else None
     try:
         yield
     finally:
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
         if pool is not None:
             await pool.close()
         await http.close()
@@ -144,6 +148,35 @@ def _prepare_work_dir(config: Config) -> None:
     run_as = config.run_as
     if created and run_as is not None and run_as.switch:
         os.chown(config.work_dir, run_as.uid, run_as.gid)
+
+
+TOKEN_CHECK_INTERVAL = 2.0
+TOKEN_ROTATED = 4001  # application close code: the client must pair again
+
+
+async def _watch_token(app: web.Application) -> None:
+    """After `further-link token --rotate`, connections opened with the old token end."""
+    tokens = app[TOKENS]
+    known = tokens.current()
+    while True:
+        await asyncio.sleep(TOKEN_CHECK_INTERVAL)
+        try:
+            current = tokens.current()
+        except OSError as exc:
+            log.warning("cannot read the device token: %s", exc)
+            continue
+        if current == known:
+            continue
+        known = current
+        connections = list(app[CONNECTIONS].items())
+        log.info("the device token was replaced: closing %d connection(s)", len(connections))
+        await asyncio.gather(*(session.close() for session, _ in connections))
+        await asyncio.gather(
+            *(
+                ws.close(code=TOKEN_ROTATED, message=b"the device token was replaced; pair again")
+                for _, ws in connections
+            )
+        )
 
 
 async def _close_connections(app: web.Application) -> None:

@@ -126,6 +126,11 @@ def environment_from(args: argparse.Namespace) -> dict[str, str]:
         environment["FURTHER_LINK_WORK_DIR"] = os.path.abspath(os.path.expanduser(args.work_dir))
     if args.no_ssl:
         environment["FURTHER_LINK_NOSSL"] = "1"
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise ServiceError(f"--port {args.port} is not a port number (0 to 65535)")
+    for name, value in environment.items():
+        if any(ch in value for ch in "\r\n\0") or value != value.strip():
+            raise ServiceError(f"{name}={value!r} cannot go in a systemd unit")
     return environment
 
 

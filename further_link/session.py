@@ -130,6 +130,8 @@ class Session:
     async def _start(self, command: StartCommand) -> None:
         if self._closed:
             raise SessionStateError("the connection is closing; no program can start")
+        if self.state is State.STOPPING:
+            raise SessionStateError("the program is still stopping; start again after 'stopped'")
         if self.state is not State.IDLE:
             raise SessionStateError("a program is already running; send stop first")
         run_as = self._config.run_as

@@ -188,7 +188,7 @@ async def materialise_upload(
             with contextlib.suppress(OSError):
                 directory.rmdir()
         raise
-    log.info("uploaded %d file(s) into %s", len(command.files), target)
+    log.info("uploaded %d file(s) into %r", len(command.files), target)
     return target
 
 

@@ -29,7 +29,12 @@ def _further_link_warm_start() -> None:
     fields = [os.fsdecode(field) for field in b"".join(chunks).split(b"\0")]
     cwd, script, count = fields[0], fields[1], int(fields[2])
     arguments = fields[3 : 3 + count]
-    os.chdir(cwd)
+    try:
+        os.chdir(cwd)
+    except OSError as error:  # as a fresh interpreter that cannot reach its script says it
+        message = f"can't open file {script!r}: [Errno {error.errno}] {error.strerror}"
+        print(f"{sys.executable}: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
     os.environ.clear()
     for entry in fields[3 + count :]:
         key, _, value = entry.partition("=")

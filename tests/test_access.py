@@ -292,7 +292,14 @@ async def test_rotating_the_token_locks_out_the_old_one(
     server: RunningServer, http: aiohttp.ClientSession
 ) -> None:
     old = server.token
+    connected = await http.ws_connect(server.ws_url())
+    await connected.send_json({"type": "start", "data": {"sourceScript": "input()"}})
+    assert (await connected.receive_json(timeout=30))["type"] == "started"
     new = TokenStore(server.config.config_dir).rotate()
+    # The connection made with the old token is closed, and its program ended.
+    closed = await connected.receive(timeout=30)
+    assert (closed.type, closed.data) == (aiohttp.WSMsgType.CLOSE, 4001)
+    assert closed.extra == "the device token was replaced; pair again"
     base = server.ws_url(token=False)
     assert await handshake_status(http, f"{base}?token={old}") == 401
     assert await handshake_status(http, f"{base}?token={new}") == 101

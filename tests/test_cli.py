@@ -174,6 +174,13 @@ def test_flags_override_env() -> None:
     assert config.port == 9100
 
 
+def test_config_rejects_bad_ports_and_hosts() -> None:
+    with pytest.raises(ConfigError, match="port 99999 is not a port number"):
+        load_config(environ=dict(PROGRAM_SETTINGS), port=99999)
+    with pytest.raises(ConfigError, match="is not an address"):
+        load_config(environ=dict(PROGRAM_SETTINGS), host="a\nExecStartPre=/bin/evil")
+
+
 def test_config_rejects_half_a_certificate() -> None:
     with pytest.raises(ConfigError, match="both a certificate and a key"):
         load_config(environ={"FURTHER_LINK_CERT": "/x.pem", **PROGRAM_SETTINGS})

@@ -479,6 +479,8 @@ def test_reaping_orphans_leaves_other_children_of_the_server_alone() -> None:
     other_program = subprocess.Popen(["sleep", "0"], start_new_session=True)
     helper = subprocess.Popen(["sleep", "0"])
     children = [program, other_program, helper]
+    for child in children:  # as spawn() and the /device probe register theirs
+        proctree.MANAGED_CHILDREN.add(child.pid)
     for _ in range(int(TIMEOUT / 0.01)):
         infos = [proctree.read_proc_info(child.pid) for child in children]
         if all(info is not None and info.zombie for info in infos):
@@ -487,6 +489,33 @@ def test_reaping_orphans_leaves_other_children_of_the_server_alone() -> None:
     tree = proctree.RunTree(program.pid, "a-tag")
     assert tree.reap_orphans() == 0
     assert [child.wait(timeout=TIMEOUT) for child in children] == [0, 0, 0]
+
+
+async def test_setsid_children_exiting_at_once_leave_no_zombies(client: Client) -> None:
+    """They die before any scan can see them alive; still they must be reaped."""
+    script = (
+        "import os, subprocess, time\n"
+        "for i in range(100):\n"
+        "    if os.fork() == 0:\n"
+        "        os.setsid()\n"
+        "        os._exit(0)\n"
+        "for i in range(5):\n"
+        "    subprocess.Popen(['true'], start_new_session=True)\n"
+        "time.sleep(0.5)\n"
+    )
+    result = await client.run({"sourceScript": script})
+    assert result.exit_code == 0, result.stderr
+    zombies: list[int] = []
+    for _ in range(int(TIMEOUT / 0.1)):
+        zombies = [
+            pid
+            for pid in proctree.server_children()
+            if (info := proctree.read_proc_info(pid)) is not None and info.zombie
+        ]
+        if not zombies:
+            break
+        await asyncio.sleep(0.1)
+    assert zombies == []
 
 
 def test_sigterm_to_a_tree_that_is_gone_signals_nobody() -> None:

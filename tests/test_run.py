@@ -163,13 +163,34 @@ async def test_source_path_absolute(client: Client, shared: Path) -> None:
     assert result.stdout == f"{script}\n"
 
 
-async def test_missing_source_path_is_an_error(client: Client) -> None:
+async def test_missing_source_path_is_an_error(client: Client, server: RunningServer) -> None:
     await client.send("start", {"sourcePath": "nope/missing.py"})
     message = await client.receive()
+    looked = server.config.work_dir / "nope" / "missing.py"
     assert message == {
         "type": "error",
-        "data": {"message": "sourcePath 'nope/missing.py' does not exist"},
+        "data": {
+            "message": f"sourcePath 'nope/missing.py' does not exist "
+            f"(looked for {str(looked)!r} in the work dir)"
+        },
     }
+
+
+async def test_start_while_stopping_says_to_wait(client: Client, shared: Path) -> None:
+    script = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('up')\n"
+        "time.sleep(60)"
+    )
+    await client.send("start", {"sourceScript": script})
+    await client.receive_type("started")
+    await client.read_output("up\n")
+    await client.send("stop")
+    await client.send("start", {"sourceScript": "print(1)"})
+    error = await client.receive_type("error")
+    assert error["data"]["message"] == "the program is still stopping; start again after 'stopped'"
+    assert (await client.receive_type("stopped"))["data"]["exitCode"] == -9
 
 
 async def test_script_runs_in_tmp_without_directory(client: Client) -> None:
