@@ -282,6 +282,23 @@ async def test_stop_ends_a_flooding_program_and_the_console_stays_bounded(
     )
 
 
+async def test_console_follows_wrapped_output_to_the_exit_line_on_a_phone(
+    new_page: Callable[..., Awaitable[Any]], server: RunningServer
+) -> None:
+    page = await new_page(PHONE)
+    await open_paired(page, server)
+    await run_program(page, "for i in range(300):\n    print('line', i, 'x' * 150)\n")
+    exit_line = page.locator("#console .out-exit")
+    await expect(exit_line).to_contain_text("exited with code 0")
+    # Still following: the end of the output is in view, without any scrolling.
+    await expect(exit_line).to_be_in_viewport()
+    at_bottom = await page.evaluate(
+        "(() => { const c = document.getElementById('console');"
+        " return c.scrollHeight - c.scrollTop - c.clientHeight < 30 })()"
+    )
+    assert at_bottom
+
+
 async def test_camera_frames_show_in_one_image(page: Any, server: RunningServer) -> None:
     await open_paired(page, server)
     await run_program(

@@ -73,10 +73,24 @@ class OutputConsole {
   constructor(element) {
     this.element = element;
     this.stick = true; // follow new output while scrolled to the bottom
+    // Only the person scrolling decides whether to follow: heights of blocks not
+    // yet laid out are estimates, so the page's own scrolls can land short.
+    this.userScrollUntil = 0;
+    const userScrolls = () => {
+      this.userScrollUntil = performance.now() + 400;
+    };
+    for (const kind of ["wheel", "touchstart", "touchmove", "pointerdown", "keydown"]) {
+      element.addEventListener(kind, userScrolls, { passive: true });
+    }
     element.addEventListener(
       "scroll",
       () => {
-        this.stick = element.scrollHeight - element.scrollTop - element.clientHeight < 24;
+        const atBottom = element.scrollHeight - element.scrollTop - element.clientHeight < 24;
+        if (performance.now() < this.userScrollUntil) {
+          this.stick = atBottom;
+        } else if (this.stick && !atBottom) {
+          element.scrollTop = element.scrollHeight; // the layout grew under us: follow it
+        }
       },
       { passive: true },
     );
