@@ -201,6 +201,12 @@ class Session:
         self._spawn(self._run.program.stop())
 
     def _stdin(self, command: StdinCommand) -> None:
+        if command.eof and not command.input:
+            # Ending input is idempotent: a client's end of input may cross the
+            # program's own exit, and that is no error.
+            if self._run is not None:
+                self._run.program.close_stdin()
+            return
         if self._run is None:
             raise SessionStateError("no program is running to read this input")
         self._run.program.write_stdin(command.input)

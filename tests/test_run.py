@@ -312,3 +312,12 @@ async def test_stdin_eof_ends_the_programs_input(client: Client) -> None:
     assert result.stdout == "'first\\nsecond line'\n''\n"
     assert result.errors == ["the program's input was already ended (eof)"]
     assert result.exit_code == 0
+
+
+async def test_ending_input_is_never_an_error(client: Client) -> None:
+    await client.send("stdin", {"eof": True})  # nothing runs: nothing to end
+    result = await client.run({"sourceScript": "import sys\nsys.stdin.close()\nprint('done')"})
+    assert result.stdout == "done\n"
+    await client.send("stdin", {"eof": True})
+    await client.send("ping")
+    assert await client.receive() == {"type": "pong", "data": {}}
