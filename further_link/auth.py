@@ -56,6 +56,8 @@ class TokenStore:
     def rotate(self) -> str:
         """Replace the token: every paired client must pair again."""
         token = secrets.token_urlsafe(24)
+        while token.startswith("-"):  # it is typed after --token on command lines
+            token = secrets.token_urlsafe(24)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         partial = self.path.with_name(self.path.name + ".partial")
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

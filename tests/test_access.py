@@ -338,3 +338,8 @@ async def test_unpairing_clears_the_cookie(server: RunningServer) -> None:
         async with browser.delete(server.base_url + "/pair") as response:
             assert response.status == 204
         assert await handshake_status(browser, server.ws_url(token=False)) == 401
+
+
+def test_tokens_never_look_like_a_command_line_option(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path / "cfg")
+    assert not any(store.rotate().startswith("-") for _ in range(300))

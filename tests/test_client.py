@@ -59,7 +59,7 @@ def device_args(server: RunningServer, token: bool = True) -> list[str]:
     args = ["--host", "127.0.0.1", "--port", str(port)]
     if not server.config.ssl:
         args.append("--no-ssl")
-    return [*args, "--token", server.token] if token else args
+    return [*args, f"--token={server.token}"] if token else args
 
 
 def program(sandbox: Path, source: str, name: str = "prog.py") -> str:
@@ -443,7 +443,7 @@ def test_certificate_is_pinned_and_a_changed_one_refused_until_trusted(
     port = first.port
     token = (sandbox / "device" / "token").read_text().strip()
     script = program(sandbox, "print('on the device')")
-    run = ["run", script, "--host", "127.0.0.1", "--port", str(port), "--token", token]
+    run = ["run", script, "--host", "127.0.0.1", "--port", str(port), f"--token={token}"]
 
     result = run_client(*run, env=client_env)
     assert (result.code, result.stdout) == (0, "on the device\n"), result.stderr
