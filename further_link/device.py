@@ -167,19 +167,20 @@ class DeviceStatus:
             self._python_version = platform.python_version()
             return self._python_version
         try:
-            process = await asyncio.create_subprocess_exec(
-                self._config.python,
-                "-I",
-                "-c",
-                "import platform; print(platform.python_version())",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
+            with proctree.MANAGED_CHILDREN.starting():  # asyncio waits for it, not the reaper
+                process = await asyncio.create_subprocess_exec(
+                    self._config.python,
+                    "-I",
+                    "-c",
+                    "import platform; print(platform.python_version())",
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )
+                proctree.MANAGED_CHILDREN.add(process.pid)
         except OSError as exc:
             log.warning("cannot run %s to learn its version: %s", self._config.python, exc)
             return None
-        proctree.MANAGED_CHILDREN.add(process.pid)  # asyncio waits for it, not the reaper
         try:
             out, _ = await asyncio.wait_for(process.communicate(), PYTHON_VERSION_TIMEOUT)
         except asyncio.TimeoutError:

@@ -100,17 +100,20 @@ async def spawn(
             "extra_groups": os.getgrouplist(run_as.name, run_as.gid),
         }
     try:
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=out_w,
-            stderr=err_w,
-            cwd=str(cwd),
-            env=env,
-            start_new_session=True,
-            pass_fds=pass_fds,
-            **extra,  # type: ignore[arg-type]
-        )
+        # Registered before the orphan reaper may look again: asyncio waits for it.
+        with proctree.MANAGED_CHILDREN.starting():
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=out_w,
+                stderr=err_w,
+                cwd=str(cwd),
+                env=env,
+                start_new_session=True,
+                pass_fds=pass_fds,
+                **extra,  # type: ignore[arg-type]
+            )
+            proctree.MANAGED_CHILDREN.add(process.pid)
     except OSError as exc:
         for fd in (out_r, err_r):
             os.close(fd)
@@ -118,7 +121,6 @@ async def spawn(
     finally:
         os.close(out_w)
         os.close(err_w)
-    proctree.MANAGED_CHILDREN.add(process.pid)
     return LaunchedProcess(process, out_r, err_r, tag)
 
 

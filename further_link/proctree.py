@@ -17,13 +17,14 @@ Only ``/proc`` is read; this module knows nothing about asyncio.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,24 @@ class ManagedChildren:
     def __init__(self) -> None:
         self._pids: set[int] = set()
         self._lock = threading.Lock()
+        self._starting = 0
+
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        """Around creating a child: until its pid is added, it is unknown here."""
+        with self._lock:
+            self._starting += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._starting -= 1
+
+    @property
+    def complete(self) -> bool:
+        """False while a child is being created and may not be registered yet."""
+        with self._lock:
+            return self._starting == 0
 
     def add(self, pid: int) -> None:
         with self._lock:
@@ -262,7 +281,10 @@ class RunTree:
             if not info.zombie:
                 if _has_tag(info.pid, self._tag_entry):
                     self._remember([info])
-            elif (self._owns_zombie(info) or info.pid not in MANAGED_CHILDREN) and _reap(info.pid):
+            elif (
+                self._owns_zombie(info)
+                or (MANAGED_CHILDREN.complete and info.pid not in MANAGED_CHILDREN)
+            ) and _reap(info.pid):
                 # Zombies of any run are reaped: one that died before it could
                 # be seen (a setsid child exiting at once) belongs to no one else.
                 reaped += 1
