@@ -29,6 +29,7 @@ def confine_path(base: Path, name: str, what: str, *, nested: bool = True) -> Pa
     segments = _checked_segments(name, what, nested)
     _check_links_to(base, f"{what} {name!r}")
     base_real = os.path.realpath(base)
+    resolved = base_real
     for depth in range(1, len(segments) + 1):
         prefix = "/".join(segments[:depth])
         resolved = os.path.realpath(os.path.join(base_real, prefix))
@@ -43,7 +44,7 @@ def confine_path(base: Path, name: str, what: str, *, nested: bool = True) -> Pa
                 f"{what} {name!r} leads outside {base}: {prefix!r} is a symbolic link "
                 "to somewhere else"
             )
-    return Path(os.path.realpath(os.path.join(base_real, name)))
+    return Path(resolved)  # the whole name, resolved in the last round
 
 
 def _check_links_to(base: Path, what: str) -> None:

@@ -168,27 +168,20 @@ async def _watch_token(app: web.Application) -> None:
         if current == known:
             continue
         known = current
-        connections = list(app[CONNECTIONS].items())
-        log.info("the device token was replaced: closing %d connection(s)", len(connections))
-        await asyncio.gather(*(session.close() for session, _ in connections))
-        await asyncio.gather(
-            *(
-                ws.close(code=TOKEN_ROTATED, message=b"the device token was replaced; pair again")
-                for _, ws in connections
-            )
-        )
+        log.info("the device token was replaced: closing %d connection(s)", len(app[CONNECTIONS]))
+        await _end_connections(app, TOKEN_ROTATED, b"the device token was replaced; pair again")
+
+
+async def _end_connections(app: web.Application, code: int, reason: bytes) -> None:
+    """End every program first, then close every websocket with ``code``."""
+    connections = list(app[CONNECTIONS].items())
+    await asyncio.gather(*(session.close() for session, _ in connections))
+    await asyncio.gather(*(ws.close(code=code, message=reason) for _, ws in connections))
 
 
 async def _close_connections(app: web.Application) -> None:
-    """Server shutdown: end every program first, then say goodbye to clients."""
-    connections = list(app[CONNECTIONS].items())
-    await asyncio.gather(*(session.close() for session, _ in connections))
-    await asyncio.gather(
-        *(
-            ws.close(code=WSCloseCode.GOING_AWAY, message=b"server stopping")
-            for _, ws in connections
-        )
-    )
+    """Server shutdown: end every program, then say goodbye to clients."""
+    await _end_connections(app, WSCloseCode.GOING_AWAY, b"server stopping")
 
 
 def create_app(config: Config, tokens: TokenStore | None = None) -> web.Application:
