@@ -31,10 +31,6 @@ class Outbox:
         self._room.set()
         self._closed = False
 
-    @property
-    def queued_bytes(self) -> int:
-        return self._queued_bytes
-
     def put(self, event: Event) -> None:
         """Queue a control event; never waits."""
         if self._closed:
@@ -90,9 +86,3 @@ class Outbox:
         self._closed = True
         self._room.set()
         self._readable.set()
-
-    def drained(self) -> bool:
-        return not self._events
-
-    def pending(self) -> int | None:
-        return len(self._events)

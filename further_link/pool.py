@@ -51,10 +51,6 @@ class WarmPool:
         self.warm_starts = 0
         self.cold_starts = 0
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
     def start(self) -> None:
         """Begin filling the pool in the background."""
         self._schedule_refill()
