@@ -272,14 +272,23 @@ async def file_server() -> AsyncIterator[FileServer]:
     await runner.cleanup()
 
 
+def write_pid_code(marker: Path) -> str:
+    """Program lines that record the pid in ``marker`` atomically.
+
+    Written under another name and renamed, so a test (or a parent program)
+    polling for ``marker`` never reads a file that exists but is still empty.
+    """
+    partial = f"{marker}.partial-"
+    return (
+        "import os\n"
+        f"open({partial!r} + str(os.getpid()), 'w').write(str(os.getpid()))\n"
+        f"os.replace({partial!r} + str(os.getpid()), {str(marker)!r})\n"
+    )
+
+
 def sleeper_script(marker: Path, seconds: int = 60) -> str:
     """A program that records its pid in ``marker``, prints 'up' and sleeps."""
-    return (
-        "import os, time\n"
-        f"open({str(marker)!r}, 'w').write(str(os.getpid()))\n"
-        "print('up')\n"
-        f"time.sleep({seconds})\n"
-    )
+    return write_pid_code(marker) + f"import time\nprint('up')\ntime.sleep({seconds})\n"
 
 
 def alive(pid: int) -> bool:

@@ -29,7 +29,14 @@ from further_link.client import Device, Project, describe_refusal, exit_status, 
 from further_link.errors import ClientError
 from further_link.hosts import HostStore, certificate_fingerprint
 
-from conftest import PROGRAM_SETTINGS, TIMEOUT, RunningServer, alive, sleeper_script
+from conftest import (
+    PROGRAM_SETTINGS,
+    TIMEOUT,
+    RunningServer,
+    alive,
+    sleeper_script,
+    write_pid_code,
+)
 
 StartServer = Callable[..., Awaitable[RunningServer]]
 EXIT_FAILED = 255
@@ -204,7 +211,7 @@ async def test_a_closed_output_pipe_stops_the_program(
     marker = shared / "pid"
     script = program(
         sandbox,
-        f"import os, time\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\n"
+        f"import time\n{write_pid_code(marker)}"
         "for i in range(100000):\n    print('line', i)\n    time.sleep(0.01)\n",
     )
     command = " ".join(

@@ -21,7 +21,7 @@ from test_cli import ServerProcess
 from further_link.errors import ServiceError
 from further_link.service import ServiceInstaller, quote_exec_word, render_unit
 
-from conftest import AS_ROOT, PROGRAM_SETTINGS, TIMEOUT, alive
+from conftest import AS_ROOT, PROGRAM_SETTINGS, TIMEOUT, alive, write_pid_code
 
 UNIT = Path("etc/systemd/system/further-link.service")
 WORK_DIR = "/srv/further work/100% fun"
@@ -187,7 +187,7 @@ async def test_hardened_server_still_runs_programs_as_the_program_user(
         "import os, time\n"
         "if os.fork(): os._exit(0)\n"
         "os.setsid()\n"
-        f"open({str(marker)!r}, 'w').write(str(os.getpid()))\n"
+        f"{write_pid_code(marker)}"
         "time.sleep(120)\n"
     )
     script = textwrap.dedent(
