@@ -69,6 +69,7 @@ class WarmPool:
                 self._schedule_refill()
                 if self._hand_over(launched, channel, spec):
                     self.warm_starts += 1
+                    log.debug("started a program warm (pid %d)", launched.process.pid)
                     return launched
         self.cold_starts += 1
         return await cold_launch(spec)

@@ -722,10 +722,10 @@ async def test_work_dir_replaced_by_a_program_made_link_is_not_followed(
     client: Client, server: RunningServer, file_server: FileServer, outside: Path
 ) -> None:
     """The program's account owns the work dir, so it can swap the work dir itself for a link
-    (simulated here); the server, running as root, must not follow it."""
+    (simulated here); the server must not follow it, even into what its own account may write."""
     work = server.config.work_dir
     run_as = server.config.run_as
-    assert run_as is not None and run_as.switch
+    assert run_as is not None and run_as.drop
     work.rename(work.with_name("work-moved"))
     work.symlink_to(outside)
     os.lchown(work, run_as.uid, run_as.gid)

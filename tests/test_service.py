@@ -21,7 +21,7 @@ from test_cli import ServerProcess
 from further_link.errors import ServiceError
 from further_link.service import ServiceInstaller, quote_exec_word, render_unit
 
-from conftest import AS_ROOT, PROGRAM_SETTINGS, TIMEOUT, alive, write_pid_code
+from conftest import AS_ROOT, PROGRAM_SETTINGS, TIMEOUT, alive, program_home, write_pid_code
 
 UNIT = Path("etc/systemd/system/further-link.service")
 WORK_DIR = "/srv/further work/100% fun"
@@ -178,7 +178,15 @@ async def test_hardened_server_still_runs_programs_as_the_program_user(
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
     env.update(PROGRAM_SETTINGS, FURTHER_LINK_CONFIG_DIR=str(sandbox / "cfg"))
-    args = ["--host", "127.0.0.1", "--port", "0", "--no-ssl", "--work-dir", str(sandbox / "w")]
+    args = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--no-ssl",
+        "--work-dir",
+        str(program_home(sandbox) / "w"),
+    ]
     server = ServerProcess(args, env, prefix=setpriv_prefix(installed))
     marker = shared / "daemon-pid"
     # A learner's program that leaves a double-forked daemon behind in its own session:
