@@ -109,7 +109,7 @@ def plan_program(
         import_dir = directory
     else:
         script = run_dir / SCRIPT_NAME
-        script.write_text(command.source_script or "", encoding="utf-8")
+        _write_new_file(script, (command.source_script or "").encode("utf-8"))
         cwd = directory or DEFAULT_SCRIPT_CWD
         import_dir = directory
     return ProgramSpec(
@@ -117,6 +117,13 @@ def plan_program(
         cwd=cwd,
         env=program_env(config, library_dir, run_dir, import_dir),
     )
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` afresh: never through a link or into a file someone put there first."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 # Modules a user program needs for `import further_link`; they import only the

@@ -157,6 +157,11 @@ class Session:
             except BaseException:
                 await run.channel.close()
                 raise
+        except OSError as exc:
+            # E.g. another program (same account) changed the run dir under us.
+            shutil.rmtree(run_dir, ignore_errors=True)
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise StartError(f"could not prepare the run: {exc.strerror}{where}") from None
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise

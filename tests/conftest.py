@@ -353,7 +353,10 @@ async def start_server(
 
     yield start
     for server in servers:
-        await server.stop()
+        code = await server.stop()
+        # Shown by pytest when the test fails: what the server said (without its chatter).
+        said = [line for line in server.log().splitlines() if " DEBUG " not in line]
+        print(f"server pid {server.pid} exited with {code}; its log:", *said[-40:], sep="\n")
 
 
 @pytest.fixture
