@@ -99,7 +99,7 @@ LATE_MODULES = (
     "further_link.control",
 )
 # Imported when present: the server runs without them.
-OPTIONAL_MODULES = ("aiodns", "brotli", "brotlicffi", "charset_normalizer", "certifi", "PIL.Image")
+OPTIONAL_MODULES = ("aiodns", "brotli", "brotlicffi", "charset_normalizer", "certifi")
 
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38

@@ -12,7 +12,7 @@ from typing import Callable
 
 import aiohttp
 import pytest
-from test_cli import ServerProcess
+from test_cli import plain_server
 
 from further_link.auth import (
     CODE_WINDOW_SECONDS,
@@ -25,7 +25,7 @@ from further_link.auth import (
     pairing_code,
 )
 
-from conftest import AS_ROOT, PROGRAM_SETTINGS, Client, RunningServer, program_home
+from conftest import AS_ROOT, Client, RunningServer
 
 StartServer = Callable[..., Awaitable[RunningServer]]
 
@@ -329,18 +329,7 @@ async def test_rotating_the_token_locks_out_the_old_one(
 
 
 def test_startup_log_shows_connect_url_and_pairing_code(sandbox: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
-    env.update(PROGRAM_SETTINGS, FURTHER_LINK_CONFIG_DIR=str(sandbox / "cfg"))
-    args = [
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--no-ssl",
-        "--work-dir",
-        str(program_home(sandbox) / "w"),
-    ]
-    server = ServerProcess(args, env)
+    server = plain_server(sandbox)
     try:
         token = (sandbox / "cfg" / "token").read_text().strip()
         server.read_until("pairing code")
@@ -351,7 +340,7 @@ def test_startup_log_shows_connect_url_and_pairing_code(sandbox: Path) -> None:
     finally:
         assert server.stop() == 0
 
-    server = ServerProcess([*args, "--no-auth"], env)
+    server = plain_server(sandbox, extra=["--no-auth"])
     try:
         warning = server.read_until("pairing is OFF")
         assert "WARNING" in warning and "anyone who can reach this port" in warning

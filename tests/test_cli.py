@@ -63,6 +63,17 @@ class ServerProcess:
         return code
 
 
+def plain_server(
+    sandbox: Path, prefix: Sequence[str] = (), extra: Sequence[str] = ()
+) -> ServerProcess:
+    """`further-link serve` on a free loopback port over plain HTTP, its config in sandbox/cfg."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
+    env.update(PROGRAM_SETTINGS, FURTHER_LINK_CONFIG_DIR=str(sandbox / "cfg"))
+    work_dir = str(program_home(sandbox) / "w")
+    args = ["--host", "127.0.0.1", "--port", "0", "--no-ssl", "--work-dir", work_dir, *extra]
+    return ServerProcess(args, env, prefix)
+
+
 @pytest.fixture
 def server_env(sandbox: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}

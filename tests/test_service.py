@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from test_cli import ServerProcess
+from test_cli import plain_server
 
 from further_link.errors import ServiceError
 from further_link.service import (
@@ -276,18 +276,7 @@ def setpriv_prefix(unit_path: Path) -> list[str]:
 async def test_hardened_server_still_runs_programs_as_the_program_user(
     installed: Path, sandbox: Path, shared: Path
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
-    env.update(PROGRAM_SETTINGS, FURTHER_LINK_CONFIG_DIR=str(sandbox / "cfg"))
-    args = [
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--no-ssl",
-        "--work-dir",
-        str(program_home(sandbox) / "w"),
-    ]
-    server = ServerProcess(args, env, prefix=setpriv_prefix(installed))
+    server = plain_server(sandbox, prefix=setpriv_prefix(installed))
     marker = shared / "daemon-pid"
     # A learner's program that leaves a double-forked daemon behind in its own session:
     # the server finds it by the run tag in its environment (same account: no capability needed).
