@@ -10,6 +10,7 @@ when there are privileges to separate (CI runs the suite as root).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pwd
 import stat
@@ -24,6 +25,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 from test_upload import text_file, upload, url_file
+
+from further_link.config import RunAs
+from further_link.errors import PrivilegeError
+from further_link.privsep import drop_privileges
 
 from conftest import AS_ROOT, PROGRAM_USER, TIMEOUT, Client, RunningServer, program_home
 
@@ -372,3 +377,53 @@ async def test_token_rotation_reaches_the_dropped_server_at_once(
     assert new != server.token
     async with http.get(f"{server.base_url}/device", params={"token": new}) as response:
         assert response.status == 200
+
+
+# ------------------------------------------------------------- the drop itself
+
+
+def test_root_steps_run_as_root_then_the_drop_cannot_be_undone() -> None:
+    """In a forked child: the integrator's hook (ROOT_SETUP_STEPS) runs as root with the
+    program user's ids, then the process is that user, for good."""
+    entry = pwd.getpwnam(PROGRAM_USER)
+    run_as = RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir), drop=True)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        report: dict[str, Any] = {}
+        try:
+            os.close(read_end)
+            calls: list[tuple[int, int, int]] = []
+            drop_privileges(run_as, [lambda uid, gid: calls.append((os.geteuid(), uid, gid))])
+            report["calls"] = calls
+            report["resuid"] = list(os.getresuid())
+            report["groups"] = sorted(os.getgroups())
+            try:
+                os.setuid(0)
+                report["regained"] = True
+            except PermissionError:
+                report["regained"] = False
+            report["status"] = Path("/proc/self/status").read_text()
+        except BaseException as exc:
+            report["error"] = repr(exc)
+        finally:
+            os.write(write_end, json.dumps(report).encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        report = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    assert "error" not in report, report
+    assert report["calls"] == [[0, entry.pw_uid, entry.pw_gid]]
+    assert report["resuid"] == [entry.pw_uid] * 3
+    assert report["groups"] == sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid)))
+    assert report["regained"] is False
+    status = report["status"]
+    assert "NoNewPrivs:\t1" in status
+    assert "CapEff:\t0000000000000000" in status
+
+
+def test_the_program_user_cannot_be_root() -> None:
+    root = RunAs("root", 0, 0, Path("/root"), drop=True)
+    with pytest.raises(PrivilegeError, match="never run as root"):
+        drop_privileges(root, [])
