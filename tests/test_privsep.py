@@ -183,7 +183,9 @@ STAGING_SWAPPER = """\
         except OSError:
             continue
         for entry in entries:
-            if entry.name.startswith('.flupload-') and not entry.is_symlink():
+            name = entry.name
+            if name.startswith('.flupload-') and not name.endswith('-moved') \\
+                    and not entry.is_symlink():
                 try:
                     os.rename(entry.path, entry.path + '-moved')
                     os.symlink(TARGET, entry.path)
