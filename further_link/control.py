@@ -29,7 +29,11 @@ log = logging.getLogger(__name__)
 
 CONTROL_DIR = "control"
 MAX_LINE = 256
-REPLY_TIMEOUT = 10.0
+# How long the server waits for the command line; how long the command waits for
+# the server, which answers once it has ended every connection (programs may
+# take their grace period and more to stop).
+READ_TIMEOUT = 10.0
+REPLY_TIMEOUT = 60.0
 # Token characters: token_urlsafe's alphabet.
 TOKEN_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
@@ -97,7 +101,7 @@ async def serve_control(sock: socket.socket, on_token: TokenHandler) -> asyncio.
             if peer is None or peer_uid(peer) != 0:
                 log.warning("refused a control connection from a process that is not root")
                 return
-            line = await asyncio.wait_for(reader.readline(), REPLY_TIMEOUT)
+            line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
             word, _, token = line[:MAX_LINE].decode("ascii", "replace").strip().partition(" ")
             if word != "token" or not token or not set(token) <= TOKEN_CHARACTERS:
                 writer.write(b"error: expected 'token TOKEN'\n")
