@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .channel import SOCKET_ENV_VAR
@@ -18,32 +19,34 @@ from .config import Config
 from .errors import StartError, UnsafePathError
 from .paths import confine_path, describe_kind
 from .process import ProgramSpec
+from .project import ProjectScript, open_project_dir
 from .protocol import StartCommand
+from .upload import Owner
 
 SCRIPT_NAME = "main.py"
 SOCKET_NAME = "io.sock"
 DEFAULT_SCRIPT_CWD = Path("/tmp")
 
 
-def resolve_directory(config: Config, name: str) -> Path:
-    """The uploaded directory ``name`` inside the work dir, which must exist."""
+def open_directory(config: Config, name: str) -> tuple[Path, int]:
+    """The project ``name`` inside the work dir and a descriptor of it; created if missing."""
     try:
         directory = confine_path(config.work_dir, name, "directoryName")
     except UnsafePathError as exc:
         raise StartError(str(exc)) from None
+    work_dir_real = Path(os.path.realpath(config.work_dir))
     try:
-        mode = directory.stat().st_mode
-    except FileNotFoundError:
-        raise StartError(
-            f"directoryName {name!r} does not exist in the work dir; upload it first"
-        ) from None
+        return directory, open_project_dir(
+            work_dir_real, directory, program_owner(config), f"directoryName {name!r}"
+        )
     except OSError as exc:
         raise StartError(f"directoryName {name!r} cannot be used: {exc.strerror}") from None
-    if not stat.S_ISDIR(mode):
-        raise StartError(
-            f"directoryName {name!r} is {describe_kind(mode)} in the work dir, not a directory"
-        )
-    return directory
+
+
+def program_owner(config: Config) -> Owner | None:
+    """The account that must own what the server makes for programs, if not the server's."""
+    run_as = config.run_as
+    return Owner(run_as.uid, run_as.gid) if run_as is not None and run_as.switch else None
 
 
 def resolve_source_path(config: Config, raw: str) -> Path:
@@ -94,32 +97,45 @@ def program_env(
     return env
 
 
-def plan_program(
-    command: StartCommand, config: Config, library_dir: Path, run_dir: Path
-) -> ProgramSpec:
-    """Build the spec; writes an inline script into ``run_dir``."""
-    directory = (
-        None
-        if command.directory_name is None
-        else resolve_directory(config, command.directory_name)
-    )
+@dataclass
+class Plan:
+    """What to start, and the inline script in a project that the run must remove."""
+
+    spec: ProgramSpec
+    project_script: ProjectScript | None = None
+
+
+def plan_program(command: StartCommand, config: Config, library_dir: Path, run_dir: Path) -> Plan:
+    """Build the spec; writes an inline script into its project, else into ``run_dir``."""
+    directory: Path | None = None
+    dir_fd: int | None = None
+    if command.directory_name is not None:
+        directory, dir_fd = open_directory(config, command.directory_name)
+    project_script = None
     if command.source_path is not None:
+        if dir_fd is not None:
+            os.close(dir_fd)
         script = resolve_source_path(config, command.source_path)
         cwd = directory or script.parent
-        import_dir = directory
+    elif directory is not None and dir_fd is not None:
+        project_script = ProjectScript.write(
+            dir_fd, directory, command.source_script or "", program_owner(config)
+        )
+        script = project_script.path
+        cwd = directory
     else:
         script = run_dir / SCRIPT_NAME
         script.write_text(command.source_script or "", encoding="utf-8")
-        if config.run_as is not None and config.run_as.switch:
-            os.chown(script, config.run_as.uid, config.run_as.gid)
-        cwd = directory or DEFAULT_SCRIPT_CWD
-        import_dir = directory
-    return ProgramSpec(
-        argv=[config.python, "-u", str(script)],
-        cwd=cwd,
-        env=program_env(config, library_dir, run_dir, import_dir),
-        run_as=config.run_as,
+        owner = program_owner(config)
+        if owner is not None:
+            os.chown(script, owner.uid, owner.gid)
+        cwd = DEFAULT_SCRIPT_CWD
+    env = program_env(config, library_dir, run_dir, directory)
+    env["PWD"] = str(cwd)  # as a shell that changed into it sets it, not the server's own
+    spec = ProgramSpec(
+        argv=[config.python, "-u", str(script)], cwd=cwd, env=env, run_as=config.run_as
     )
+    return Plan(spec, project_script)
 
 
 # Modules a user program needs for `import further_link`; they import only the

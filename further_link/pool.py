@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 BOOTSTRAP = (Path(__file__).parent / "warm_bootstrap.py").read_text(encoding="utf-8")
 # Set per run by the bootstrap rather than at interpreter start.
-PER_RUN_VARIABLES = frozenset({"PYTHONPATH", SOCKET_ENV_VAR, proctree.RUN_TAG_VAR})
+PER_RUN_VARIABLES = frozenset({"PYTHONPATH", "PWD", SOCKET_ENV_VAR, proctree.RUN_TAG_VAR})
 WAITING_CWD = Path("/")
 
 

@@ -24,6 +24,7 @@ from .device import setup_device
 from .launch import prepare_library_dir, program_env
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
+from .project import remove_stale_scripts
 from .session import Services, Session
 from .upload import UrlCache
 from .webpage import setup_webpage
@@ -110,6 +111,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     # Orphans of programs (double-forked daemons) become ours, to kill and reap.
     proctree.become_subreaper()
     _prepare_work_dir(config)
+    remove_stale_scripts(config.work_dir)
     library_dir = prepare_library_dir()
     http = aiohttp.ClientSession()
     pool = _start_pool(config, library_dir)

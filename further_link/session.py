@@ -29,10 +29,11 @@ from typing import Any
 from . import protocol
 from .config import Config
 from .errors import FurtherLinkError, ProtocolError, SessionStateError, StartError, UploadError
-from .launch import SOCKET_NAME, plan_program
+from .launch import SOCKET_NAME, Plan, plan_program, program_owner
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
 from .process import Launcher, Program, cold_launch
+from .project import ProjectScript
 from .protocol import (
     Command,
     ErrorEvent,
@@ -49,7 +50,7 @@ from .protocol import (
     Video,
 )
 from .streams import SideChannel
-from .upload import Owner, UploadLimits, UrlCache, materialise_upload
+from .upload import UploadLimits, UrlCache, materialise_upload
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,14 @@ class Run:
     program: Program
     channel: SideChannel
     run_dir: Path
+    project_script: ProjectScript | None = None
     task: asyncio.Task[None] | None = None
+
+    def remove_files(self) -> None:
+        """Remove what the run wrote: its private dir and its script in the project."""
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.project_script is not None:
+            self.project_script.remove()
 
 
 class Session:
@@ -93,6 +101,7 @@ class Session:
         self._run: Run | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._ran = False  # a program has run on this connection (late input is dropped)
 
     # ------------------------------------------------------------ inbound
 
@@ -139,12 +148,13 @@ class Session:
             run_dir = Path(tempfile.mkdtemp(prefix="further-link-run-"))
         except OSError as exc:
             raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
+        plan: Plan | None = None
         try:
             if run_as is not None and run_as.switch:
                 os.chown(run_dir, run_as.uid, run_as.gid)
-            spec = plan_program(command, self._config, self._services.library_dir, run_dir)
+            plan = plan_program(command, self._config, self._services.library_dir, run_dir)
             program = Program(
-                spec, self._deliver_output, self._config.kill_grace, self._services.launcher
+                plan.spec, self._deliver_output, self._config.kill_grace, self._services.launcher
             )
             run = Run(
                 program,
@@ -155,6 +165,7 @@ class Session:
                     owner=run_as.uid if run_as is not None and run_as.switch else None,
                 ),
                 run_dir,
+                plan.project_script,
             )
             await run.channel.start()
             try:
@@ -164,8 +175,11 @@ class Session:
                 raise
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
+            if plan is not None and plan.project_script is not None:
+                plan.project_script.remove()
             raise
         self._run = run
+        self._ran = True
         self.state = State.RUNNING
         self.outbox.put(Started())
         run.task = asyncio.ensure_future(self._supervise(run))
@@ -176,7 +190,7 @@ class Session:
             code = await run.program.wait()
             await run.channel.close()
         finally:
-            shutil.rmtree(run.run_dir, ignore_errors=True)
+            run.remove_files()
         self._run = None
         self.state = State.IDLE
         self.outbox.put(Stopped(code))
@@ -208,6 +222,11 @@ class Session:
                 self._run.program.close_stdin()
             return
         if self._run is None:
+            if self._ran:
+                # Sent before the client saw `stopped`, as a learner typing while
+                # the program ends does; the 2020 server dropped it silently too.
+                log.debug("dropped input that arrived after the program ended")
+                return
             raise SessionStateError("no program is running to read this input")
         self._run.program.write_stdin(command.input)
         if command.eof:
@@ -222,8 +241,7 @@ class Session:
             max_bytes=config.max_upload_bytes,
             max_download_bytes=config.max_download_bytes,
         )
-        run_as = config.run_as
-        owner = Owner(run_as.uid, run_as.gid) if run_as is not None and run_as.switch else None
+        owner = program_owner(config)
         try:
             await materialise_upload(command, config.work_dir, self._services.cache, limits, owner)
         except OSError as exc:
@@ -253,7 +271,7 @@ class Session:
                     await run.task
             await run.program.abort()
             await run.channel.close()
-            shutil.rmtree(run.run_dir, ignore_errors=True)
+            run.remove_files()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

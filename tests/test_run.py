@@ -209,13 +209,6 @@ async def test_script_in_directory_name_can_import_its_files(
     assert result.stdout == f"lib called {project}\n"
 
 
-async def test_unknown_directory_name_is_an_error(client: Client) -> None:
-    await client.send("start", {"sourceScript": "print(1)", "directoryName": "ghost"})
-    message = await client.receive()
-    assert message["type"] == "error"
-    assert "directoryName 'ghost' does not exist" in message["data"]["message"]
-
-
 async def test_parallel_clients_are_independent(connect: ClientFactory) -> None:
     clients = [await connect() for _ in range(6)]
     script = "import sys\nname = input()\nprint('I am', name)\nsys.exit(len(name))"
