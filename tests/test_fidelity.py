@@ -13,9 +13,9 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Callable
 
-from conftest import Client, RunningServer
-
 from further_link.project import SCRIPT_PATTERN
+
+from conftest import Client, RunningServer
 
 ClientFactory = Callable[..., Awaitable[Client]]
 ServerFactory = Callable[..., Awaitable[RunningServer]]
@@ -235,9 +235,7 @@ async def test_input_racing_the_end_is_dropped_silently(client: Client) -> None:
         await client.send("stdin", {"input": "unterminated input"})
         assert await client.receive() == {"type": "started", "data": {}}
         result = await client.collect()
-        assert [m["type"] for m in result.messages[:-1]] == ["stdout"] * (
-            len(result.messages) - 1
-        )
+        assert [m["type"] for m in result.messages[:-1]] == ["stdout"] * (len(result.messages) - 1)
         assert result.stdout == "hello world\n"
         assert result.exit_code == 0
         # Nothing follows `stopped` either: the next answer is the pong.
