@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +21,9 @@ DEFAULT_USER = "pi"
 # The Further coding site may open websockets to devices by default; it still
 # needs the device token, obtained by pairing.
 DEFAULT_ORIGINS = ("https://further.pi-top.com",)
+# Programs run with the python3 a learner gets in a terminal, with every Debian
+# package (numpy, gpiozero, picamera2, ...), not with the server's virtualenv.
+SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Config:
     cert_file: Path | None = None
     key_file: Path | None = None
     run_as: RunAs | None = None
-    python: str = sys.executable
+    python: str = SYSTEM_PYTHON
     kill_grace: float = 1.0
     heartbeat: float = 30.0
     max_message_bytes: int = 16 * MiB
@@ -137,6 +139,15 @@ def resolve_config_dir(environ: Mapping[str, str], override: str | None = None) 
     return (Path(config_home) / "further-link").absolute()
 
 
+def resolve_python(environ: Mapping[str, str]) -> str:
+    """The interpreter programs run with: FURTHER_LINK_PYTHON, FURTHER_VENV's, or the system's."""
+    if environ.get("FURTHER_LINK_PYTHON"):
+        return environ["FURTHER_LINK_PYTHON"]
+    if environ.get("FURTHER_VENV"):
+        return str(Path(environ["FURTHER_VENV"]).expanduser().absolute() / "bin" / "python3")
+    return SYSTEM_PYTHON
+
+
 def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
     """Build the config from environment variables, then apply flag overrides."""
     env = dict(os.environ if environ is None else environ)
@@ -175,7 +186,7 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
         cert_file=Path(cert) if cert else None,
         key_file=Path(key) if key else None,
         run_as=run_as,
-        python=env.get("FURTHER_LINK_PYTHON") or sys.executable,
+        python=resolve_python(env),
         kill_grace=_number(env, "FURTHER_LINK_KILL_GRACE", 1.0, float),
         # A ping waits behind queued output, so a slow browser under a flood
         # answers late; 30 s (pong timeout 15 s) keeps such clients connected.

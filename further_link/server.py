@@ -21,6 +21,7 @@ from .access import TOKENS, check_origin, check_token, setup_access
 from .auth import TokenStore
 from .config import Config
 from .device import setup_device
+from .interpreter import check_interpreter
 from .launch import prepare_library_dir, program_env
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
@@ -108,6 +109,7 @@ async def _send_events(ws: web.WebSocketResponse, outbox: Outbox) -> None:
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    await check_interpreter(config.python, config.run_as)
     # Orphans of programs (double-forked daemons) become ours, to kill and reap.
     proctree.become_subreaper()
     _prepare_work_dir(config)

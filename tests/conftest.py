@@ -27,12 +27,11 @@ from further_link.tls import server_ssl_context
 TIMEOUT = 30.0
 
 # CI runs the suite as root, and the server never runs programs as root: then
-# programs run as `nobody` with the system's Python (whose numpy and Pillow
-# `make test` installs from Debian). As any other user, programs run as that user.
+# programs run as `nobody`. As any other user, programs run as that user. Either
+# way with the default interpreter, the system's /usr/bin/python3 (whose numpy
+# and Pillow `make test` installs from Debian).
 AS_ROOT = os.geteuid() == 0
-PROGRAM_SETTINGS: dict[str, str] = (
-    {"FURTHER_LINK_USER": "nobody", "FURTHER_LINK_PYTHON": "/usr/bin/python3"} if AS_ROOT else {}
-)
+PROGRAM_SETTINGS: dict[str, str] = {"FURTHER_LINK_USER": "nobody"} if AS_ROOT else {}
 
 
 @dataclass

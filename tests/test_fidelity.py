@@ -9,10 +9,14 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
+
+from further_link.errors import ConfigError
 from further_link.project import SCRIPT_PATTERN
 
 from conftest import Client, RunningServer
@@ -262,3 +266,30 @@ async def test_upload_without_files_names_the_field(client: Client, server: Runn
     assert not (server.config.work_dir / "x").exists()
     assert await upload(client, "x", {}) == {"type": "uploaded", "data": {}}
     assert (server.config.work_dir / "x").is_dir()
+
+
+# ------------------------------------------------ which interpreter
+
+
+async def test_further_venv_chooses_the_virtualenv_python(
+    start_server: ServerFactory, connect: ClientFactory, sandbox: Path
+) -> None:
+    venv = sandbox / "venv"
+    subprocess.run(
+        ["/usr/bin/python3", "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
+        check=True,
+        timeout=120,
+    )
+    server = await start_server(environ={"FURTHER_VENV": str(venv)})
+    assert server.config.python == str(venv / "bin" / "python3")
+    client = await connect(server)
+    script = "import sys, further_link\nprint(sys.prefix)"
+    result = await client.run({"sourceScript": script})
+    assert result.stdout == f"{venv}\n", result.stderr
+
+
+async def test_missing_interpreter_refuses_to_start(start_server: ServerFactory) -> None:
+    with pytest.raises(ConfigError) as refused:
+        await start_server(environ={"FURTHER_LINK_PYTHON": "/nonexistent/python3"})
+    assert "programs would run with /nonexistent/python3" in str(refused.value)
+    assert "No such file or directory" in str(refused.value)
