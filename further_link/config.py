@@ -24,6 +24,8 @@ DEFAULT_ORIGINS = ("https://further.pi-top.com",)
 # Programs run with the python3 a learner gets in a terminal, with every Debian
 # package (numpy, gpiozero, picamera2, ...), not with the server's virtualenv.
 SYSTEM_PYTHON = "/usr/bin/python3"
+# Seconds of silence from a client before it is pinged; it then has half as long to answer.
+DEFAULT_HEARTBEAT = 5.0
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class Config:
     run_as: RunAs | None = None
     python: str = SYSTEM_PYTHON
     kill_grace: float = 1.0
-    heartbeat: float = 30.0
+    heartbeat: float = DEFAULT_HEARTBEAT
     max_message_bytes: int = 16 * MiB
     max_source_bytes: int = 16 * MiB
     max_upload_files: int = 1000
@@ -188,9 +190,11 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
         run_as=run_as,
         python=resolve_python(env),
         kill_grace=_number(env, "FURTHER_LINK_KILL_GRACE", 1.0, float),
-        # A ping waits behind queued output, so a slow browser under a flood
-        # answers late; 30 s (pong timeout 15 s) keeps such clients connected.
-        heartbeat=_number(env, "FURTHER_LINK_HEARTBEAT", 30.0, float),
+        # A robot must stop soon after the laptop's Wi-Fi drops: a client silent
+        # for 5 s is pinged and dropped 2.5 s later. Any message from the client
+        # counts as an answer, and the clients we know send one every 1-3 s
+        # while a program runs, so a ping waiting behind a flood does not matter.
+        heartbeat=_number(env, "FURTHER_LINK_HEARTBEAT", DEFAULT_HEARTBEAT, float),
         max_message_bytes=_number(env, "FURTHER_LINK_MAX_MESSAGE_BYTES", 16 * MiB),
         max_source_bytes=_number(env, "FURTHER_LINK_MAX_SOURCE_BYTES", 16 * MiB),
         max_upload_files=_number(env, "FURTHER_LINK_MAX_UPLOAD_FILES", 1000),

@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import subprocess
+import time
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +20,7 @@ import pytest
 from further_link.errors import ConfigError
 from further_link.project import SCRIPT_PATTERN
 
-from conftest import Client, RunningServer
+from conftest import Client, RunningServer, alive, sleeper_script
 
 ClientFactory = Callable[..., Awaitable[Client]]
 ServerFactory = Callable[..., Awaitable[RunningServer]]
@@ -293,3 +294,28 @@ async def test_missing_interpreter_refuses_to_start(start_server: ServerFactory)
         await start_server(environ={"FURTHER_LINK_PYTHON": "/nonexistent/python3"})
     assert "programs would run with /nonexistent/python3" in str(refused.value)
     assert "No such file or directory" in str(refused.value)
+
+
+# ------------------------------------------------ silent clients
+
+
+async def test_silent_client_loses_its_program_within_10_s(
+    server: RunningServer, connect: ClientFactory, shared: Path
+) -> None:
+    """Wi-Fi drops: the client neither answers pings nor sends anything any more."""
+    assert server.config.heartbeat == 5.0
+    client = await connect(autoping=False)
+    marker = shared / "pid"
+    await client.send("start", {"sourceScript": sleeper_script(marker, 120)})
+    last_sent = time.monotonic()
+    assert (await client.receive())["type"] == "started"
+    await client.read_output("up\n")
+    pid = int(marker.read_text())
+    deadline = last_sent + 60
+    while alive(pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    gone_after = time.monotonic() - last_sent
+    print(f"\nsilent client: program gone {gone_after:.2f} s after the client's last message")
+    assert not alive(pid)
+    # Pinged after 5 s of silence, dropped 2.5 s later; slack for a busy machine.
+    assert 5.0 <= gone_after <= 10.0 + 5.0
