@@ -61,6 +61,8 @@ class Config:
     auth: bool = True
     pool_size: int = 2
     origins: tuple[str, ...] = DEFAULT_ORIGINS
+    # Where X displays' sockets are (only tests look elsewhere).
+    x11_socket_dir: Path = Path("/tmp/.X11-unix")
     program_env: Mapping[str, str] = field(default_factory=dict)
 
     def with_overrides(self, **changes: Any) -> Config:

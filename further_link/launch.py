@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .channel import SOCKET_ENV_VAR
 from .config import Config
+from .display import graphical_session
 from .errors import StartError, UnsafePathError
 from .paths import confine_path, describe_kind
 from .process import ProgramSpec
@@ -132,6 +133,15 @@ def plan_program(command: StartCommand, config: Config, library_dir: Path, run_d
         cwd = DEFAULT_SCRIPT_CWD
     env = program_env(config, library_dir, run_dir, directory)
     env["PWD"] = str(cwd)  # as a shell that changed into it sets it, not the server's own
+    run_as = config.run_as
+    env.update(
+        graphical_session(
+            env,
+            run_as.uid if run_as is not None else os.getuid(),
+            run_as.home if run_as is not None else None,
+            config.x11_socket_dir,
+        )
+    )
     spec = ProgramSpec(
         argv=[config.python, "-u", str(script)], cwd=cwd, env=env, run_as=config.run_as
     )
