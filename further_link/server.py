@@ -64,6 +64,21 @@ class RunPyWebSocket(web.WebSocketResponse):
             ).encode()
         return await super().close(code=code, message=message, drain=drain)
 
+    def over_the_limit(self, data: str | bytes) -> bool:
+        """Whether a received message is too big although aiohttp let it through.
+
+        aiohttp refuses an uncompressed message of ``max_msg_size`` bytes or
+        more, but a permessage-deflate one only when it inflates to more: this
+        makes the limit the same with and without compression.
+        """
+        limit = self._max_msg_size
+        if not limit or not self.compress:
+            return False
+        if isinstance(data, bytes) or len(data) >= limit:
+            return len(data) >= limit
+        # UTF-8 takes 1 to 4 bytes per character: count only when it matters.
+        return len(data) * 4 >= limit and len(data.encode("utf-8", "surrogatepass")) >= limit
+
 
 async def run_py(request: web.Request) -> web.WebSocketResponse:
     check_origin(request)
@@ -79,6 +94,12 @@ async def run_py(request: web.Request) -> web.WebSocketResponse:
     log.debug("client connected from %s", request.remote)
     try:
         async for message in ws:
+            if message.type in (WSMsgType.TEXT, WSMsgType.BINARY) and ws.over_the_limit(
+                message.data
+            ):
+                log.info("closed the connection from %s: message over the limit", request.remote)
+                await ws.close(code=WSCloseCode.MESSAGE_TOO_BIG)
+                break
             if message.type is WSMsgType.TEXT:
                 await session.receive(message.data)
             elif message.type is WSMsgType.BINARY:

@@ -7,6 +7,7 @@ a real server running real programs.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Callable
 
+import aiohttp
 import pytest
 
 from further_link.errors import ConfigError
@@ -319,3 +321,33 @@ async def test_silent_client_loses_its_program_within_10_s(
     assert not alive(pid)
     # Pinged after 5 s of silence, dropped 2.5 s later; slack for a busy machine.
     assert 5.0 <= gone_after <= 10.0 + 5.0
+
+
+# ------------------------------------------------ message size limit
+
+
+def message_of(size: int) -> str:
+    """A ping of exactly ``size`` bytes of UTF-8."""
+    bare = json.dumps({"type": "ping", "data": {"padding": ""}})
+    padding = "é" * ((size - len(bare)) // 2) + "x" * ((size - len(bare)) % 2)
+    text = json.dumps({"type": "ping", "data": {"padding": padding}}, ensure_ascii=False)
+    assert len(text.encode("utf-8")) == size
+    return text
+
+
+@pytest.mark.parametrize("compress", [15, 0], ids=["permessage-deflate", "uncompressed"])
+async def test_the_size_limit_is_the_same_compressed_or_not(
+    start_server: ServerFactory, connect: ClientFactory, compress: int
+) -> None:
+    limit = 4096
+    server = await start_server(environ={"FURTHER_LINK_MAX_MESSAGE_BYTES": str(limit)})
+    client = await connect(server, compress=compress)
+    assert client.ws.compress == compress  # what was negotiated
+    await client.ws.send_str(message_of(limit - 1))
+    assert await client.receive() == {"type": "pong", "data": {}}
+    await client.ws.send_str(message_of(limit))
+    closed = await client.ws.receive(timeout=30)
+    assert (closed.type, closed.data) == (aiohttp.WSMsgType.CLOSE, 1009), closed
+    assert closed.extra == (
+        f"message over the limit of {limit} bytes (FURTHER_LINK_MAX_MESSAGE_BYTES)"
+    )
