@@ -193,9 +193,8 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
         python=resolve_python(env),
         kill_grace=_number(env, "FURTHER_LINK_KILL_GRACE", 1.0, float),
         # A robot must stop soon after the laptop's Wi-Fi drops: a client silent
-        # for 5 s is pinged and dropped 2.5 s later. Any message from the client
-        # counts as an answer, and the clients we know send one every 1-3 s
-        # while a program runs, so a ping waiting behind a flood does not matter.
+        # for 5 s is pinged and dropped 2.5 s later, unless it is still reading
+        # output (its pong is then only behind that output; see liveness.py).
         heartbeat=_number(env, "FURTHER_LINK_HEARTBEAT", DEFAULT_HEARTBEAT, float),
         max_message_bytes=_number(env, "FURTHER_LINK_MAX_MESSAGE_BYTES", 16 * MiB),
         max_source_bytes=_number(env, "FURTHER_LINK_MAX_SOURCE_BYTES", 16 * MiB),

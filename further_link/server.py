@@ -23,6 +23,7 @@ from .config import Config
 from .device import setup_device
 from .interpreter import check_interpreter
 from .launch import prepare_library_dir, program_env
+from .liveness import bytes_acked, made_progress
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
 from .project import remove_stale_scripts
@@ -63,6 +64,21 @@ class RunPyWebSocket(web.WebSocketResponse):
                 "(FURTHER_LINK_MAX_MESSAGE_BYTES)"
             ).encode()
         return await super().close(code=code, message=message, drain=drain)
+
+    # aiohttp's heartbeat (its private hooks, present since 3.9): a ping is
+    # answered late when it waits behind a flood the client is still reading.
+    _acked_at_ping: int | None = None
+
+    def _send_heartbeat(self) -> None:
+        self._acked_at_ping = bytes_acked(self.get_extra_info("socket"))
+        super()._send_heartbeat()
+
+    def _pong_not_received(self) -> None:
+        if made_progress(self._acked_at_ping, bytes_acked(self.get_extra_info("socket"))):
+            log.debug("a ping is still behind output the client is reading; waiting longer")
+            self._reset_heartbeat()
+            return
+        super()._pong_not_received()
 
     def over_the_limit(self, data: str | bytes) -> bool:
         """Whether a received message is too big although aiohttp let it through.

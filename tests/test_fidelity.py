@@ -18,11 +18,12 @@ from typing import Any, Callable
 
 import aiohttp
 import pytest
+from test_hostile_input import open_raw_websocket
 
 from further_link.errors import ConfigError
 from further_link.project import SCRIPT_PATTERN
 
-from conftest import Client, RunningServer, alive, sleeper_script
+from conftest import Client, RunningServer, alive, sleeper_script, write_pid_code
 
 ClientFactory = Callable[..., Awaitable[Client]]
 ServerFactory = Callable[..., Awaitable[RunningServer]]
@@ -351,3 +352,42 @@ async def test_the_size_limit_is_the_same_compressed_or_not(
     assert closed.extra == (
         f"message over the limit of {limit} bytes (FURTHER_LINK_MAX_MESSAGE_BYTES)"
     )
+
+
+def masked_text_frame(text: str) -> bytes:
+    """One client-to-server text frame (clients must mask)."""
+    payload = text.encode("utf-8")
+    assert len(payload) < 126
+    mask = os.urandom(4)
+    masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    return bytes([0x81, 0x80 | len(payload)]) + mask + masked
+
+
+async def test_client_reading_a_flood_is_kept_though_its_pongs_are_late(
+    server: RunningServer, shared: Path
+) -> None:
+    """A client that reads output slowly and never answers a ping is alive, not gone.
+
+    This raw client never sends a pong (as one whose pongs wait behind a flood
+    on slow Wi-Fi): only its reading the output shows it is there.
+    """
+    reader, writer = await open_raw_websocket(server)
+    marker = shared / "pid"
+    flood = write_pid_code(marker) + "while True:\n    print('x' * 999)\n"
+    start = json.dumps({"type": "start", "data": {"sourcePath": str(shared / "flood.py")}})
+    (shared / "flood.py").write_text(flood)
+    try:
+        writer.write(masked_text_frame(start))
+        await writer.drain()
+        read = 0
+        began = time.monotonic()
+        # Three heartbeat rounds (ping after 5 s, pong due 2.5 s later), read at ~1 MB/s.
+        while time.monotonic() - began < 3 * 7.5:
+            chunk = await asyncio.wait_for(reader.read(64 * 1024), 30)
+            assert chunk, "the server closed the connection of a client that was reading"
+            read += len(chunk)
+            await asyncio.sleep(0.05)
+        assert alive(int(marker.read_text()))
+        assert read > 1_000_000
+    finally:
+        writer.close()
