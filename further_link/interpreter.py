@@ -9,11 +9,11 @@ program would be run: as the program account, with ``-c pass``.
 from __future__ import annotations
 
 import asyncio
-import os
 
 from . import proctree
 from .config import RunAs
 from .errors import ConfigError
+from .process import account_arguments
 
 CHECK_TIMEOUT = 60.0  # a Raspberry Pi under load may take seconds to start Python
 MAX_REASON_CHARS = 300
@@ -26,14 +26,7 @@ async def check_interpreter(python: str, run_as: RunAs | None) -> None:
     Raspberry Pi). Works whether the server still has to switch to the
     account (``run_as.switch``, the server is root) or already runs as it.
     """
-    switch: dict[str, object] = {}
     account = run_as.name if run_as is not None else "this user"
-    if run_as is not None and run_as.switch:
-        switch = {
-            "user": run_as.uid,
-            "group": run_as.gid,
-            "extra_groups": os.getgrouplist(run_as.name, run_as.gid),
-        }
     try:
         # Registered, so that no run's orphan reaper takes its exit status.
         with proctree.MANAGED_CHILDREN.starting():
@@ -46,7 +39,7 @@ async def check_interpreter(python: str, run_as: RunAs | None) -> None:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                **switch,  # type: ignore[arg-type]
+                **account_arguments(run_as),  # type: ignore[arg-type]
             )
             proctree.MANAGED_CHILDREN.add(process.pid)
     except OSError as exc:

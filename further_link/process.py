@@ -92,13 +92,7 @@ async def spawn(
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     _widen_pipe(out_r)
-    extra: dict[str, object] = {}
-    if run_as is not None and run_as.switch:
-        extra = {
-            "user": run_as.uid,
-            "group": run_as.gid,
-            "extra_groups": os.getgrouplist(run_as.name, run_as.gid),
-        }
+    extra = account_arguments(run_as)
     try:
         # Registered before the orphan reaper may look again: asyncio waits for it.
         with proctree.MANAGED_CHILDREN.starting():
@@ -122,6 +116,17 @@ async def spawn(
         os.close(out_w)
         os.close(err_w)
     return LaunchedProcess(process, out_r, err_r, tag)
+
+
+def account_arguments(run_as: RunAs | None) -> dict[str, object]:
+    """Arguments that make ``subprocess`` start a child as ``run_as`` (none when no switch)."""
+    if run_as is None or not run_as.switch:
+        return {}
+    return {
+        "user": run_as.uid,
+        "group": run_as.gid,
+        "extra_groups": os.getgrouplist(run_as.name, run_as.gid),
+    }
 
 
 def _widen_pipe(fd: int) -> None:

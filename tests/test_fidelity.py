@@ -125,9 +125,8 @@ async def test_two_runs_in_one_directory_at_once(
     assert names_in(project) == []
 
 
-async def test_stopped_run_leaves_nothing_in_the_project(
-    client: Client, server: RunningServer
-) -> None:
+async def start_sleeping_in_project(client: Client, server: RunningServer) -> Path:
+    """Start a program that sleeps in project 'p'; return the project, holding its script."""
     await client.send(
         "start", {"sourceScript": "import time\nprint('up')\ntime.sleep(60)", "directoryName": "p"}
     )
@@ -135,6 +134,13 @@ async def test_stopped_run_leaves_nothing_in_the_project(
     await client.read_output("up\n")
     project = server.config.work_dir / "p"
     assert len(names_in(project)) == 1
+    return project
+
+
+async def test_stopped_run_leaves_nothing_in_the_project(
+    client: Client, server: RunningServer
+) -> None:
+    project = await start_sleeping_in_project(client, server)
     await client.send("stop")
     assert (await client.receive_type("stopped"))["type"] == "stopped"
     assert names_in(project) == []
@@ -144,13 +150,7 @@ async def test_closed_connection_leaves_nothing_in_the_project(
     connect: ClientFactory, server: RunningServer
 ) -> None:
     client = await connect()
-    await client.send(
-        "start", {"sourceScript": "import time\nprint('up')\ntime.sleep(60)", "directoryName": "p"}
-    )
-    assert (await client.receive())["type"] == "started"
-    await client.read_output("up\n")
-    project = server.config.work_dir / "p"
-    assert len(names_in(project)) == 1
+    project = await start_sleeping_in_project(client, server)
     await client.ws.close()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
