@@ -22,7 +22,7 @@ from .paths import confine_path, describe_kind
 from .process import ProgramSpec
 from .project import ProjectScript, open_project_dir
 from .protocol import StartCommand
-from .upload import Owner
+from .upload import CACHE_DIR_NAME, STAGING_PREFIX, Owner
 
 SCRIPT_NAME = "main.py"
 SOCKET_NAME = "io.sock"
@@ -36,6 +36,9 @@ def open_directory(config: Config, name: str) -> tuple[Path, int]:
     except UnsafePathError as exc:
         raise StartError(str(exc)) from None
     work_dir_real = Path(os.path.realpath(config.work_dir))
+    parts = directory.relative_to(work_dir_real).parts
+    if parts[0] == CACHE_DIR_NAME or any(part.startswith(STAGING_PREFIX) for part in parts):
+        raise StartError(f"directoryName {name!r} is reserved by further-link")
     try:
         return directory, open_project_dir(
             work_dir_real, directory, program_owner(config), f"directoryName {name!r}"
@@ -131,7 +134,16 @@ def plan_program(command: StartCommand, config: Config, library_dir: Path, run_d
         if owner is not None:
             os.chown(script, owner.uid, owner.gid)
         cwd = DEFAULT_SCRIPT_CWD
-    env = program_env(config, library_dir, run_dir, directory)
+    try:
+        spec = _spec(config, script, cwd, program_env(config, library_dir, run_dir, directory))
+    except BaseException:
+        if project_script is not None:
+            project_script.remove()
+        raise
+    return Plan(spec, project_script)
+
+
+def _spec(config: Config, script: Path, cwd: Path, env: dict[str, str]) -> ProgramSpec:
     env["PWD"] = str(cwd)  # as a shell that changed into it sets it, not the server's own
     run_as = config.run_as
     env.update(
@@ -142,10 +154,9 @@ def plan_program(command: StartCommand, config: Config, library_dir: Path, run_d
             config.x11_socket_dir,
         )
     )
-    spec = ProgramSpec(
+    return ProgramSpec(
         argv=[config.python, "-u", str(script)], cwd=cwd, env=env, run_as=config.run_as
     )
-    return Plan(spec, project_script)
 
 
 # Modules a user program needs for `import further_link`; they import only the

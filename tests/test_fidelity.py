@@ -233,6 +233,16 @@ async def test_directory_name_through_a_file_is_refused(
     assert (work / "notes.txt").read_text() == "n"
 
 
+async def test_reserved_directory_names_are_refused(client: Client, server: RunningServer) -> None:
+    for name in (".flcache", ".flcache/bucket", "proj/.flupload-x"):
+        await client.send("start", {"sourceScript": "print(1)", "directoryName": name})
+        assert await client.receive() == {
+            "type": "error",
+            "data": {"message": f"directoryName {name!r} is reserved by further-link"},
+        }
+    assert not (server.config.work_dir / "proj").exists()
+
+
 # ------------------------------------------------ input racing the end
 
 
