@@ -228,7 +228,7 @@ def test_an_interpreter_the_program_user_cannot_run_stops_the_start(
         python = private / "python3"
         python.write_text("#!/bin/sh\n")
         python.chmod(0o644)  # not executable
-        account = server_env.get("USER") or pwd.getpwuid(os.getuid()).pw_name
+        account = pwd.getpwuid(os.getuid()).pw_name
     env = dict(server_env, FURTHER_LINK_PYTHON=str(python), FURTHER_LINK_PORT="0")
     env.update(FURTHER_LINK_NOSSL="1", FURTHER_LINK_WORK_DIR=str(sandbox / "w"))
     out = subprocess.run(
