@@ -22,9 +22,12 @@ from .auth import TokenStore
 from .config import Config
 from .control import serve_control
 from .device import setup_device
+from .interpreter import check_interpreter
 from .launch import prepare_library_dir, program_env
+from .liveness import bytes_acked, made_progress
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
+from .project import remove_stale_scripts
 from .session import Services, Session
 from .upload import UrlCache
 from .webpage import setup_webpage
@@ -64,6 +67,36 @@ class RunPyWebSocket(web.WebSocketResponse):
             ).encode()
         return await super().close(code=code, message=message, drain=drain)
 
+    # aiohttp's heartbeat (its private hooks, present since 3.9): a ping is
+    # answered late when it waits behind a flood the client is still reading.
+    _acked_at_ping: int | None = None
+
+    def _send_heartbeat(self) -> None:
+        self._acked_at_ping = bytes_acked(self.get_extra_info("socket"))
+        super()._send_heartbeat()
+
+    def _pong_not_received(self) -> None:
+        if made_progress(self._acked_at_ping, bytes_acked(self.get_extra_info("socket"))):
+            log.debug("a ping is still behind output the client is reading; waiting longer")
+            self._reset_heartbeat()
+            return
+        super()._pong_not_received()
+
+    def over_the_limit(self, data: str | bytes) -> bool:
+        """Whether a received message is too big although aiohttp let it through.
+
+        aiohttp refuses an uncompressed message of ``max_msg_size`` bytes or
+        more, but a permessage-deflate one only when it inflates to more: this
+        makes the limit the same with and without compression.
+        """
+        limit = self._max_msg_size
+        if not limit or not self.compress:
+            return False
+        if isinstance(data, bytes) or len(data) >= limit:
+            return len(data) >= limit
+        # UTF-8 takes 1 to 4 bytes per character: count only when it matters.
+        return len(data) * 4 >= limit and len(data.encode("utf-8", "surrogatepass")) >= limit
+
 
 async def run_py(request: web.Request) -> web.WebSocketResponse:
     check_origin(request)
@@ -79,6 +112,12 @@ async def run_py(request: web.Request) -> web.WebSocketResponse:
     log.debug("client connected from %s", request.remote)
     try:
         async for message in ws:
+            if message.type in (WSMsgType.TEXT, WSMsgType.BINARY) and ws.over_the_limit(
+                message.data
+            ):
+                log.info("closed the connection from %s: message over the limit", request.remote)
+                await ws.close(code=WSCloseCode.MESSAGE_TOO_BIG)
+                break
             if message.type is WSMsgType.TEXT:
                 await session.receive(message.data)
             elif message.type is WSMsgType.BINARY:
@@ -109,9 +148,11 @@ async def _send_events(ws: web.WebSocketResponse, outbox: Outbox) -> None:
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    await check_interpreter(config.python, config.run_as)
     # Orphans of programs (double-forked daemons) become ours, to kill and reap.
     proctree.become_subreaper()
     _prepare_work_dir(config)
+    remove_stale_scripts(config.work_dir)
     library_dir = prepare_library_dir()
     http = aiohttp.ClientSession()
     pool = _start_pool(config, library_dir)
