@@ -18,10 +18,13 @@ from typing import Callable
 from aiohttp import web
 
 from . import __version__
+from .access import GUARD
 from .auth import TokenStore, pairing_code
 from .client import add_client_commands
 from .config import Config, load_config, resolve_config_dir
 from .errors import FurtherLinkError
+from .netguard import GuardedSite, raise_fd_limit
+from .pairing import PairingGuard, read_generation
 from .server import create_app
 from .service import add_service_command
 from .tls import server_ssl_context
@@ -113,12 +116,12 @@ def _serve_command(args: argparse.Namespace) -> int:
 def _token_command(args: argparse.Namespace) -> int:
     store = TokenStore(resolve_config_dir(os.environ, args.config_dir))
     token = store.rotate() if args.rotate else store.load_or_create()
-    code = pairing_code(token)
+    code = pairing_code(token, generation=read_generation(store.path.parent))
     if args.rotate:
         print("new token created: every paired browser and client must pair again")
     print(f"token: {token}")
-    print(f"pairing code: {code.code} (valid for {code.seconds_left() // 60 + 1} more minutes)")
-    print(f"connect with: ?token={token}")
+    print(f"pairing code: {code.shown} (valid for {code.seconds_left() // 60 + 1} more minutes)")
+    print("pair a browser with either: the page's pairing box takes the code or the token")
     return 0
 
 
@@ -136,7 +139,8 @@ async def serve(config: Config) -> None:
     announcer: asyncio.Task[None] | None = None
     try:
         ssl_context = server_ssl_context(config) if config.ssl else None
-        site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
+        log.debug("open-file limit: %d", raise_fd_limit())
+        site = GuardedSite(runner, config, ssl_context)
         await site.start()
         host, port = runner.addresses[0][:2]
         scheme = "https" if ssl_context else "http"
@@ -153,8 +157,9 @@ async def serve(config: Config) -> None:
         )
         _warn_about_open_doors(config)
         if config.auth:
-            log.info("connect with: %s?token=%s", url, tokens.current())
-            announcer = asyncio.ensure_future(_announce_pairing_codes(tokens))
+            # Never the token: this log is read, kept and pasted into chats.
+            log.info("pair at %s with the code below; `further-link token` shows it too", url)
+            announcer = asyncio.ensure_future(_announce_pairing_codes(tokens, app[GUARD]))
         await stop.wait()
         log.info("stopping: ending all programs")
     finally:
@@ -177,16 +182,16 @@ def _warn_about_open_doors(config: Config) -> None:
         )
 
 
-async def _announce_pairing_codes(tokens: TokenStore) -> None:
-    """Log the pairing code now and whenever it changes (new window or rotated token)."""
+async def _announce_pairing_codes(tokens: TokenStore, guard: PairingGuard) -> None:
+    """Log the pairing code now and whenever it changes (new window, rotated token, spent code)."""
     shown = ""
     while True:
         try:
-            code = pairing_code(tokens.current())
+            code = pairing_code(tokens.current(), generation=guard.generation)
         except OSError as exc:
             log.warning("cannot read the device token: %s", exc)
         else:
             if code.code != shown:
                 shown = code.code
-                log.info("pairing code: %s (valid for %d s)", code.code, code.seconds_left())
+                log.info("pairing code: %s (valid for %d s)", code.shown, code.seconds_left())
         await asyncio.sleep(PAIRING_CODE_CHECK_INTERVAL)

@@ -22,6 +22,7 @@ from .auth import TokenStore
 from .config import Config
 from .device import setup_device
 from .launch import prepare_library_dir, program_env
+from .netguard import hold_clock
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
 from .session import Services, Session
@@ -186,7 +187,7 @@ async def _close_connections(app: web.Application) -> None:
 
 def create_app(config: Config, tokens: TokenStore | None = None) -> web.Application:
     """The whole server; ``tokens`` defaults to the device token in the config dir."""
-    app = web.Application()
+    app = web.Application(middlewares=[hold_clock])
     app[CONFIG] = config
     if tokens is None:
         tokens = TokenStore(config.config_dir)

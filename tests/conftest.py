@@ -20,6 +20,7 @@ from aiohttp import web
 
 from further_link.auth import TokenStore
 from further_link.config import Config, load_config
+from further_link.netguard import GuardedSite
 from further_link.server import create_app
 from further_link.tls import server_ssl_context
 
@@ -183,7 +184,7 @@ async def start_server(
         await runner.setup()
         runners.append(runner)
         ssl_context = server_ssl_context(config) if config.ssl else None
-        site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
+        site = GuardedSite(runner, config, ssl_context)
         await site.start()
         port = runner.addresses[0][1]
         client_ssl = None
