@@ -21,7 +21,6 @@ from further_link.auth import (
     origin_allowed,
     pairing_code,
 )
-
 from further_link.pairing import WRONG_PER_CODE, read_generation
 
 from conftest import PROGRAM_SETTINGS, Client, RunningServer
