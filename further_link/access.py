@@ -23,6 +23,7 @@ from .auth import (
     pairing_code,
 )
 from .config import Config
+from .errors import excerpt, shorten
 from .hostnames import OwnNames
 from .pairing import PairingGuard, PairingSpent
 
@@ -35,14 +36,6 @@ ACCESS_CONFIG = web.AppKey("access_config", Config)
 # Routes any page and any name may read: they say only that a server is here.
 OPEN_PATHS = frozenset({"/status", "/version"})
 MAX_PAIR_BODY = 4096
-# Client data quoted in an answer or a log line is cut to this many characters.
-QUOTE_CHARS = 80
-
-
-def quote(value: object) -> str:
-    """``repr`` of client data, cut to ``QUOTE_CHARS`` characters."""
-    text = repr(value) if not isinstance(value, str) else value
-    return repr(text[:QUOTE_CHARS] + ("..." if len(text) > QUOTE_CHARS else ""))
 
 
 @web.middleware
@@ -51,10 +44,10 @@ async def check_host(
 ) -> web.StreamResponse:
     """421 before anything else unless ``Host`` is one of this device's own names."""
     if request.path not in OPEN_PATHS and not request.app[NAMES].allows(request.host):
-        log.info("refused a request for host %s from %s", quote(request.host), request.remote)
+        log.info("refused a request for host %s from %s", excerpt(request.host), request.remote)
         raise web.HTTPMisdirectedRequest(
             text=(
-                f"this device does not answer to the name {quote(request.host)}; use its own "
+                f"this device does not answer to the name {excerpt(request.host)}; use its own "
                 "name or address, or add the name to FURTHER_LINK_HOSTS\n"
             )
         )
@@ -77,9 +70,12 @@ def check_origin(request: web.Request) -> None:
     origin = request.headers.get("Origin")
     config = request.app[ACCESS_CONFIG]
     if not origin_allowed(origin, own_origins(request), config.origins):
-        log.warning("refused a request from origin %s (%s)", quote(origin), request.remote)
+        log.warning("refused a request from origin %s (%s)", excerpt(origin), request.remote)
         raise web.HTTPForbidden(
-            text=f"origin {quote(origin)} may not use this device; add it to FURTHER_LINK_ORIGINS\n"
+            text=(
+                f"origin {shorten(origin or '')} may not use this device; "
+                "add it to FURTHER_LINK_ORIGINS\n"
+            )
         )
 
 
@@ -256,4 +252,4 @@ def setup_access(app: web.Application, config: Config, tokens: TokenStore) -> No
     app.router.add_route("OPTIONS", "/pair", preflight("POST, DELETE", "Content-Type"))
 
 
-__all__ = ["check_origin", "check_token", "normalise_origin", "quote", "setup_access"]
+__all__ = ["check_origin", "check_token", "normalise_origin", "setup_access"]

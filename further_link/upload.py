@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from .errors import DownloadError, LimitExceededError, UploadError
+from .errors import DownloadError, LimitExceededError, UploadError, excerpt, shorten
 from .paths import confine_path, describe_kind
 from .protocol import TextFile, UploadCommand, UrlFile
 
@@ -63,7 +63,7 @@ class UrlCache:
         """The cached copy of ``file``, downloading it first if needed."""
         scheme = urlsplit(file.url).scheme.lower()
         if scheme not in ("http", "https"):
-            raise DownloadError(f"url {file.url!r} is not http or https")
+            raise DownloadError(f"url {excerpt(file.url)} is not http or https")
         target = self._locate(file)
         lock = self._locks.setdefault(target, asyncio.Lock())
         self._wanted_by[target] = self._wanted_by.get(target, 0) + 1
@@ -85,11 +85,11 @@ class UrlCache:
         cache = confine_path(work_dir, self.cache_dir.name, "url cache directory", nested=False)
         _make_directories(work_dir, cache, "the url cache directory")
         bucket = confine_path(cache, file.bucket_name, "bucketName", nested=False)
-        _make_directories(cache, bucket, f"bucketName {file.bucket_name!r}")
+        _make_directories(cache, bucket, f"bucketName {excerpt(file.bucket_name)}")
         target = confine_path(bucket, file.file_name, "fileName", nested=False)
         if target.is_dir():
             raise UploadError(
-                f"fileName {file.file_name!r} is a directory in the url cache, not a file"
+                f"fileName {excerpt(file.file_name)} is a directory in the url cache, not a file"
             )
         return target
 
@@ -103,19 +103,20 @@ class UrlCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(partial)
             raise
-        log.info("downloaded %s into the cache", url)
+        log.info("downloaded %s into the cache", shorten(url))
 
     async def _stream_into(self, url: str, out: BinaryIO) -> None:
         try:
             async with self._http.get(url, timeout=DOWNLOAD_TIMEOUT) as response:
                 if response.status != 200:
                     raise DownloadError(
-                        f"downloading {url} failed: the server answered HTTP {response.status}"
+                        f"downloading {shorten(url)} failed: "
+                        f"the server answered HTTP {response.status}"
                     )
                 declared = response.content_length
                 if declared is not None and declared > self._max_bytes:
                     raise LimitExceededError(
-                        f"{url} is {declared} bytes, over the download limit of "
+                        f"{shorten(url)} is {declared} bytes, over the download limit of "
                         f"{self._max_bytes} bytes"
                     )
                 received = 0
@@ -123,7 +124,8 @@ class UrlCache:
                     received += len(chunk)
                     if received > self._max_bytes:
                         raise LimitExceededError(
-                            f"{url} is larger than the download limit of {self._max_bytes} bytes"
+                            f"{shorten(url)} is larger than the download limit "
+                            f"of {self._max_bytes} bytes"
                         )
                     out.write(chunk)
                 # Compressed bodies are decoded as they arrive, so only a plain body can be
@@ -131,14 +133,16 @@ class UrlCache:
                 encoded = response.headers.get(aiohttp.hdrs.CONTENT_ENCODING, "identity").lower()
                 if declared is not None and encoded == "identity" and received != declared:
                     raise DownloadError(
-                        f"downloading {url} failed: got {received} of {declared} bytes"
+                        f"downloading {shorten(url)} failed: got {received} of {declared} bytes"
                     )
         except aiohttp.ClientError as exc:
             raise DownloadError(
-                f"downloading {url} failed: {_describe_client_error(exc)}"
+                f"downloading {shorten(url)} failed: {_describe_client_error(exc)}"
             ) from None
         except asyncio.TimeoutError:
-            raise DownloadError(f"downloading {url} failed: the server stopped answering") from None
+            raise DownloadError(
+                f"downloading {shorten(url)} failed: the server stopped answering"
+            ) from None
 
 
 def _describe_client_error(exc: aiohttp.ClientError) -> str:
@@ -162,7 +166,7 @@ async def materialise_upload(
     text_bytes = _check_limits(command, limits)
     work_dir.mkdir(parents=True, exist_ok=True)
     work_real = Path(os.path.realpath(work_dir))
-    what = f"upload directory name {command.name!r}"
+    what = f"upload directory name {excerpt(command.name)}"
     target = confine_path(work_dir, command.name, "upload directory name")
     parts = target.relative_to(work_real).parts
     if parts[0] == CACHE_DIR_NAME or any(part.startswith(STAGING_PREFIX) for part in parts):
@@ -229,7 +233,7 @@ async def _fill(
         total += cached.stat().st_size
         if total > max_bytes:
             raise LimitExceededError(
-                f"upload is over {max_bytes} bytes with {alias!r}; "
+                f"upload is over {max_bytes} bytes with {excerpt(alias)}; "
                 "the limit is the total of all its files"
             )
         await asyncio.get_running_loop().run_in_executor(None, shutil.copyfile, cached, destination)
@@ -244,8 +248,8 @@ def _check_collisions(aliases: list[str]) -> None:
             prefix = "/".join(parts[:depth])
             if prefix in names:
                 raise UploadError(
-                    f"upload file names {prefix!r} and {alias!r} collide: "
-                    f"{prefix!r} cannot be both a file and a directory"
+                    f"upload file names {excerpt(prefix)} and {excerpt(alias)} collide: "
+                    f"{excerpt(prefix)} cannot be both a file and a directory"
                 )
 
 
@@ -262,7 +266,7 @@ def _make_directories(base: Path, path: Path, what: str) -> list[Path]:
     if not existing.is_dir():
         kind = describe_kind(os.lstat(existing).st_mode)
         where = os.path.relpath(existing, base)
-        raise UploadError(f"{what} cannot be created: {where!r} is {kind}, not a directory")
+        raise UploadError(f"{what} cannot be created: {excerpt(where)} is {kind}, not a directory")
     created: list[Path] = []
     try:
         for directory in reversed(missing):
