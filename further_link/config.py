@@ -67,6 +67,8 @@ class Config:
     max_connections_per_address: int = 32
     # Seconds an unauthenticated peer may take for its TLS handshake and headers.
     header_timeout: float = 10.0
+    # Seconds a connection's outgoing queue may stay full before the client is cut off.
+    stall_timeout: float = 60.0
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with some fields replaced (``None`` values are ignored)."""
@@ -211,6 +213,7 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
         max_connections=_number(env, "FURTHER_LINK_MAX_CONNECTIONS", 512),
         max_connections_per_address=_number(env, "FURTHER_LINK_MAX_CONNECTIONS_PER_ADDRESS", 32),
         header_timeout=_number(env, "FURTHER_LINK_HEADER_TIMEOUT", 10.0, float),
+        stall_timeout=_number(env, "FURTHER_LINK_STALL_TIMEOUT", 60.0, float),
     )
     config = config.with_overrides(**overrides)
     if not 0 <= config.port <= 65535:

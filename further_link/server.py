@@ -6,7 +6,6 @@ Nothing here knows what a message means; that is protocol.py and session.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
@@ -75,9 +74,14 @@ async def run_py(request: web.Request) -> web.WebSocketResponse:
     session = Session(app[SERVICES], outbox)
     app[CONNECTIONS][session] = ws
     writer = asyncio.ensure_future(_send_events(ws, outbox))
+    watchdog = asyncio.ensure_future(_cut_off_when_stalled(request, outbox, config.stall_timeout))
     log.debug("client connected from %s", request.remote)
     try:
         async for message in ws:
+            # Nothing more is read from a client while its answers pile up unread.
+            await outbox.wait_room()
+            if ws.closed:
+                break
             if message.type is WSMsgType.TEXT:
                 await session.receive(message.data)
             elif message.type is WSMsgType.BINARY:
@@ -89,10 +93,32 @@ async def run_py(request: web.Request) -> web.WebSocketResponse:
         await session.close()
         outbox.close()
         writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
+        watchdog.cancel()
+        await asyncio.gather(writer, watchdog, return_exceptions=True)
         log.debug("client from %s disconnected", request.remote)
     return ws
+
+
+STALL_CHECK_INTERVAL = 1.0
+
+
+async def _cut_off_when_stalled(request: web.Request, outbox: Outbox, limit: float) -> None:
+    """Drop the connection once its queue has been full for ``limit`` seconds.
+
+    The client reads nothing, so a closing handshake would wait behind the
+    very data it does not read: the connection is aborted instead, and the
+    handler's ``finally`` ends its program as for any disconnect.
+    """
+    while True:
+        await asyncio.sleep(min(STALL_CHECK_INTERVAL, limit / 2) if limit > 0 else 1.0)
+        if outbox.stalled_for() >= limit:
+            log.info(
+                "dropped the connection from %s: it read nothing for %.0f s", request.remote, limit
+            )
+            outbox.close()
+            if request.transport is not None:
+                request.transport.abort()
+            return
 
 
 async def _send_events(ws: web.WebSocketResponse, outbox: Outbox) -> None:
