@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -64,7 +65,7 @@ class UrlCache:
         scheme = urlsplit(file.url).scheme.lower()
         if scheme not in ("http", "https"):
             raise DownloadError(f"url {excerpt(file.url)} is not http or https")
-        target = self._locate(file)
+        target = await asyncio.get_running_loop().run_in_executor(None, self._locate, file)
         lock = self._locks.setdefault(target, asyncio.Lock())
         self._wanted_by[target] = self._wanted_by.get(target, 0) + 1
         try:
@@ -164,6 +165,33 @@ async def materialise_upload(
 ) -> Path:
     """Create or replace ``work_dir/<name>`` with the uploaded files; return its path."""
     text_bytes = _check_limits(command, limits)
+    loop = asyncio.get_running_loop()
+    # File-system work runs in threads: one client's slow names stall no other client.
+    target, created = await loop.run_in_executor(None, _prepare_target, command, work_dir, owner)
+    staging: Path | None = None
+    try:
+        staging = Path(
+            await loop.run_in_executor(
+                None, functools.partial(tempfile.mkdtemp, dir=target.parent, prefix=STAGING_PREFIX)
+            )
+        )
+        await _fill(staging, command, cache, limits.max_bytes, text_bytes)
+        await loop.run_in_executor(None, _finish, staging, target, owner)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+    log.info("uploaded %d file(s) into %s", len(command.files), excerpt(str(target)))
+    return target
+
+
+def _prepare_target(
+    command: UploadCommand, work_dir: Path, owner: Owner | None
+) -> tuple[Path, list[Path]]:
+    """The upload's real target path and the directories created above it (outermost first)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     work_real = Path(os.path.realpath(work_dir))
     what = f"upload directory name {excerpt(command.name)}"
@@ -175,25 +203,22 @@ async def materialise_upload(
         kind = describe_kind(os.lstat(target).st_mode)
         raise UploadError(f"{what} is {kind} in the work dir, not a directory; remove it first")
     created = _make_directories(work_real, target.parent, what)
-    staging: Path | None = None
     try:
         if owner is not None:
             for directory in created:
                 _chown(directory, owner)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=STAGING_PREFIX))
-        await _fill(staging, command, cache, limits.max_bytes, text_bytes)
-        if owner is not None:
-            _chown_tree(staging, owner)
-        _swap_in(staging, target)
     except BaseException:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
         for directory in reversed(created):
             with contextlib.suppress(OSError):
                 directory.rmdir()
         raise
-    log.info("uploaded %d file(s) into %r", len(command.files), target)
-    return target
+    return target, created
+
+
+def _finish(staging: Path, target: Path, owner: Owner | None) -> None:
+    if owner is not None:
+        _chown_tree(staging, owner)
+    _swap_in(staging, target)
 
 
 def _check_limits(command: UploadCommand, limits: UploadLimits) -> int:
@@ -219,6 +244,24 @@ async def _fill(
 
     Every alias is checked before anything is written or downloaded.
     """
+    loop = asyncio.get_running_loop()
+    destinations = await loop.run_in_executor(None, _write_texts, staging, command)
+    for alias, file in command.files.items():
+        if isinstance(file, TextFile):
+            continue
+        destination = destinations[alias]
+        cached = await cache.fetch(file)
+        total += cached.stat().st_size
+        if total > max_bytes:
+            raise LimitExceededError(
+                f"upload is over {max_bytes} bytes with {excerpt(alias)}; "
+                "the limit is the total of all its files"
+            )
+        await asyncio.get_running_loop().run_in_executor(None, shutil.copyfile, cached, destination)
+
+
+def _write_texts(staging: Path, command: UploadCommand) -> dict[str, Path]:
+    """Check every name, write the text files; return where each file goes."""
     destinations = {
         alias: confine_path(staging, alias, "upload file name") for alias in command.files
     }
@@ -228,15 +271,7 @@ async def _fill(
         destination.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(file, TextFile):
             destination.write_text(file.text, encoding="utf-8")
-            continue
-        cached = await cache.fetch(file)
-        total += cached.stat().st_size
-        if total > max_bytes:
-            raise LimitExceededError(
-                f"upload is over {max_bytes} bytes with {excerpt(alias)}; "
-                "the limit is the total of all its files"
-            )
-        await asyncio.get_running_loop().run_in_executor(None, shutil.copyfile, cached, destination)
+    return destinations
 
 
 def _check_collisions(aliases: list[str]) -> None:
