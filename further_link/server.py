@@ -20,6 +20,7 @@ from .access import TOKENS, check_origin, check_token, setup_access
 from .auth import TokenStore
 from .config import Config
 from .device import setup_device
+from .egress import DownloadPolicy, PolicyResolver
 from .launch import prepare_library_dir, program_env
 from .netguard import hold_clock
 from .outbox import Outbox, OutboxClosed
@@ -138,11 +139,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     proctree.become_subreaper()
     _prepare_work_dir(config)
     library_dir = prepare_library_dir()
-    http = aiohttp.ClientSession()
+    policy = DownloadPolicy(config.download_allow)
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=PolicyResolver(policy)))
     pool = _start_pool(config, library_dir)
     app[SERVICES] = Services(
         config=config,
-        cache=UrlCache(config.cache_dir, http, config.max_download_bytes),
+        cache=UrlCache(config.cache_dir, http, config.max_download_bytes, policy),
         library_dir=library_dir,
         pool=pool,
     )

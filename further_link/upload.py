@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -21,7 +22,9 @@ from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import aiohttp
+from yarl import URL
 
+from .egress import DestinationRefused, DownloadPolicy
 from .errors import DownloadError, LimitExceededError, UploadError, excerpt, shorten
 from .paths import confine_path, describe_kind
 from .protocol import TextFile, UploadCommand, UrlFile
@@ -32,6 +35,11 @@ CACHE_DIR_NAME = ".flcache"
 STAGING_PREFIX = ".flupload-"
 DOWNLOAD_CHUNK = 64 * 1024
 DOWNLOAD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=30)
+MAX_REDIRECTS = 10
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+LOCATION = aiohttp.hdrs.LOCATION
+# Beside the buckets in .flcache: one file per entry holding the url it came from.
+RECORDS_DIR = ".flurls"
 
 
 @dataclass(frozen=True)
@@ -50,41 +58,70 @@ class Owner:
 
 
 class UrlCache:
-    """Downloads each (bucketName, fileName) once; shared by all connections."""
+    """Downloads each url once into ``<bucketName>/<fileName>``; shared by all connections.
 
-    def __init__(self, cache_dir: Path, http: aiohttp.ClientSession, max_bytes: int) -> None:
+    The url an entry came from is recorded beside it (``.flurls/<hash>``, whose
+    modification time also says when the entry was last used): a later
+    upload naming the same entry with another url downloads again. Every
+    destination, redirects included, must pass ``policy``; ``http`` must
+    resolve names through ``egress.PolicyResolver`` with the same policy.
+    """
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        http: aiohttp.ClientSession,
+        max_bytes: int,
+        policy: DownloadPolicy | None = None,
+    ) -> None:
         self.cache_dir = cache_dir
         self._http = http
         self._max_bytes = max_bytes
+        self._policy = policy or DownloadPolicy()
         # One lock per cache entry while anyone wants it, so it is fetched once.
         self._locks: dict[Path, asyncio.Lock] = {}
         self._wanted_by: dict[Path, int] = {}
 
-    async def fetch(self, file: UrlFile) -> Path:
-        """The cached copy of ``file``, downloading it first if needed."""
-        scheme = urlsplit(file.url).scheme.lower()
-        if scheme not in ("http", "https"):
-            raise DownloadError(f"url {excerpt(file.url)} is not http or https")
-        target = await asyncio.get_running_loop().run_in_executor(None, self._locate, file)
+    async def fetch_into(self, file: UrlFile, destination: Path) -> int:
+        """Copy ``file`` from the cache (downloading it first if needed); return its size.
+
+        The copy is made under the entry's lock, so another upload naming the
+        same entry with another url cannot swap the content in between.
+        """
+        _check_scheme(file.url)
+        loop = asyncio.get_running_loop()
+        target, record = await loop.run_in_executor(None, self._locate, file)
         lock = self._locks.setdefault(target, asyncio.Lock())
         self._wanted_by[target] = self._wanted_by.get(target, 0) + 1
         try:
             async with lock:
-                if target.is_file():
-                    log.debug("cache hit for %s", target)
+                if await loop.run_in_executor(None, _recorded_for, target, record, file.url):
+                    log.debug("cache hit for %s", excerpt(file.file_name))
                 else:
                     await self._download(file.url, target)
+                    await loop.run_in_executor(None, _record, record, file.url)
+                await loop.run_in_executor(None, shutil.copyfile, target, destination)
+                return target.stat().st_size
         finally:
             self._wanted_by[target] -= 1
             if self._wanted_by[target] == 0:
                 del self._wanted_by[target], self._locks[target]
-        return target
 
-    def _locate(self, file: UrlFile) -> Path:
-        """The real path of ``file``'s cache entry; its bucket is created, nothing outside."""
+    def _locate(self, file: UrlFile) -> tuple[Path, Path]:
+        """The real paths of ``file``'s cache entry and of its url record.
+
+        Its bucket is created, nothing outside the cache.
+        """
         work_dir = Path(os.path.realpath(self.cache_dir.parent))
         cache = confine_path(work_dir, self.cache_dir.name, "url cache directory", nested=False)
         _make_directories(work_dir, cache, "the url cache directory")
+        if file.bucket_name.startswith(".fl"):
+            raise UploadError(
+                f"bucketName {excerpt(file.bucket_name)} is reserved by further-link "
+                "(names starting '.fl')"
+            )
+        records = confine_path(cache, RECORDS_DIR, "url records directory", nested=False)
+        _make_directories(cache, records, "the url records directory")
         bucket = confine_path(cache, file.bucket_name, "bucketName", nested=False)
         _make_directories(cache, bucket, f"bucketName {excerpt(file.bucket_name)}")
         target = confine_path(bucket, file.file_name, "fileName", nested=False)
@@ -92,7 +129,8 @@ class UrlCache:
             raise UploadError(
                 f"fileName {excerpt(file.file_name)} is a directory in the url cache, not a file"
             )
-        return target
+        key = hashlib.sha256(f"{file.bucket_name}\0{file.file_name}".encode()).hexdigest()
+        return target, records / key
 
     async def _download(self, url: str, target: Path) -> None:
         fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".part-")
@@ -107,8 +145,24 @@ class UrlCache:
         log.info("downloaded %s into the cache", shorten(url))
 
     async def _stream_into(self, url: str, out: BinaryIO) -> None:
+        """Follow up to ``MAX_REDIRECTS`` redirects, each checked, then stream the body."""
+        for _ in range(MAX_REDIRECTS + 1):
+            location = await self._get(url, out)
+            if location is None:
+                return
+            url = location
+        raise DownloadError(f"downloading {shorten(url)} failed: over {MAX_REDIRECTS} redirects")
+
+    async def _get(self, url: str, out: BinaryIO) -> str | None:
+        """Stream ``url``'s body into ``out``; or return where it redirects to."""
+        _check_scheme(url)
         try:
-            async with self._http.get(url, timeout=DOWNLOAD_TIMEOUT) as response:
+            self._policy.check_literal(URL(url).host or "")
+            async with self._http.get(
+                url, timeout=DOWNLOAD_TIMEOUT, allow_redirects=False
+            ) as response:
+                if response.status in REDIRECTS and LOCATION in response.headers:
+                    return str(response.url.join(URL(response.headers[LOCATION])))
                 if response.status != 200:
                     raise DownloadError(
                         f"downloading {shorten(url)} failed: "
@@ -136,6 +190,15 @@ class UrlCache:
                     raise DownloadError(
                         f"downloading {shorten(url)} failed: got {received} of {declared} bytes"
                     )
+                return None
+        except DestinationRefused as exc:
+            raise DownloadError(f"downloading {shorten(url)} refused: {exc}") from None
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, DestinationRefused):
+                raise DownloadError(f"downloading {shorten(url)} refused: {exc.os_error}") from None
+            raise DownloadError(
+                f"downloading {shorten(url)} failed: {_describe_client_error(exc)}"
+            ) from None
         except aiohttp.ClientError as exc:
             raise DownloadError(
                 f"downloading {shorten(url)} failed: {_describe_client_error(exc)}"
@@ -144,6 +207,28 @@ class UrlCache:
             raise DownloadError(
                 f"downloading {shorten(url)} failed: the server stopped answering"
             ) from None
+
+
+def _check_scheme(url: str) -> None:
+    if urlsplit(url).scheme.lower() not in ("http", "https"):
+        raise DownloadError(f"url {excerpt(url)} is not http or https")
+
+
+def _recorded_for(target: Path, record: Path, url: str) -> bool:
+    """True when ``target`` holds ``url``'s content; marks the entry as just used."""
+    try:
+        if not target.is_file() or record.read_text(encoding="utf-8") != url:
+            return False
+        os.utime(record)
+    except OSError:
+        return False
+    return True
+
+
+def _record(record: Path, url: str) -> None:
+    partial = record.with_name(f".{record.name}.{os.getpid()}.partial")
+    partial.write_text(url, encoding="utf-8")
+    os.replace(partial, record)
 
 
 def _describe_client_error(exc: aiohttp.ClientError) -> str:
@@ -249,15 +334,12 @@ async def _fill(
     for alias, file in command.files.items():
         if isinstance(file, TextFile):
             continue
-        destination = destinations[alias]
-        cached = await cache.fetch(file)
-        total += cached.stat().st_size
+        total += await cache.fetch_into(file, destinations[alias])
         if total > max_bytes:
             raise LimitExceededError(
                 f"upload is over {max_bytes} bytes with {excerpt(alias)}; "
                 "the limit is the total of all its files"
             )
-        await asyncio.get_running_loop().run_in_executor(None, shutil.copyfile, cached, destination)
 
 
 def _write_texts(staging: Path, command: UploadCommand) -> dict[str, Path]:

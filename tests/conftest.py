@@ -24,6 +24,13 @@ from further_link.netguard import GuardedSite
 from further_link.server import create_app
 from further_link.tls import server_ssl_context
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "loopback_downloads: the test's servers may download from 127.0.0.1"
+    )
+
+
 # Generous: tests must pass on a slow, busy machine.
 TIMEOUT = 30.0
 
@@ -171,12 +178,23 @@ def make_config(sandbox: Path, **overrides: Any) -> Config:
 
 @pytest.fixture
 async def start_server(
-    sandbox: Path,
+    sandbox: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
-    """Factory: ``await start_server(no_ssl=False, kill_grace=0.5, ...)``."""
+    """Factory: ``await start_server(no_ssl=False, kill_grace=0.5, ...)``.
+
+    A test that uses ``file_server`` (on loopback) or is marked
+    ``loopback_downloads`` gets servers that may download from 127.0.0.1,
+    which the download policy otherwise refuses.
+    """
     runners: list[web.AppRunner] = []
+    allow_loopback = "file_server" in request.fixturenames or bool(
+        request.node.get_closest_marker("loopback_downloads")
+    )
 
     async def start(**overrides: Any) -> RunningServer:
+        if allow_loopback:
+            environ = {"FURTHER_LINK_DOWNLOAD_ALLOW": "127.0.0.1", **overrides.get("environ", {})}
+            overrides["environ"] = environ
         config = make_config(sandbox, **overrides)
         tokens = TokenStore(config.config_dir)
         token = tokens.load_or_create()
