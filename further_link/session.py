@@ -226,6 +226,7 @@ class Session:
             max_files=config.max_upload_files,
             max_bytes=config.max_upload_bytes,
             max_download_bytes=config.max_download_bytes,
+            quota_bytes=config.quota_bytes,
         )
         run_as = config.run_as
         owner = Owner(run_as.uid, run_as.gid) if run_as is not None and run_as.switch else None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import os
 import shutil
@@ -28,6 +27,7 @@ from .egress import DestinationRefused, DownloadPolicy
 from .errors import DownloadError, LimitExceededError, UploadError, excerpt, shorten
 from .paths import confine_path, describe_kind
 from .protocol import TextFile, UploadCommand, UrlFile
+from .quota import disk_usage, evict_least_recent, record_name
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class UploadLimits:
     max_files: int
     max_bytes: int
     max_download_bytes: int
+    quota_bytes: int | None = None  # the whole work dir: uploads and url cache
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,26 @@ class UrlCache:
             raise UploadError(
                 f"fileName {excerpt(file.file_name)} is a directory in the url cache, not a file"
             )
-        key = hashlib.sha256(f"{file.bucket_name}\0{file.file_name}".encode()).hexdigest()
-        return target, records / key
+        return target, records / record_name(file.bucket_name, file.file_name)
+
+    def make_room(self, work_dir: Path, replaced: Path, quota: int) -> None:
+        """Keep ``work_dir`` within ``quota`` bytes once ``replaced`` is gone (for a thread).
+
+        Least recently used cache entries are evicted first; raises
+        ``LimitExceededError`` when even that is not enough.
+        """
+        over = disk_usage(work_dir) - disk_usage(replaced) - quota
+        if over <= 0:
+            return
+        freed = evict_least_recent(
+            Path(os.path.realpath(self.cache_dir)), RECORDS_DIR, over, set(self._locks)
+        )
+        if freed < over:
+            raise LimitExceededError(
+                f"the work dir would hold {over - freed} bytes more than its quota of "
+                f"{quota} bytes (FURTHER_LINK_QUOTA_BYTES); remove old uploads first"
+            )
+        log.info("evicted %d bytes of url cache entries to stay within the quota", freed)
 
     async def _download(self, url: str, target: Path) -> None:
         fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".part-")
@@ -219,7 +238,7 @@ def _recorded_for(target: Path, record: Path, url: str) -> bool:
     try:
         if not target.is_file() or record.read_text(encoding="utf-8") != url:
             return False
-        os.utime(record)
+        os.utime(target)  # least recently used entries are evicted first (quota.py)
     except OSError:
         return False
     return True
@@ -261,6 +280,8 @@ async def materialise_upload(
             )
         )
         await _fill(staging, command, cache, limits.max_bytes, text_bytes)
+        if limits.quota_bytes is not None:
+            await loop.run_in_executor(None, cache.make_room, work_dir, target, limits.quota_bytes)
         await loop.run_in_executor(None, _finish, staging, target, owner)
     except BaseException:
         if staging is not None:
