@@ -67,7 +67,8 @@ class TokenStore:
     def matches(self, candidate: str | None) -> bool:
         if not candidate:
             return False
-        return hmac.compare_digest(candidate.encode(), self.current().encode())
+        # "replace": a client's lone surrogate is a wrong token, not a crash.
+        return hmac.compare_digest(candidate.encode("utf-8", "replace"), self.current().encode())
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def code_is_valid(
     valid = [_code_for(token, window, generation)]
     if now - window * CODE_WINDOW_SECONDS < CODE_GRACE_SECONDS:
         valid.append(_code_for(token, window - 1, generation))
-    typed = normalise_code(candidate).encode()
+    typed = normalise_code(candidate).encode("utf-8", "replace")
     return any(hmac.compare_digest(typed, code.encode()) for code in valid)
 
 
