@@ -15,24 +15,27 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
 import psutil
 import pytest
+from aiohttp import web
 from test_cli import ServerProcess
 
 from further_link.access import GUARD
-from further_link.auth import pairing_code
+from further_link.auth import TokenStore, pairing_code
 from further_link.netguard import raise_fd_limit
 from further_link.pairing import BURST, WRONG_PER_CODE, PairingPolicy, read_generation
+from further_link.tls import ensure_self_signed
 
 from conftest import (
     PROGRAM_SETTINGS,
     TIMEOUT,
     Client,
+    FileServer,
     RunningServer,
     alive,
     write_pid_code,
@@ -40,6 +43,19 @@ from conftest import (
 
 StartServer = Callable[..., Awaitable[RunningServer]]
 MiB = 1024 * 1024
+
+
+def text_file(text: str) -> dict[str, Any]:
+    return {"type": "text", "content": {"text": text}}
+
+
+def url_file(url: str, bucket: str, name: str) -> dict[str, Any]:
+    return {"type": "url", "content": {"url": url, "bucketName": bucket, "fileName": name}}
+
+
+async def upload(client: Client, name: str, files: dict[str, Any]) -> dict[str, Any]:
+    await client.send("upload", {"directory": {"name": name, "files": files}})
+    return await client.receive()
 
 
 def source_addresses(count: int) -> list[str]:
@@ -420,3 +436,188 @@ async def test_a_client_that_floods_but_never_reads_is_dropped_with_bounded_memo
     assert "read nothing for 5 s" in log
     assert max(len(line) for line in server.log) < 1000
     assert "Traceback" not in log
+
+
+# ----------------------------------------------------------- upload names
+
+
+async def test_2000_part_names_are_refused_in_milliseconds_without_stalling_others(
+    start_server: StartServer, connect: Callable[..., Awaitable[Client]]
+) -> None:
+    server = await start_server(no_ssl=False)
+    attacker, other = await connect(server), await connect(server)
+    deep = "/".join(["a"] * 2000)
+    files = {f"{deep}{i}": text_file("x") for i in range(6)}
+    started = time.monotonic()
+    reply = await upload(attacker, "proj", files)
+    took = time.monotonic() - started
+    assert reply["type"] == "error"
+    assert "has more than 64 parts" in reply["data"]["message"]
+    assert len(reply["data"]["message"]) < 300  # the name is quoted, cut short
+    assert took < 0.5, f"refusing took {took:.3f} s"
+    for name, expected in [
+        ("b" * 256, "longer than 255 bytes"),
+        ("/".join(["c" * 255] * 17), "longer than 4096 bytes"),
+    ]:
+        reply = await upload(attacker, "proj", {name: text_file("x")})
+        assert expected in reply["data"]["message"]
+    # Deep but allowed names go through the file system in threads, while others are served.
+    allowed = {"/".join(["d"] * 60 + [str(i)]): text_file("x") for i in range(200)}
+    await attacker.send("upload", {"directory": {"name": "deep", "files": allowed}})
+    worst = 0.0
+    for _ in range(20):
+        started = time.monotonic()
+        await other.send("ping")
+        assert (await other.receive())["type"] == "pong"
+        worst = max(worst, time.monotonic() - started)
+    assert (await attacker.receive())["type"] == "uploaded"
+    assert worst < 1.0, f"another client waited {worst:.2f} s for a pong"
+    assert (server.config.work_dir / "deep" / "/".join(["d"] * 60) / "7").read_text() == "x"
+
+
+# ------------------------------------------------------------ secret files
+
+
+def test_secret_files_are_0600_whatever_was_left_behind(tmp_path: Path) -> None:
+    config_dir = tmp_path / "cfg"
+    config_dir.mkdir()
+    for leftover in ["token.partial", "key.pem.partial", "cert.pem.partial"]:
+        (config_dir / leftover).write_text("old")
+        (config_dir / leftover).chmod(0o644)
+    (config_dir / "token").write_text("old-token\n")
+    (config_dir / "token").chmod(0o644)
+    old_umask = os.umask(0)
+    try:
+        store = TokenStore(config_dir)
+        token = store.rotate()
+        cert, key = ensure_self_signed(config_dir)
+    finally:
+        os.umask(old_umask)
+    assert (config_dir / "token").read_text().strip() == token
+    for secret in [config_dir / "token", key, cert]:
+        assert secret.stat().st_mode & 0o777 == 0o600, secret
+    # Nothing half-written stays behind under the fresh names.
+    assert sorted(p.name for p in config_dir.iterdir() if p.name.startswith(".")) == []
+
+
+# --------------------------------------------------------------- downloads
+
+
+@pytest.fixture
+async def loopback_site() -> AsyncIterator[Callable[[str, web.Application], Awaitable[str]]]:
+    """Factory: serve an app on a given loopback address; returns its base url."""
+    runners: list[web.AppRunner] = []
+
+    async def serve(host: str, app: web.Application) -> str:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, host, 0)
+        await site.start()
+        return f"http://{host}:{runner.addresses[0][1]}"
+
+    yield serve
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def test_downloads_to_loopback_are_refused_directly_by_name_and_via_redirects(
+    start_server: StartServer,
+    connect: Callable[..., Awaitable[Client]],
+    loopback_site: Callable[[str, web.Application], Awaitable[str]],
+) -> None:
+    hits: list[str] = []
+
+    async def secret(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(text="internal secret")
+
+    inside = web.Application()
+    inside.router.add_get("/{name}", secret)
+    private = await loopback_site("127.0.0.2", inside)
+    private_port = private.rsplit(":", 1)[1]
+
+    async def bounce(request: web.Request) -> web.Response:
+        raise web.HTTPFound(request.query["to"])
+
+    outside = web.Application()
+    outside.router.add_get("/go", bounce)
+    # The one address downloads may reach here, as a school's own mirror would be.
+    allowed = await loopback_site("127.0.0.3", outside)
+
+    server = await start_server(no_ssl=False, environ={"FURTHER_LINK_DOWNLOAD_ALLOW": "127.0.0.3"})
+    client = await connect(server)
+    cases = {
+        f"{private}/a": "127.0.0.2 is a loopback address",
+        f"http://localhost:{private_port}/b": "is a loopback address",
+        f"http://[::1]:{private_port}/c": "::1 is a loopback address",
+        f"http://169.254.169.254:{private_port}/d": "is a link-local address",
+        f"http://10.1.2.3:{private_port}/e": "is a private network address",
+        f"http://224.0.0.1:{private_port}/f": "is a multicast address",
+        f"http://0.0.0.0:{private_port}/g": "is an unspecified address",
+        f"{allowed}/go?to={private}/h": "127.0.0.2 is a loopback address",
+        f"{allowed}/go?to=http://localhost:{private_port}/i": "is a loopback address",
+    }
+    for url, expected in cases.items():
+        reply = await upload(client, "proj", {"f.txt": url_file(url, "b", "f.txt")})
+        assert reply["type"] == "error", url
+        message = reply["data"]["message"]
+        assert "refused" in message and expected in message, (url, message)
+        assert "FURTHER_LINK_DOWNLOAD_ALLOW" in message
+    assert hits == []
+    assert not (server.config.work_dir / ".flcache" / "b" / "f.txt").exists()
+
+
+async def test_a_cached_file_is_reused_only_for_the_same_url(
+    start_server: StartServer, connect: Callable[..., Awaitable[Client]], file_server: FileServer
+) -> None:
+    server = await start_server()
+    client = await connect(server)
+    file_server.bodies.update({"one.csv": b"first", "two.csv": b"second"})
+    one, two = file_server.url("one.csv"), file_server.url("two.csv")
+
+    async def fetch(url: str) -> bytes:
+        reply = await upload(client, "proj", {"data.csv": url_file(url, "b", "data.csv")})
+        assert reply["type"] == "uploaded", reply
+        return (server.config.work_dir / "proj" / "data.csv").read_bytes()
+
+    assert await fetch(one) == b"first"
+    assert await fetch(one) == b"first"
+    assert file_server.hits == {"one.csv": 1}
+    assert await fetch(two) == b"second"
+    assert await fetch(one) == b"first"
+    assert file_server.hits == {"one.csv": 2, "two.csv": 1}
+    # The layout clients rely on stays: .flcache/<bucketName>/<fileName>.
+    assert (server.config.work_dir / ".flcache" / "b" / "data.csv").read_bytes() == b"first"
+
+
+# ------------------------------------------------------------------- quota
+
+
+async def test_the_quota_evicts_old_cache_entries_then_refuses_naming_itself(
+    start_server: StartServer, connect: Callable[..., Awaitable[Client]], file_server: FileServer
+) -> None:
+    server = await start_server(environ={"FURTHER_LINK_QUOTA_BYTES": str(3 * MiB)})
+    client = await connect(server)
+    cache = server.config.work_dir / ".flcache" / "b"
+    file_server.bodies.update({"old.bin": b"o" * (MiB // 2), "new.bin": b"n" * (MiB // 2)})
+    for name in ["old.bin", "new.bin"]:
+        reply = await upload(
+            client, f"dl-{name}", {name: url_file(file_server.url(name), "b", name)}
+        )
+        assert reply["type"] == "uploaded"
+        await asyncio.sleep(0.05)  # distinct last-use times
+    # 2 MiB used (two uploads and their two cache entries). Another 1 MiB upload
+    # needs room: the least recently used cache entry goes, the newer one stays.
+    reply = await upload(client, "text1", {"a.txt": text_file("t" * MiB)})
+    assert reply["type"] == "uploaded", reply
+    assert not (cache / "old.bin").exists()
+    assert (cache / "new.bin").exists()
+    # Now uploads alone fill it: the next is refused, and the message names the quota.
+    reply = await upload(client, "text2", {"a.txt": text_file("u" * MiB)})
+    assert reply["type"] == "error"
+    assert f"quota of {3 * MiB} bytes (FURTHER_LINK_QUOTA_BYTES)" in reply["data"]["message"]
+    assert not (server.config.work_dir / "text2").exists()
+    # Replacing an upload with one of the same size fits: the old one's room is reused.
+    reply = await upload(client, "text1", {"a.txt": text_file("v" * MiB)})
+    assert reply["type"] == "uploaded", reply
