@@ -123,6 +123,7 @@ class GuardedProtocol(asyncio.Protocol):
         self._address = ""
         self._clock: asyncio.TimerHandle | None = None
         self._busy = 0
+        self._served = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -145,12 +146,17 @@ class GuardedProtocol(asyncio.Protocol):
     def _expire(self) -> None:
         self._clock = None
         transport = self._transport
-        if isinstance(transport, asyncio.Transport) and not self._busy:
-            transport.abort()
+        if not isinstance(transport, asyncio.Transport) or self._busy:
+            return
+        if self._served:
+            transport.close()  # an idle keep-alive connection: a polite goodbye
+        else:
+            transport.abort()  # never finished a request head: nothing to flush
 
     def request_started(self) -> None:
         """A whole request head arrived: its handler takes over the connection's time."""
         self._busy += 1
+        self._served = True
         if self._clock is not None:
             self._clock.cancel()
             self._clock = None

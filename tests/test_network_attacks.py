@@ -24,6 +24,7 @@ import psutil
 import pytest
 from aiohttp import web
 from test_cli import ServerProcess
+from test_upload import text_file, upload, url_file
 
 from further_link.access import GUARD
 from further_link.auth import TokenStore, pairing_code
@@ -43,19 +44,6 @@ from conftest import (
 
 StartServer = Callable[..., Awaitable[RunningServer]]
 MiB = 1024 * 1024
-
-
-def text_file(text: str) -> dict[str, Any]:
-    return {"type": "text", "content": {"text": text}}
-
-
-def url_file(url: str, bucket: str, name: str) -> dict[str, Any]:
-    return {"type": "url", "content": {"url": url, "bucketName": bucket, "fileName": name}}
-
-
-async def upload(client: Client, name: str, files: dict[str, Any]) -> dict[str, Any]:
-    await client.send("upload", {"directory": {"name": name, "files": files}})
-    return await client.receive()
 
 
 def source_addresses(count: int) -> list[str]:

@@ -406,7 +406,7 @@ function lockPairing(seconds) {
   pairLockTimer = setInterval(tick, 1000);
 }
 
-// "wrong pairing code; 4 tries left" -> "Wrong pairing code; 4 tries left."
+// "wrong pairing code" -> "Wrong pairing code."
 function sentence(text) {
   if (!text) return text;
   const capital = text[0].toUpperCase() + text.slice(1);
