@@ -261,6 +261,10 @@ def install_emfile_handler(loop: asyncio.AbstractEventLoop) -> None:
             return
         if isinstance(exc, (ssl.SSLError, ConnectionError)):
             return  # a peer's failed handshake or reset is its own business
+        if isinstance(exc, ValueError) and "_start_serving" in repr(context.get("handle")):
+            # asyncio retries accepting after EMFILE on a timer that can outlive the
+            # listening socket at shutdown; nothing is left to serve then.
+            return
         if previous is not None:
             previous(loop, context)
         else:

@@ -609,3 +609,56 @@ async def test_the_quota_evicts_old_cache_entries_then_refuses_naming_itself(
     # Replacing an upload with one of the same size fits: the old one's room is reused.
     reply = await upload(client, "text1", {"a.txt": text_file("v" * MiB)})
     assert reply["type"] == "uploaded", reply
+
+
+# ------------------------------------------------------- out of descriptors
+
+
+async def test_out_of_descriptors_a_start_answers_error_and_the_log_stays_short(
+    sandbox: Path,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
+    env.update(
+        PROGRAM_SETTINGS,
+        FURTHER_LINK_CONFIG_DIR=str(sandbox / "cfg"),
+        FURTHER_LINK_POOL_SIZE="0",
+        FURTHER_LINK_HEADER_TIMEOUT="60",
+    )
+    args = ["--host", "127.0.0.1", "--port", "0", "--work-dir", str(sandbox / "w")]
+    # A hard limit the server cannot raise: 100 descriptors in all.
+    server = ServerProcess(args, env, prefix=["prlimit", "--nofile=100:100", "--"])
+    stdout = server.proc.stdout
+    assert stdout is not None
+    threading.Thread(target=lambda: server.log.extend(stdout), daemon=True).start()
+    idle: list[asyncio.StreamWriter] = []
+    try:
+        token = (sandbox / "cfg" / "token").read_text().strip()
+        tls = ssl.create_default_context(cafile=str(sandbox / "cfg" / "cert.pem"))
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(
+                f"wss://127.0.0.1:{server.port}/run-py?token={token}", ssl=tls
+            )
+            # Idle peers take every descriptor the server has left (and more wait in the backlog).
+            for address in source_addresses(150):
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", server.port, local_addr=(address, 0)),
+                    TIMEOUT,
+                )
+                idle.append(writer)
+            await asyncio.sleep(3)
+            await ws.send_json({"type": "start", "data": {"sourceScript": "print('hi')"}})
+            answer = await ws.receive_json(timeout=TIMEOUT)
+            assert answer["type"] == "error", answer
+            assert answer["data"]["message"].startswith("the device could not do this now:")
+            # The connection stays usable.
+            await ws.send_json({"type": "ping"})
+            assert (await ws.receive_json(timeout=TIMEOUT))["type"] == "pong"
+            await ws.close()
+    finally:
+        for writer in idle:
+            writer.transport.abort()
+        assert server.stop() == 0
+    log = "".join(server.log)
+    assert "Traceback" not in log
+    assert 1 <= log.count("out of file descriptors") <= 3
+    assert len(server.log) < 40
