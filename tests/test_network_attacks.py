@@ -115,6 +115,7 @@ async def test_brute_force_from_400_addresses_is_held_to_the_device_budget(
     finally:
         await asyncio.gather(*(session.close() for session in sessions))
     judged = statuses.count(403)
+    print(f"figure: 800 guesses from 400 addresses: {judged} judged in {elapsed:.1f} s")
     # Only the device-wide burst was judged (a few more may have refilled meanwhile).
     assert BURST <= judged <= BURST + 2, statuses
     assert statuses.count(429) == len(statuses) - judged
@@ -297,6 +298,7 @@ async def test_2000_idle_and_slow_connections_leave_a_paired_client_served(
         result = await client.run({"sourceScript": "print('hi')"})
         took = time.monotonic() - started
         assert result.stdout == "hi\n" and result.exit_code == 0
+        print(f"figure: print('hi') among 2,000 idle connections: {took * 1000:.0f} ms")
         assert took < 1.0, f"print('hi') took {took:.2f} s among 2,000 idle connections"
         # The server hangs up on every one of them once their time is up.
         deadline = time.monotonic() + 5 + TIMEOUT
@@ -413,6 +415,7 @@ async def test_a_client_that_floods_but_never_reads_is_dropped_with_bounded_memo
             await ws.close()
         grown = max(samples)
         assert dropped, f"sent {sent} messages and was never dropped"
+        print(f"figure: flooding client: {sent} messages, peak growth {grown / MiB:.1f} MiB")
         assert grown <= 16 * MiB, f"the server grew by {grown / MiB:.1f} MiB ({sent} sent)"
         deadline = time.monotonic() + TIMEOUT
         while alive(pid) and time.monotonic() < deadline:
@@ -442,6 +445,7 @@ async def test_2000_part_names_are_refused_in_milliseconds_without_stalling_othe
     assert reply["type"] == "error"
     assert "has more than 64 parts" in reply["data"]["message"]
     assert len(reply["data"]["message"]) < 300  # the name is quoted, cut short
+    print(f"figure: six 2,000-part names refused in {took * 1000:.1f} ms")
     assert took < 0.5, f"refusing took {took:.3f} s"
     for name, expected in [
         ("b" * 256, "longer than 255 bytes"),
@@ -459,6 +463,7 @@ async def test_2000_part_names_are_refused_in_milliseconds_without_stalling_othe
         assert (await other.receive())["type"] == "pong"
         worst = max(worst, time.monotonic() - started)
     assert (await attacker.receive())["type"] == "uploaded"
+    print(f"figure: worst pong during a 200-file deep upload: {worst * 1000:.0f} ms")
     assert worst < 1.0, f"another client waited {worst:.2f} s for a pong"
     assert (server.config.work_dir / "deep" / "/".join(["d"] * 60) / "7").read_text() == "x"
 
