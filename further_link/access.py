@@ -7,6 +7,7 @@ turns refusals into HTTP answers *before* any websocket upgrade.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable
@@ -196,8 +197,12 @@ async def _read_pair_body(
     """The parsed JSON object, or the 4xx answer for anything else (never a 500)."""
     if request.content_length is not None and request.content_length > MAX_PAIR_BODY:
         return _error(413, f"the body is over {MAX_PAIR_BODY} bytes; {PAIR_USAGE}", headers)
+    timeout = request.app[ACCESS_CONFIG].header_timeout
     try:
-        raw = await request.content.read(MAX_PAIR_BODY + 1)
+        # The connection's header clock stops while a request is handled: the body has its own.
+        raw = await asyncio.wait_for(request.content.read(MAX_PAIR_BODY + 1), timeout)
+    except asyncio.TimeoutError:
+        return _error(408, f"the body did not arrive within {timeout:g} s", headers)
     except (ConnectionError, ValueError) as exc:
         # aiohttp reports a broken chunked body or a body cut short as these.
         return _error(

@@ -179,6 +179,20 @@ async def test_held_bodies_are_judged_one_at_a_time_after_they_arrive(
     assert statuses.count(429) == 130
 
 
+async def test_a_body_that_never_comes_is_answered_408_and_spends_nothing(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(no_ssl=False, environ={"FURTHER_LINK_HEADER_TIMEOUT": "2"})
+    reader, writer = await open_tls(server)
+    writer.write(pair_head(b'{"code": "123456789"}'))
+    started = time.monotonic()
+    assert await read_status(reader) == 408
+    assert 1.5 < time.monotonic() - started < 2 + TIMEOUT
+    writer.close()
+    assert server.runner is not None
+    assert server.runner.app[GUARD].wrong_left == BURST
+
+
 @pytest.mark.parametrize(
     "body",
     [
