@@ -152,7 +152,8 @@ async def read_status(reader: asyncio.StreamReader) -> int:
 async def test_held_bodies_are_judged_one_at_a_time_after_they_arrive(
     start_server: StartServer,
 ) -> None:
-    server = await start_server(no_ssl=False)
+    # Bodies may wait a minute here: opening 150 TLS connections takes a while on a busy machine.
+    server = await start_server(no_ssl=False, environ={"FURTHER_LINK_HEADER_TIMEOUT": "60"})
     assert server.runner is not None
     server.runner.app[GUARD].policy = PairingPolicy(burst=20, hold_seconds=0.05)
     addresses = source_addresses(5)
