@@ -66,6 +66,17 @@ class Config:
     # Where X displays' sockets are (only tests look elsewhere).
     x11_socket_dir: Path = Path("/tmp/.X11-unix")
     program_env: Mapping[str, str] = field(default_factory=dict)
+    # Names besides the device's own that requests may carry in Host.
+    hosts: tuple[str, ...] = ()
+    # Hosts, addresses and CIDR networks url uploads may reach despite the policy.
+    download_allow: tuple[str, ...] = ()
+    quota_bytes: int = 1024 * MiB
+    max_connections: int = 512
+    max_connections_per_address: int = 32
+    # Seconds an unauthenticated peer may take for its TLS handshake and headers.
+    header_timeout: float = 10.0
+    # Seconds a connection's outgoing queue may stay full before the client is cut off.
+    stall_timeout: float = 60.0
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with some fields replaced (``None`` values are ignored)."""
@@ -94,6 +105,10 @@ def _number(environ: Mapping[str, str], name: str, default: float, kind: type = 
     if value < 0:
         raise ConfigError(f"{name}={raw!r} must not be negative")
     return value
+
+
+def _list(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in environ.get(name, "").split(",") if item.strip())
 
 
 def resolve_run_as(requested: str | None, euid: int | None = None) -> RunAs:
@@ -180,6 +195,8 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
         raise ConfigError("give both a certificate and a key (FURTHER_LINK_CERT, FURTHER_LINK_KEY)")
 
     port = _number(env, "FURTHER_LINK_PORT", DEFAULT_PORT)
+    hosts = _list(env, "FURTHER_LINK_HOSTS")
+    download_allow = _list(env, "FURTHER_LINK_DOWNLOAD_ALLOW")
     if port > 65535:
         raise ConfigError(f"FURTHER_LINK_PORT={port} is not a port number")
 
@@ -209,6 +226,13 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
         pool_size=_number(env, "FURTHER_LINK_POOL_SIZE", 2),
         origins=origins,
         program_env=env,
+        hosts=hosts,
+        download_allow=download_allow,
+        quota_bytes=_number(env, "FURTHER_LINK_QUOTA_BYTES", 1024 * MiB),
+        max_connections=_number(env, "FURTHER_LINK_MAX_CONNECTIONS", 512),
+        max_connections_per_address=_number(env, "FURTHER_LINK_MAX_CONNECTIONS_PER_ADDRESS", 32),
+        header_timeout=_number(env, "FURTHER_LINK_HEADER_TIMEOUT", 10.0, float),
+        stall_timeout=_number(env, "FURTHER_LINK_STALL_TIMEOUT", 60.0, float),
     )
     config = config.with_overrides(**overrides)
     if not 0 <= config.port <= 65535:

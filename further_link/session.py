@@ -113,6 +113,11 @@ class Session:
         except FurtherLinkError as exc:
             log.info("refused: %s", exc.message)
             self.outbox.put(ErrorEvent(exc.message))
+        except OSError as exc:
+            # The device itself is short of something (descriptors, memory, disk):
+            # the client hears why and the connection stays usable.
+            log.warning("could not carry out a command: %s", exc)
+            self.outbox.put(ErrorEvent(f"the device could not do this now: {exc.strerror or exc}"))
 
     def receive_binary(self) -> None:
         self.outbox.put(
@@ -239,6 +244,7 @@ class Session:
             max_files=config.max_upload_files,
             max_bytes=config.max_upload_bytes,
             max_download_bytes=config.max_download_bytes,
+            quota_bytes=config.quota_bytes,
         )
         try:
             await materialise_upload(command, config.work_dir, self._services.cache, limits)
