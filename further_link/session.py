@@ -17,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import enum
+import errno
 import logging
 import shutil
 import tempfile
@@ -52,6 +53,11 @@ from .streams import SideChannel
 from .upload import UploadLimits, UrlCache, materialise_upload
 
 log = logging.getLogger(__name__)
+
+# The device itself is short of something: receive() says so, not "could not prepare the run".
+SHORTAGES = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC, errno.EDQUOT, errno.ENOBUFS}
+)
 
 
 class State(enum.Enum):
@@ -150,6 +156,8 @@ class Session:
         try:
             run_dir = Path(tempfile.mkdtemp(prefix="further-link-run-"))
         except OSError as exc:
+            if exc.errno in SHORTAGES:
+                raise
             raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
         plan: Plan | None = None
         try:
@@ -177,7 +185,7 @@ class Session:
             shutil.rmtree(run_dir, ignore_errors=True)
             if plan is not None and plan.project_script is not None:
                 plan.project_script.remove()
-            if isinstance(exc, OSError):
+            if isinstance(exc, OSError) and exc.errno not in SHORTAGES:
                 # E.g. another program (same account) changed the run dir under us.
                 where = f" ({exc.filename})" if exc.filename else ""
                 raise StartError(f"could not prepare the run: {exc.strerror}{where}") from None
