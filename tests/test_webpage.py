@@ -7,8 +7,11 @@ desktop screenshot is also kept, current, as docs/screenshot.png.
 
 from __future__ import annotations
 
+import asyncio
 import mimetypes
+import os
 import re
+import sys
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any, Callable
@@ -16,10 +19,10 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
+from test_network_attacks import post_pair, wrong_codes
 
-from further_link.access import GUARD
-from further_link.auth import TokenStore, pairing_code
-from further_link.pairing import PairingPolicy
+from further_link.auth import pairing_code
+from further_link.pairing import BURST
 
 from conftest import RunningServer
 
@@ -193,17 +196,20 @@ async def test_pairing_with_the_code_remembers_the_device(page: Any, server: Run
 
 
 async def test_a_spent_pairing_budget_shows_a_countdown(page: Any, server: RunningServer) -> None:
-    assert server.runner is not None
-    # A smaller budget than the default, to reach the lock quickly.
-    server.runner.app[GUARD].policy = PairingPolicy(burst=3, hold_seconds=0.0)
+    # Someone else already spent all but three of the device's wrong codes.
+    async with aiohttp.ClientSession() as other:
+        for code in wrong_codes(server, BURST - 3):
+            assert await post_pair(other, server, {"code": code}) == 403
     await page.goto(server.base_url + "/")
     good = pairing_code(server.token).code
     await page.get_by_label("Pairing code").fill(f"{(int(good) + 1) % 10**9:09d}")
     pair_button = page.get_by_role("button", name="Pair")
     message = page.locator("#pair-message")
-    for _ in range(3):
+    # The last of them is the tenth for this code, so the code changes with it.
+    changed = "Wrong pairing code; the device now shows a new code."
+    for expected in ["Wrong pairing code.", "Wrong pairing code.", changed]:
         await pair_button.click()
-        await expect(message).to_have_text("Wrong pairing code.")
+        await expect(message).to_have_text(expected)
         await page.evaluate("document.getElementById('pair-message').textContent = ''")
     await pair_button.click()
     await expect(message).to_contain_text(
@@ -242,7 +248,13 @@ async def test_an_old_token_in_the_address_or_storage_is_forgotten(
 
 async def test_a_refused_pairing_goes_back_to_pairing(page: Any, server: RunningServer) -> None:
     await open_paired(page, server)
-    TokenStore(server.config.config_dir).rotate()
+    # As on a device: `further-link token --rotate`, which also tells a server that dropped root.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
+    env["FURTHER_LINK_CONFIG_DIR"] = str(server.config.config_dir)
+    rotate = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "further_link", "token", "--rotate", env=env
+    )
+    assert await asyncio.wait_for(rotate.wait(), 60) == 0
     await expect(page.get_by_label("Pairing code")).to_be_visible(timeout=60_000)
     await expect(page.locator("#pair-message")).to_contain_text(
         "no longer accepts the pairing saved in this browser"
