@@ -137,7 +137,14 @@ def _start_pool(config: Config, library_dir: Path) -> WarmPool | None:
         return None
     # The environment every program shares; per-run variables are applied at launch.
     base_env = program_env(config, library_dir, run_dir=Path("/"), import_dir=None)
-    pool = WarmPool(config.pool_size, config.python, config.run_as, base_env)
+    pool = WarmPool(
+        config.pool_size,
+        config.python,
+        config.run_as,
+        base_env,
+        preload=config.pool_preload,
+        quiet_missing=config.pool_preload_is_default,
+    )
     pool.start()
     return pool
 

@@ -155,6 +155,8 @@ POOL_SIZE = os.environ.get("FURTHER_LINK_TEST_POOL_SIZE", "2")
 def make_config(sandbox: Path, **overrides: Any) -> Config:
     environ = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(sandbox)}
     environ["FURTHER_LINK_POOL_SIZE"] = POOL_SIZE
+    # Preloading (tests/test_pool.py covers it) would import numpy in every test's pool.
+    environ["FURTHER_LINK_POOL_PRELOAD"] = "none"
     environ.update(PROGRAM_SETTINGS)
     environ.update(overrides.pop("environ", {}))
     settings: dict[str, Any] = {
