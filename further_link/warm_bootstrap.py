@@ -30,11 +30,14 @@ def _further_link_warm_start() -> None:
     preload_path = [entry for entry in sys.argv[3].split(os.pathsep) if entry]
     preload = sys.argv[4:]
     base_path = sys.path[1:]  # without the '' that -c put first
-    before = set(sys.modules)
+    modules_before = set(sys.modules)
+    finders_before = set(sys.path_importer_cache)
     import ctypes
 
-    # Hidden again below, so that `ctypes in sys.modules` is as a fresh interpreter has it.
-    ctypes_modules = set(sys.modules) - before
+    # Finders the import left behind ('' for the -c working directory, ctypes'
+    # package) are not a fresh interpreter's; nor are its modules (hidden below).
+    for entry in set(sys.path_importer_cache) - finders_before:
+        del sys.path_importer_cache[entry]
     api = ctypes.pythonapi
     run_file = api.PyRun_AnyFileExFlags
     run_file.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p]
@@ -59,6 +62,23 @@ def _further_link_warm_start() -> None:
         ctypes.c_ulong,
         ctypes.c_ulong,
     ]
+
+    def recursion_counter(api: object, limit: int) -> object:
+        """The thread state's "recursion remaining" counter, when it can be found for sure.
+
+        CPython 3.11 to 3.13 keep it as an int right before the limit, a few
+        words into ``PyThreadState``; the pair is searched for and checked
+        (limit equal, a handful of frames in use) rather than assumed.
+        """
+        get_state = api.PyThreadState_Get  # type: ignore[attr-defined]
+        get_state.restype = ctypes.c_void_p
+        state = get_state()
+        start = 3 * ctypes.sizeof(ctypes.c_void_p)
+        for offset in range(start, start + 48, 4):
+            counter = ctypes.c_int.from_address(state + offset)
+            if ctypes.c_int.from_address(state + offset + 4).value == limit and 0 < limit - counter.value < 20:
+                return counter
+        return None
 
     def say(line: str) -> None:
         if status >= 0:
@@ -171,8 +191,8 @@ def _further_link_warm_start() -> None:
         sys.orig_argv[:] = command_line
     sys.argv[:] = [script, *arguments]
     if not preload:  # a preloaded module may hold on to ctypes; then it stays
-        for name in ctypes_modules:
-            sys.modules.pop(name, None)
+        for name in set(sys.modules) - modules_before:
+            del sys.modules[name]
 
     # What `python SCRIPT` does before running the file (Modules/main.c): a
     # directory or zip file holding __main__.py is run as a package instead.
@@ -226,7 +246,17 @@ def _further_link_warm_start() -> None:
         fclose(source)
         print(f"{program_name}: {script!r} is a directory, cannot continue", file=sys.stderr)
         raise SystemExit(1)
-    if run_file(source, os.fsencode(script), 1, None) != 0:
+    # Our frames below the script would count against its recursion limit
+    # (and show in "[Previous line repeated N more times]"): the thread's
+    # remaining depth is set to a fresh interpreter's for the run.
+    remaining = recursion_counter(api, sys.getrecursionlimit())
+    saved = remaining.value if remaining is not None else 0
+    if remaining is not None:  # +1: calling run_file itself counts (as a C-object call)
+        remaining.value = sys.getrecursionlimit() + 1
+    result = run_file(source, os.fsencode(script), 1, None)
+    if remaining is not None:
+        remaining.value = saved
+    if result != 0:
         # Already reported. A KeyboardInterrupt leaves the interpreter's own
         # flag set, so it ends by SIGINT after clean-up, as a fresh one does.
         if getattr(sys, "last_type", None) is not KeyboardInterrupt:
