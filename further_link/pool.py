@@ -126,14 +126,19 @@ class WarmPool:
             os.close(channel)
         return True
 
+    def waiting_pids(self) -> list[int]:
+        """Process ids of the interpreters waiting now (for figures such as their memory)."""
+        return [launched.process.pid for launched, _ in self._waiting]
+
     async def ready(self) -> None:
         """Wait until an interpreter waits, or the pool stopped trying to start one."""
         while not self._waiting and self._refill is not None and not self._refill.done():
             self._filled.clear()
-            await asyncio.wait(
-                [asyncio.ensure_future(self._filled.wait()), self._refill],
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            filled = asyncio.ensure_future(self._filled.wait())
+            try:
+                await asyncio.wait([filled, self._refill], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                filled.cancel()
 
     def _schedule_refill(self) -> None:
         if self._closed or (self._refill is not None and not self._refill.done()):

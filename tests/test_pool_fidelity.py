@@ -280,3 +280,100 @@ async def test_a_running_pool_program_shows_its_script_to_a_teachers_ps(
     assert Path(f"/proc/{pid}/cmdline").read_bytes() == os.fsencode(f"{python}\0-u\0{path}\0")
     await pair.warm_client.send("stop")
     await pair.warm_client.receive_type("stopped")
+
+
+PRELOADED_PROGRAMS = {
+    "numpy": b"import numpy, sys\nprint(numpy.arange(3).sum(), sys.argv, sys.path[0])\n",
+    "pillow": b"from PIL import Image\nprint(Image.new('RGB', (3, 2)).size, __name__)\n",
+    "both, then an error": b"import numpy\nfrom PIL import Image\nnumpy.zeros(-1)\n",
+    "environment": b"import os, sys\nprint(os.getcwd(), sorted(os.environ), sys.argv)\n",
+}
+
+
+@pytest.mark.parametrize("program", sorted(PRELOADED_PROGRAMS))
+async def test_a_preloaded_pool_runs_programs_as_a_fresh_interpreter(
+    program: str, start_server: StartServer, connect: ClientFactory
+) -> None:
+    pair = await make_pair(start_server, connect, preload="numpy,PIL.Image")
+    await asyncio.wait_for(pair.pool.ready(), 60)
+    assert pair.pool.preload == ["numpy", "PIL.Image"]
+    await pair.compare(PRELOADED_PROGRAMS[program])
+    for case in ("UTF-16 file", "recursion", "keyboard interrupt", "NUL byte mid-file"):
+        await pair.compare(CORPUS[case])
+
+
+async def test_a_programs_own_module_shadows_a_preloaded_one(
+    start_server: StartServer, connect: ClientFactory
+) -> None:
+    pair = await make_pair(start_server, connect, preload="numpy")
+    Path(pair.write("numpy.py", b"print('my own numpy')\n"))
+    seen = await pair.compare(b"import numpy\nprint(numpy.__file__)\n", name="uses_own.py")
+    assert seen["stdout"].startswith("my own numpy\n")
+
+
+def write_module(directory: Path, name: str, source: str) -> None:
+    directory.mkdir(exist_ok=True)
+    directory.chmod(0o755)
+    (directory / f"{name}.py").write_text(source)
+    (directory / f"{name}.py").chmod(0o644)
+
+
+@pytest.mark.parametrize(
+    ("module", "source", "why"),
+    [
+        ("explodes", "raise RuntimeError('not on this device')\n", "not on this device"),
+        ("chatty", "print('hello from chatty')\n", "writes output"),
+        ("quits", "import os\nos._exit(3)\n", "ended while importing"),
+    ],
+)
+async def test_a_module_that_misbehaves_when_preloaded_is_dropped_and_runs_go_on(
+    module: str,
+    source: str,
+    why: str,
+    sandbox: Path,
+    start_server: StartServer,
+    connect: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    libraries = sandbox / "shared" / "libs"
+    write_module(libraries, module, source)
+    server = await start_server(
+        environ={
+            "FURTHER_LINK_POOL_SIZE": "2",
+            "FURTHER_LINK_POOL_PRELOAD": f"{module},numpy",
+            "PYTHONPATH": str(libraries),
+        }
+    )
+    assert server.runner is not None
+    pool = server.runner.app[SERVICES].pool
+    assert pool is not None
+    await asyncio.wait_for(pool.ready(), 60)
+    assert pool.preload == ["numpy"]
+    dropped = [r.getMessage() for r in caplog.records if module in r.getMessage()]
+    assert len(dropped) == 1 and why in dropped[0], dropped
+    client = await connect(server)
+    result = await client.run({"sourceScript": "import numpy\nprint(numpy.ones(2).sum())"})
+    assert (result.stdout, result.exit_code) == ("2.0\n", 0)
+    assert pool.warm_starts == 1
+
+
+# What README promises for a waiting interpreter with numpy and Pillow imported.
+PRELOADED_RSS_LIMIT = 80 * 1024 * 1024
+
+
+async def test_a_preloaded_interpreter_costs_the_memory_readme_states(
+    start_server: StartServer,
+) -> None:
+    import psutil
+
+    server = await start_server(
+        environ={"FURTHER_LINK_POOL_SIZE": "2", "FURTHER_LINK_POOL_PRELOAD": "numpy,PIL.Image"}
+    )
+    assert server.runner is not None
+    pool = server.runner.app[SERVICES].pool
+    assert pool is not None
+    await asyncio.wait_for(pool.ready(), 60)
+    assert pool.preload == ["numpy", "PIL.Image"]
+    for pid in pool.waiting_pids():
+        rss = psutil.Process(pid).memory_info().rss
+        assert 10 * 1024 * 1024 < rss < PRELOADED_RSS_LIMIT, rss
