@@ -76,7 +76,10 @@ def _further_link_warm_start() -> None:
         start = 3 * ctypes.sizeof(ctypes.c_void_p)
         for offset in range(start, start + 48, 4):
             counter = ctypes.c_int.from_address(state + offset)
-            if ctypes.c_int.from_address(state + offset + 4).value == limit and 0 < limit - counter.value < 20:
+            if (
+                ctypes.c_int.from_address(state + offset + 4).value == limit
+                and 0 < limit - counter.value < 20
+            ):
                 return counter
         return None
 

@@ -31,6 +31,7 @@ from conftest import Client, RunningServer
 StartServer = Callable[..., Awaitable[RunningServer]]
 ClientFactory = Callable[..., Awaitable[Client]]
 
+
 def zip_application() -> bytes:
     """A zip file holding __main__.py: `python3 FILE` runs it as a package."""
     buffer = io.BytesIO()
@@ -218,7 +219,9 @@ def odd_sources(draw: st.DrawFn) -> bytes:
     source = prefix + source
     if draw(st.booleans()) and draw(st.booleans()):  # a quarter: another file encoding
         text = source.decode("utf-8", "replace")
-        source = text.encode(draw(st.sampled_from(["utf-16", "utf-16-le", "latin-1", "utf-32"])), "replace")
+        source = text.encode(
+            draw(st.sampled_from(["utf-16", "utf-16-le", "latin-1", "utf-32"])), "replace"
+        )
     return source
 
 
