@@ -101,7 +101,8 @@ def _preload(raw: str | None) -> tuple[tuple[str, ...], bool]:
     for name in names:
         if not all(part.isidentifier() for part in name.split(".")):
             raise ConfigError(
-                f"FURTHER_LINK_POOL_PRELOAD: {name[:80]!r} is not a module name (e.g. numpy,PIL.Image)"
+                f"FURTHER_LINK_POOL_PRELOAD: {name[:80]!r} is not a module name "
+                "(give names such as numpy,PIL.Image)"
             )
     return names, False
 

@@ -46,6 +46,10 @@ PER_RUN_VARIABLES = frozenset({"PYTHONPATH", SOCKET_ENV_VAR, proctree.RUN_TAG_VA
 WAITING_CWD = Path("/")
 # Generous: numpy takes 1-2 s to import on a Raspberry Pi 4, more when it is busy.
 PRELOAD_TIMEOUT = 60.0
+# Starting an interpreter blocks the event loop for a few ms (fork and exec):
+# the refill after a launch waits this long (s) so that the program's
+# `started` and first output go out first.
+REFILL_DELAY = 0.03
 
 
 class WarmPool:
@@ -97,7 +101,7 @@ class WarmPool:
         if self.fits(spec):
             while self._waiting:
                 launched, channel = self._waiting.popleft()
-                self._schedule_refill()
+                asyncio.get_running_loop().call_later(REFILL_DELAY, self._schedule_refill)
                 if self._hand_over(launched, channel, spec):
                     self.warm_starts += 1
                     return launched
@@ -152,8 +156,10 @@ class WarmPool:
             passed = [fd for fd in (read_end, status_write) if fd >= 0]
             try:
                 launched = await spawn(
-                    [self._python, "-u", "-c", BOOTSTRAP, str(read_end), str(status_write)]
-                    + [self._preload_path, *self.preload],
+                    [
+                        *(self._python, "-u", "-c", BOOTSTRAP),
+                        *(str(read_end), str(status_write), self._preload_path, *self.preload),
+                    ],
                     WAITING_CWD,
                     self._base_env,
                     self._run_as,

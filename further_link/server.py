@@ -24,6 +24,7 @@ from .device import setup_device
 from .launch import prepare_library_dir, program_env
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
+from .rundirs import RunPlaces
 from .session import Services, Session
 from .upload import UrlCache
 from .webpage import setup_webpage
@@ -113,11 +114,14 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     library_dir = prepare_library_dir()
     http = aiohttp.ClientSession()
     pool = _start_pool(config, library_dir)
+    run_places = RunPlaces(config.run_as)
+    run_places.start()
     app[SERVICES] = Services(
         config=config,
         cache=UrlCache(config.cache_dir, http, config.max_download_bytes),
         library_dir=library_dir,
         pool=pool,
+        run_places=run_places,
     )
     watcher = asyncio.ensure_future(_watch_token(app)) if config.auth else None
     try:
@@ -128,6 +132,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             await asyncio.gather(watcher, return_exceptions=True)
         if pool is not None:
             await pool.close()
+        run_places.close()
         await http.close()
         shutil.rmtree(library_dir, ignore_errors=True)
 

@@ -20,7 +20,6 @@ import enum
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 from . import protocol
 from .config import Config
 from .errors import FurtherLinkError, ProtocolError, SessionStateError, StartError, UploadError
-from .launch import SOCKET_NAME, plan_program
+from .launch import plan_program
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
 from .process import Launcher, Program, cold_launch
@@ -48,6 +47,7 @@ from .protocol import (
     Uploaded,
     Video,
 )
+from .rundirs import RunPlace, RunPlaces, make_run_place
 from .streams import SideChannel
 from .upload import Owner, UploadLimits, UrlCache, materialise_upload
 
@@ -68,10 +68,17 @@ class Services:
     cache: UrlCache
     library_dir: Path  # holds the `further_link` client package; on every program's import path
     pool: WarmPool | None = None  # pre-started interpreters, when the pool is on
+    run_places: RunPlaces | None = None  # run directories made ahead
 
     @property
     def launcher(self) -> Launcher:
         return self.pool.launch if self.pool is not None else cold_launch
+
+    def take_run_place(self) -> RunPlace:
+        """A directory (and side-channel socket) for a new run; raises ``OSError``."""
+        if self.run_places is not None:
+            return self.run_places.take()
+        return make_run_place(self.config.run_as)
 
 
 @dataclass
@@ -136,23 +143,26 @@ class Session:
             raise SessionStateError("a program is already running; send stop first")
         run_as = self._config.run_as
         try:
-            run_dir = Path(tempfile.mkdtemp(prefix="further-link-run-"))
+            place = self._services.take_run_place()
         except OSError as exc:
             raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
+        run_dir = place.directory
         try:
-            if run_as is not None and run_as.switch:
-                os.chown(run_dir, run_as.uid, run_as.gid)
             spec = plan_program(command, self._config, self._services.library_dir, run_dir)
+            if run_as is not None and run_as.switch:
+                # Only now, with the script in it: until then no program could touch it.
+                os.chown(run_dir, run_as.uid, run_as.gid)
             program = Program(
                 spec, self._deliver_output, self._config.kill_grace, self._services.launcher
             )
             run = Run(
                 program,
                 SideChannel(
-                    run_dir / SOCKET_NAME,
+                    place.socket_path,
                     lambda kind, payload: self._deliver_frame(program, payload),
                     self._config.max_message_bytes,
                     owner=run_as.uid if run_as is not None and run_as.switch else None,
+                    listener=place.listener,
                 ),
                 run_dir,
             )
@@ -163,7 +173,7 @@ class Session:
                 await run.channel.close()
                 raise
         except BaseException:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            place.discard()
             raise
         self._run = run
         self.state = State.RUNNING

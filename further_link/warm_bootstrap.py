@@ -63,7 +63,7 @@ def _further_link_warm_start() -> None:
         ctypes.c_ulong,
     ]
 
-    def recursion_counter(api: object, limit: int) -> object:
+    def recursion_counter(api: object, limit: int) -> ctypes.c_int | None:
         """The thread state's "recursion remaining" counter, when it can be found for sure.
 
         CPython 3.11 to 3.13 keep it as an int right before the limit, a few
@@ -121,7 +121,7 @@ def _further_link_warm_start() -> None:
                 missing = error.name == name.partition(".")[0]
                 say(f"missing {name}" if missing else f"fail {name}: {error!r}")
                 os._exit(0)
-            except BaseException as error:  # noqa: BLE001 - any failure drops the module
+            except BaseException as error:
                 say(f"fail {name}: {type(error).__name__}: {error}")
                 os._exit(0)
             say(f"ok {name}")
@@ -169,7 +169,7 @@ def _further_link_warm_start() -> None:
         return numbers[number - 4]
 
     class MemoryMap(ctypes.Structure):
-        _fields_ = [  # noqa: RUF012 - the kernel's struct prctl_mm_map
+        _fields_ = [
             *((name, ctypes.c_uint64) for name in (
                 "start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
                 "start_stack", "arg_start", "arg_end", "env_start", "env_end", "auxv",
@@ -259,11 +259,10 @@ def _further_link_warm_start() -> None:
     result = run_file(source, os.fsencode(script), 1, None)
     if remaining is not None:
         remaining.value = saved
-    if result != 0:
-        # Already reported. A KeyboardInterrupt leaves the interpreter's own
-        # flag set, so it ends by SIGINT after clean-up, as a fresh one does.
-        if getattr(sys, "last_type", None) is not KeyboardInterrupt:
-            raise SystemExit(1)
+    # An error was already reported. A KeyboardInterrupt leaves the interpreter's
+    # own flag set, so it ends by SIGINT after clean-up, as a fresh one does.
+    if result != 0 and getattr(sys, "last_type", None) is not KeyboardInterrupt:
+        raise SystemExit(1)
 
 
 _further_link_warm_start()
