@@ -233,7 +233,30 @@ def _further_link_warm_start() -> None:
     if importer is not None:
         import runpy
 
-        runpy._run_module_as_main("__main__", False)  # type: ignore[attr-defined]
+        try:
+            runpy._run_module_as_main("__main__", False)  # type: ignore[attr-defined]
+        except SystemExit:
+            raise
+        except BaseException as error:
+            # Reported as the interpreter would: the traceback starts in runpy.
+            traceback = error.__traceback__.tb_next if error.__traceback__ else None
+            error = error.with_traceback(traceback)
+            sys.last_type, sys.last_value, sys.last_traceback = type(error), error, traceback
+            sys.excepthook(type(error), error, traceback)
+            if not isinstance(error, KeyboardInterrupt):
+                raise SystemExit(1) from None
+            # A fresh interpreter ends itself by SIGINT here, after clean-up.
+            import atexit
+            import signal
+
+            atexit._run_exitfuncs()
+            for stream in (sys.stdout, sys.stderr):
+                try:  # noqa: SIM105 - contextlib is not loaded in a fresh interpreter
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         return
     program_name = command_line[0]
     source = fopen(os.fsencode(script), b"rb")

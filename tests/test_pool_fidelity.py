@@ -32,11 +32,11 @@ StartServer = Callable[..., Awaitable[RunningServer]]
 ClientFactory = Callable[..., Awaitable[Client]]
 
 
-def zip_application() -> bytes:
+def zip_application(main: str) -> bytes:
     """A zip file holding __main__.py: `python3 FILE` runs it as a package."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("__main__.py", "import sys\nprint('zipped', sys.path[0] == sys.argv[0])\n")
+        archive.writestr("__main__.py", main)
     return buffer.getvalue()
 
 
@@ -74,7 +74,13 @@ CORPUS: dict[str, bytes] = {
     "stack of the module": b"import sys\nprint(sys._getframe().f_code.co_name)\n",
     "pyc magic": b"\xa7\r\r\n" + b"\0" * 12 + b"junk",
     "recursion": b"def f(): return f()\nf()\n",
-    "zip application": zip_application(),
+    "zip application": zip_application(
+        "import sys\nprint('zipped', sys.path[0] == sys.argv[0], __name__)\n"
+    ),
+    "zip application that fails": zip_application("print('a')\n1 / 0\n"),
+    "zip application interrupted": zip_application("raise KeyboardInterrupt\n"),
+    "zip application exits": zip_application("raise SystemExit('bye')\n"),
+    "zip without a main": zip_application("print('never')\n").replace(b"__main__", b"__other__"),
 }
 
 
