@@ -75,6 +75,9 @@ class WarmPool:
         self._base_env = {k: v for k, v in base_env.items() if k not in PER_RUN_VARIABLES}
         self.preload = list(preload)
         self._preload_path = base_env.get("PYTHONPATH", "")
+        # Set while runs come faster than preloading interpreters can be made:
+        # the pool then refills with plain ones (a quick start beats none).
+        self._behind = False
         # For a default list: a module that is not installed is left out without a warning.
         self._quiet_missing = quiet_missing
         self._waiting: deque[tuple[LaunchedProcess, int]] = deque()
@@ -99,6 +102,8 @@ class WarmPool:
     async def launch(self, spec: ProgramSpec) -> LaunchedProcess:
         """The program, in a waiting interpreter when one fits, else freshly started."""
         if self.fits(spec):
+            if not self._waiting:
+                self._behind = True
             while self._waiting:
                 launched, channel = self._waiting.popleft()
                 asyncio.get_running_loop().call_later(REFILL_DELAY, self._schedule_refill)
@@ -152,13 +157,14 @@ class WarmPool:
     async def _fill(self) -> None:
         while not self._closed and len(self._waiting) < self.size:
             read_end, write_end = os.pipe()
-            status_read, status_write = os.pipe() if self.preload else (-1, -1)
+            preload = [] if self._behind else self.preload
+            status_read, status_write = os.pipe() if preload else (-1, -1)
             passed = [fd for fd in (read_end, status_write) if fd >= 0]
             try:
                 launched = await spawn(
                     [
                         *(self._python, "-u", "-c", BOOTSTRAP),
-                        *(str(read_end), str(status_write), self._preload_path, *self.preload),
+                        *(str(read_end), str(status_write), self._preload_path, *preload),
                     ],
                     WAITING_CWD,
                     self._base_env,
@@ -185,6 +191,8 @@ class WarmPool:
                 return
             self._waiting.append((launched, write_end))
             self._filled.set()
+        if len(self._waiting) >= self.size:
+            self._behind = False  # caught up: preload again from the next refill
 
     async def _preloaded(self, launched: LaunchedProcess, status_fd: int) -> bool:
         """Whether the interpreter imported every preload module; drops the one that failed."""

@@ -386,3 +386,29 @@ async def test_a_preloaded_interpreter_costs_the_memory_readme_states(
     for pid in pool.waiting_pids():
         rss = psutil.Process(pid).memory_info().rss
         assert 10 * 1024 * 1024 < rss < PRELOADED_RSS_LIMIT, rss
+
+
+async def test_runs_faster_than_preloading_get_plain_interpreters_then_preloaded_ones_again(
+    start_server: StartServer, connect: ClientFactory
+) -> None:
+    server = await start_server(
+        environ={"FURTHER_LINK_POOL_SIZE": "2", "FURTHER_LINK_POOL_PRELOAD": "numpy"}
+    )
+    assert server.runner is not None
+    pool = server.runner.app[SERVICES].pool
+    assert pool is not None
+    client = await connect(server)
+    probe = "import sys\nprint('numpy' in sys.modules)"
+    await asyncio.wait_for(pool.ready(), 60)
+    burst = [await client.run({"sourceScript": probe}) for _ in range(6)]
+    assert all((r.stdout, r.exit_code) in (("True\n", 0), ("False\n", 0)) for r in burst)
+    preloaded_again = False
+    for _ in range(8):  # bounded: two plain interpreters are used up, then preloaded ones come
+        await asyncio.wait_for(pool.ready(), 60)
+        await asyncio.sleep(0.5)
+        result = await client.run({"sourceScript": probe})
+        if result.stdout == "True\n":
+            preloaded_again = True
+            break
+    assert preloaded_again
+    assert pool.preload == ["numpy"]
