@@ -21,7 +21,11 @@ from _context import SCRIPT_CWD, BenchContext, record_server_log
 from _report import BenchResult, percentile, summarise
 from _server import RunningServer, running_server
 
-PROGRAMS = {"numpy": "import numpy; print(1)", "Pillow": "from PIL import Image; print(1)"}
+PROGRAMS = {
+    "numpy": "import numpy; print(1)",
+    "Pillow": "from PIL import Image; print(1)",
+    "no import": "print(1)",  # what preloading costs a program that does not use it
+}
 PRELOAD = "numpy,PIL.Image"
 # Between runs, so that the pool is full again: a plain interpreter starts in
 # ~20 ms, one that preloads numpy and Pillow takes ~0.3 s of CPU here.
@@ -32,8 +36,8 @@ BARE_TIMEOUT = 60.0
 MiB = 1024 * 1024
 
 
-async def timed_run(ws: aiohttp.ClientWebSocketResponse, source: str) -> tuple[float, float]:
-    """Seconds from sending ``start`` to ``started``, and to the first stdout."""
+async def timed_run(ws: aiohttp.ClientWebSocketResponse, source: str) -> tuple[float, float, float]:
+    """Seconds from sending ``start`` to ``started``, to the first stdout, and to ``stopped``."""
     began = time.perf_counter()
     await send(ws, "start", sourceScript=source)
     await wait_for_event(ws, "started", RUN_TIMEOUT)
@@ -41,7 +45,7 @@ async def timed_run(ws: aiohttp.ClientWebSocketResponse, source: str) -> tuple[f
     await wait_for_event(ws, "stdout", RUN_TIMEOUT)
     first_output = time.perf_counter() - began
     await collect_until_stopped(ws, time.monotonic() + RUN_TIMEOUT)
-    return started, first_output
+    return started, first_output, time.perf_counter() - began
 
 
 async def bare_first_output(python: str, source: str, account: ProgramAccount | None) -> float:
@@ -97,6 +101,7 @@ async def bench_preload(ctx: BenchContext) -> BenchResult:
     runs = max(10, ctx.scale.latency_runs // 6)
     started: list[float] = []
     first: dict[tuple[str, str], list[float]] = {}
+    stopped: dict[str, list[float]] = {}
     rss: dict[str, list[int]] = {}
     for kind, preload in (("preloaded", PRELOAD), ("plain pool", "none")):
         settings = {**ctx.server_settings, "FURTHER_LINK_POOL_PRELOAD": preload}
@@ -112,9 +117,11 @@ async def bench_preload(ctx: BenchContext) -> BenchResult:
                     samples = first.setdefault((kind, name), [])
                     for iteration in range(WARMUP_RUNS + runs):
                         await asyncio.sleep(PAUSE[kind])
-                        to_started, to_output = await timed_run(ws, source)
+                        to_started, to_output, to_stopped = await timed_run(ws, source)
                         if iteration >= WARMUP_RUNS:
                             samples.append(to_output)
+                            if name == "no import":
+                                stopped.setdefault(kind, []).append(to_stopped)
                             if kind == "preloaded":
                                 started.append(to_started)
             finally:
@@ -145,6 +152,13 @@ async def bench_preload(ctx: BenchContext) -> BenchResult:
             )
             if kind == "preloaded" and name == "numpy":
                 row.target, row.met = "<= 0.1 x bare", value <= 0.1 * bare_p50
+    result.add(
+        "no import: start->stopped p50, preloaded",
+        percentile(stopped["preloaded"], 0.5) * 1000,
+        "ms",
+        percentile(stopped["plain pool"], 0.5) * 1000,
+        "plain pool",
+    )
     extra = (sum(rss["preloaded"]) / max(1, len(rss["preloaded"]))) / MiB
     plain = (sum(rss["plain pool"]) / max(1, len(rss["plain pool"]))) / MiB
     result.add("RSS per waiting interpreter, numpy+Pillow preloaded", extra, "MiB", plain, "plain")

@@ -63,24 +63,32 @@ def _further_link_warm_start() -> None:
         ctypes.c_ulong,
     ]
 
-    def recursion_counter(api: object, limit: int) -> ctypes.c_int | None:
-        """The thread state's "recursion remaining" counter, when it can be found for sure.
+    # (Annotations in quotes: this also runs on Python 3.9, which cannot evaluate `X | None`.)
+    def recursion_counter(limit: int) -> "tuple[ctypes.c_int, int] | None":
+        """The thread state's recursion counter and the value a fresh interpreter has
+        when it starts a script, when the counter can be found for sure.
 
-        CPython 3.11 to 3.13 keep it as an int right before the limit, a few
-        words into ``PyThreadState``; the pair is searched for and checked
-        (limit equal, a handful of frames in use) rather than assumed.
+        CPython 3.11 to 3.13 count the depth left, as an int right before the
+        limit a few words into ``PyThreadState``: the pair is searched for and
+        checked (limit equal, a handful of frames in use) rather than assumed.
+        3.9 and 3.10 count the depth used, right after the frame pointer. The
+        call into ``run_file`` itself counts as one level before 3.12.
         """
-        get_state = api.PyThreadState_Get  # type: ignore[attr-defined]
+        get_state = api.PyThreadState_Get
         get_state.restype = ctypes.c_void_p
         state = get_state()
-        start = 3 * ctypes.sizeof(ctypes.c_void_p)
-        for offset in range(start, start + 48, 4):
+        word = ctypes.sizeof(ctypes.c_void_p)
+        if sys.version_info < (3, 11):
+            counter = ctypes.c_int.from_address(state + 4 * word)
+            return (counter, -1) if 0 < counter.value < 20 else None
+        fresh = limit + 1 if sys.version_info < (3, 12) else limit
+        for offset in range(3 * word, 3 * word + 48, 4):
             counter = ctypes.c_int.from_address(state + offset)
             if (
                 ctypes.c_int.from_address(state + offset + 4).value == limit
                 and 0 < limit - counter.value < 20
             ):
-                return counter
+                return counter, fresh
         return None
 
     def say(line: str) -> None:
@@ -274,14 +282,15 @@ def _further_link_warm_start() -> None:
         raise SystemExit(1)
     # Our frames below the script would count against its recursion limit
     # (and show in "[Previous line repeated N more times]"): the thread's
-    # remaining depth is set to a fresh interpreter's for the run.
-    remaining = recursion_counter(api, sys.getrecursionlimit())
-    saved = remaining.value if remaining is not None else 0
-    if remaining is not None:  # +1: calling run_file itself counts (as a C-object call)
-        remaining.value = sys.getrecursionlimit() + 1
+    # recursion counter is set to a fresh interpreter's for the run.
+    recursion = recursion_counter(sys.getrecursionlimit())
+    saved = 0
+    if recursion is not None:
+        saved = recursion[0].value
+        recursion[0].value = recursion[1]
     result = run_file(source, os.fsencode(script), 1, None)
-    if remaining is not None:
-        remaining.value = saved
+    if recursion is not None:
+        recursion[0].value = saved
     # An error was already reported. A KeyboardInterrupt leaves the interpreter's
     # own flag set, so it ends by SIGINT after clean-up, as a fresh one does.
     if result != 0 and getattr(sys, "last_type", None) is not KeyboardInterrupt:
