@@ -50,11 +50,7 @@ async def timed_run(ws: aiohttp.ClientWebSocketResponse, source: str) -> tuple[f
 
 async def bare_first_output(python: str, source: str, account: ProgramAccount | None) -> float:
     """Seconds from spawning ``python -u -c source`` to its first output."""
-    switch = (
-        {"user": account.uid, "group": account.gid, "extra_groups": list(account.groups)}
-        if account is not None
-        else {}
-    )
+    switch = account.spawn_arguments() if account is not None else {}
     began = time.perf_counter()
     process = await asyncio.create_subprocess_exec(
         python,

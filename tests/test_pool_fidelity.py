@@ -320,6 +320,20 @@ async def test_a_programs_own_module_shadows_a_preloaded_one(
     assert seen["stdout"].startswith("my own numpy\n")
 
 
+async def preloading_server(
+    start_server: StartServer, preload: str, **environ: str
+) -> tuple[RunningServer, WarmPool]:
+    """A server with a pool of 2 preloading ``preload``, once an interpreter waits."""
+    server = await start_server(
+        environ={"FURTHER_LINK_POOL_SIZE": "2", "FURTHER_LINK_POOL_PRELOAD": preload, **environ}
+    )
+    assert server.runner is not None
+    pool = server.runner.app[SERVICES].pool
+    assert pool is not None
+    await asyncio.wait_for(pool.ready(), 60)
+    return server, pool
+
+
 def write_module(directory: Path, name: str, source: str) -> None:
     directory.mkdir(exist_ok=True)
     directory.chmod(0o755)
@@ -346,17 +360,9 @@ async def test_a_module_that_misbehaves_when_preloaded_is_dropped_and_runs_go_on
 ) -> None:
     libraries = sandbox / "shared" / "libs"
     write_module(libraries, module, source)
-    server = await start_server(
-        environ={
-            "FURTHER_LINK_POOL_SIZE": "2",
-            "FURTHER_LINK_POOL_PRELOAD": f"{module},numpy",
-            "PYTHONPATH": str(libraries),
-        }
+    server, pool = await preloading_server(
+        start_server, f"{module},numpy", PYTHONPATH=str(libraries)
     )
-    assert server.runner is not None
-    pool = server.runner.app[SERVICES].pool
-    assert pool is not None
-    await asyncio.wait_for(pool.ready(), 60)
     assert pool.preload == ["numpy"]
     dropped = [r.getMessage() for r in caplog.records if module in r.getMessage()]
     assert len(dropped) == 1 and why in dropped[0], dropped
@@ -375,13 +381,7 @@ async def test_a_preloaded_interpreter_costs_the_memory_readme_states(
 ) -> None:
     import psutil
 
-    server = await start_server(
-        environ={"FURTHER_LINK_POOL_SIZE": "2", "FURTHER_LINK_POOL_PRELOAD": "numpy,PIL.Image"}
-    )
-    assert server.runner is not None
-    pool = server.runner.app[SERVICES].pool
-    assert pool is not None
-    await asyncio.wait_for(pool.ready(), 60)
+    _, pool = await preloading_server(start_server, "numpy,PIL.Image")
     assert pool.preload == ["numpy", "PIL.Image"]
     for pid in pool.waiting_pids():
         rss = psutil.Process(pid).memory_info().rss
@@ -391,15 +391,9 @@ async def test_a_preloaded_interpreter_costs_the_memory_readme_states(
 async def test_runs_faster_than_preloading_get_plain_interpreters_then_preloaded_ones_again(
     start_server: StartServer, connect: ClientFactory
 ) -> None:
-    server = await start_server(
-        environ={"FURTHER_LINK_POOL_SIZE": "2", "FURTHER_LINK_POOL_PRELOAD": "numpy"}
-    )
-    assert server.runner is not None
-    pool = server.runner.app[SERVICES].pool
-    assert pool is not None
+    server, pool = await preloading_server(start_server, "numpy")
     client = await connect(server)
     probe = "import sys\nprint('numpy' in sys.modules)"
-    await asyncio.wait_for(pool.ready(), 60)
     burst = [await client.run({"sourceScript": probe}) for _ in range(6)]
     assert all((r.stdout, r.exit_code) in (("True\n", 0), ("False\n", 0)) for r in burst)
     preloaded_again = False
