@@ -17,6 +17,8 @@ program (heavy libraries such as numpy), so the program's own ``import``
 finds them loaded. A module that cannot be imported, or that writes output or
 ends the interpreter while imported, is dropped from the list with one log
 line; the interpreter that tried it is discarded and the pool carries on.
+``launch`` takes any spec of the form ``python -u SCRIPT ARGS...`` and knows
+nothing of the wire API that asked for it.
 """
 
 from __future__ import annotations
@@ -55,9 +57,12 @@ REFILL_DELAY = 0.03
 class WarmPool:
     """``size`` waiting interpreters of ``python`` as ``run_as``, each with ``preload`` imported.
 
-    ``preload`` holds module names (``numpy``, ``PIL.Image``); ``preload_path``
-    the import path entries the program will also have (its ``PYTHONPATH``
-    apart from per-run entries), searched when preloading.
+    ``preload`` holds module names (``numpy``, ``PIL.Image``), searched for
+    first in ``base_env``'s ``PYTHONPATH`` (the entries every program gets);
+    ``quiet_missing`` leaves out one that is not installed with a debug line
+    only (for the default list). While runs come faster than preloading
+    interpreters can be made, the pool refills with plain ones until it has
+    caught up.
     """
 
     def __init__(
