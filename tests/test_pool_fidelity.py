@@ -24,9 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from further_link.pool import WarmPool
+from further_link.process import ProgramSpec, cold_launch
 from further_link.server import SERVICES
 
-from conftest import Client, RunningServer
+from conftest import Client, RunningServer, make_config
 
 StartServer = Callable[..., Awaitable[RunningServer]]
 ClientFactory = Callable[..., Awaitable[Client]]
@@ -413,3 +414,60 @@ async def test_runs_faster_than_preloading_get_plain_interpreters_then_preloaded
             break
     assert preloaded_again
     assert pool.preload == ["numpy"]
+
+
+async def read_to_end(fd: int) -> bytes:
+    """Everything a launched program writes to ``fd`` until it closes it (bounded in time)."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    deadline = loop.time() + 60
+    os.set_blocking(fd, False)
+    try:
+        while loop.time() < deadline:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+                continue
+            if not chunk:
+                return data
+            data += chunk
+    finally:
+        os.close(fd)
+    raise AssertionError("the program did not close its output within 60 s")
+
+
+async def launch_and_collect(launch: Any, spec: ProgramSpec) -> tuple[bytes, bytes, int]:
+    launched = await launch(spec)
+    out, err = await asyncio.gather(
+        read_to_end(launched.stdout_fd), read_to_end(launched.stderr_fd)
+    )
+    if launched.process.stdin is not None:
+        launched.process.stdin.close()
+    return out, err, await asyncio.wait_for(launched.process.wait(), 60)
+
+
+async def test_a_missing_script_or_a_directory_fails_as_a_fresh_interpreter_does(
+    sandbox: Path,
+) -> None:
+    # The server checks sourcePath before starting, so these are launched directly:
+    # a script can still vanish, or become a directory, between that check and the start.
+    config = make_config(sandbox, environ={"FURTHER_LINK_POOL_PRELOAD": "none"})
+    base_env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+    pool = WarmPool(2, config.python, config.run_as, base_env)
+    pool.start()
+    place = sandbox / "shared"
+    (place / "adir").mkdir()
+    (place / "adir").chmod(0o755)
+    try:
+        for script in (place / "missing.py", place / "adir"):
+            spec = ProgramSpec([config.python, "-u", str(script)], place, base_env, config.run_as)
+            await asyncio.wait_for(pool.ready(), 60)
+            before = pool.warm_starts
+            warm = await launch_and_collect(pool.launch, spec)
+            assert pool.warm_starts == before + 1
+            cold = await launch_and_collect(cold_launch, spec)
+            assert warm == cold
+            assert cold[2] in (1, 2) and str(script).encode() in cold[1]
+    finally:
+        await pool.close()
