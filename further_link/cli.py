@@ -11,16 +11,16 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 from typing import Callable
 
 from aiohttp import web
 
 from . import __version__
+from .addresses import server_urls
 from .auth import TokenStore, pairing_code
 from .client import add_client_commands
-from .config import Config, load_config, resolve_config_dir
+from .config import Config, listen_address, load_config, resolve_config_dir, uses_tls
 from .errors import FurtherLinkError
 from .server import create_app
 from .service import add_service_command
@@ -118,7 +118,9 @@ def _token_command(args: argparse.Namespace) -> int:
         print("new token created: every paired browser and client must pair again")
     print(f"token: {token}")
     print(f"pairing code: {code.code} (valid for {code.seconds_left() // 60 + 1} more minutes)")
-    print(f"connect with: ?token={token}")
+    host, port = listen_address(os.environ)
+    for url in server_urls("https" if uses_tls(os.environ) else "http", host, port):
+        print(f"open: {url}")
     return 0
 
 
@@ -140,20 +142,22 @@ async def serve(config: Config) -> None:
         await site.start()
         host, port = runner.addresses[0][:2]
         scheme = "https" if ssl_context else "http"
-        shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
-        url = f"{scheme}://{shown}:{port}/"
+        urls = server_urls(scheme, config.host, port)
         log.info(
-            "further-link %s serving %s (listening on %s:%d, work dir %s, programs run as %s)",
+            "further-link %s serving %s (listening on %s:%d, work dir %s)",
             __version__,
-            url,
+            urls[0],
             host,
             port,
             config.work_dir,
-            config.run_as.name if config.run_as else "this user",
         )
+        for url in urls[1:]:
+            log.info("also at %s", url)
+        if config.run_as is not None:
+            log.info("programs run as %r: %s", config.run_as.name, config.run_as.reason)
         _warn_about_open_doors(config)
         if config.auth:
-            log.info("connect with: %s?token=%s", url, tokens.current())
+            log.info("connect with: %s?token=%s", urls[0], tokens.current())
             announcer = asyncio.ensure_future(_announce_pairing_codes(tokens))
         await stop.wait()
         log.info("stopping: ending all programs")

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .accounts import AccountBook, choose_account
 from .errors import ConfigError
 
 MiB = 1024 * 1024
 DEFAULT_PORT = 8028
-DEFAULT_USER = "pi"
 # The Further coding site may open websockets to devices by default; it still
 # needs the device token, obtained by pairing.
 DEFAULT_ORIGINS = ("https://further.pi-top.com",)
@@ -33,6 +33,7 @@ class RunAs:
     gid: int
     home: Path
     switch: bool  # True when the server must drop privileges to this account
+    reason: str = "it is the server's own account"  # why, in words for the start-up log
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,16 @@ def _number(environ: Mapping[str, str], name: str, default: float, kind: type = 
     return value
 
 
-def resolve_run_as(requested: str | None, euid: int | None = None) -> RunAs:
+def resolve_run_as(
+    requested: str | None, euid: int | None = None, book: AccountBook | None = None
+) -> RunAs:
     """Pick the account programs run as; never root.
 
-    Started as root, programs run as ``requested`` (FURTHER_LINK_USER / --user)
-    or else ``pi``; with neither the server refuses to start rather than run
-    a learner's code as root. Started as anyone else, programs run as that
-    same user.
+    Started as root, programs run as ``requested`` (FURTHER_LINK_USER / --user),
+    or else as ``accounts.choose_account`` finds (``pi``, the auto-login
+    account, the first regular account, else the dedicated system account,
+    created then). Started as anyone else, programs run as that same user.
+    Raises ConfigError for an unknown account, root, or a switch only root can make.
     """
     euid = os.geteuid() if euid is None else euid
     me = pwd.getpwuid(euid)
@@ -105,19 +109,18 @@ def resolve_run_as(requested: str | None, euid: int | None = None) -> RunAs:
                 f"(the server runs as {me.pw_name!r})"
             )
         return RunAs(me.pw_name, me.pw_uid, me.pw_gid, Path(me.pw_dir), switch=False)
-    name = requested or (DEFAULT_USER if user_exists(DEFAULT_USER) else None)
-    if name is None:
-        raise ConfigError(
-            "further-link was started as root, but programs never run as root and there is no "
-            f"{DEFAULT_USER!r} user: set FURTHER_LINK_USER (or --user) to an unprivileged account"
-        )
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        raise ConfigError(f"user {name!r} to run programs as does not exist") from None
-    if entry.pw_uid == 0:
-        raise ConfigError(f"programs never run as root, and user {name!r} is root")
-    return RunAs(name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir), switch=True)
+    book = book or AccountBook()
+    if requested:
+        account = book.find(requested)
+        if account is None:
+            raise ConfigError(f"user {requested!r} to run programs as does not exist")
+        reason = "FURTHER_LINK_USER / --user names it"
+    else:
+        choice = choose_account(book)
+        account, reason = choice.account, choice.reason
+    if account.uid == 0:
+        raise ConfigError(f"programs never run as root, and user {account.name!r} is root")
+    return RunAs(account.name, account.uid, account.gid, account.home, switch=True, reason=reason)
 
 
 def user_exists(name: str) -> bool:
@@ -137,17 +140,49 @@ def resolve_config_dir(environ: Mapping[str, str], override: str | None = None) 
     return (Path(config_home) / "further-link").absolute()
 
 
-def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
-    """Build the config from environment variables, then apply flag overrides."""
+def listen_address(environ: Mapping[str, str]) -> tuple[str, int]:
+    """(host, port) the server listens on, from FURTHER_LINK_HOST and FURTHER_LINK_PORT.
+
+    Raises ConfigError for a port that is not a number from 0 to 65535.
+    """
+    port = _number(environ, "FURTHER_LINK_PORT", DEFAULT_PORT)
+    if port > 65535:
+        raise ConfigError(f"FURTHER_LINK_PORT={port} is not a port number")
+    return environ.get("FURTHER_LINK_HOST") or "0.0.0.0", int(port)
+
+
+def uses_tls(environ: Mapping[str, str]) -> bool:
+    """False when FURTHER_LINK_NOSSL asks for plain HTTP."""
+    return not _flag(environ, "FURTHER_LINK_NOSSL")
+
+
+def load_config(
+    environ: Mapping[str, str] | None = None,
+    accounts: AccountBook | None = None,
+    **overrides: Any,
+) -> Config:
+    """Build the config from environment variables, then apply flag overrides.
+
+    ``accounts`` is where the program account is looked up (the system's by default).
+    Raises ConfigError for any setting that cannot work.
+    """
     env = dict(os.environ if environ is None else environ)
-    run_as = resolve_run_as(overrides.pop("user", None) or env.get("FURTHER_LINK_USER") or None)
+    run_as = resolve_run_as(
+        overrides.pop("user", None) or env.get("FURTHER_LINK_USER") or None, book=accounts
+    )
 
     work_dir_raw = overrides.pop("work_dir", None) or env.get("FURTHER_LINK_WORK_DIR")
+    if not work_dir_raw and not run_as.home.is_dir():
+        # Root would otherwise create the missing home (e.g. nobody's /nonexistent).
+        raise ConfigError(
+            f"programs run as {run_as.name!r}, whose home {run_as.home} does not exist: "
+            "set FURTHER_LINK_WORK_DIR (or --work-dir) to a directory for their files"
+        )
     work_dir = Path(work_dir_raw).expanduser() if work_dir_raw else run_as.home / "further"
 
     config_dir = resolve_config_dir(env, overrides.pop("config_dir", None))
 
-    no_ssl = overrides.pop("no_ssl", False) or _flag(env, "FURTHER_LINK_NOSSL")
+    no_ssl = overrides.pop("no_ssl", False) or not uses_tls(env)
     no_auth = overrides.pop("no_auth", False) or env.get(
         "FURTHER_LINK_AUTH", "on"
     ).strip().lower() in _FALSE_WORDS - {""}
@@ -162,12 +197,10 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
     if bool(cert) != bool(key):
         raise ConfigError("give both a certificate and a key (FURTHER_LINK_CERT, FURTHER_LINK_KEY)")
 
-    port = _number(env, "FURTHER_LINK_PORT", DEFAULT_PORT)
-    if port > 65535:
-        raise ConfigError(f"FURTHER_LINK_PORT={port} is not a port number")
+    host, port = listen_address(env)
 
     config = Config(
-        host=env.get("FURTHER_LINK_HOST") or "0.0.0.0",
+        host=host,
         port=port,
         work_dir=work_dir.absolute(),
         config_dir=config_dir,

@@ -68,6 +68,8 @@ def server_env(sandbox: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
     env["XDG_CONFIG_HOME"] = str(sandbox / "config")
     env.update(PROGRAM_SETTINGS)
+    # nobody's home does not exist, so the server needs a work dir (see test_accounts.py).
+    env["FURTHER_LINK_WORK_DIR"] = str(sandbox / "w")
     return env
 
 
@@ -148,7 +150,9 @@ def test_bad_port_is_reported_not_a_traceback(server_env: dict[str, str]) -> Non
 
 
 def test_config_defaults_follow_the_seed(tmp_path: Path) -> None:
-    config = load_config(environ={"HOME": str(tmp_path), **PROGRAM_SETTINGS})
+    # As root: an account with a home (nobody's does not exist, see test_accounts.py).
+    user = {"FURTHER_LINK_USER": "daemon"} if os.geteuid() == 0 else {}
+    config = load_config(environ={"HOME": str(tmp_path), **PROGRAM_SETTINGS, **user})
     assert config.port == DEFAULT_PORT == 8028
     assert config.ssl is True
     assert config.work_dir.name == "further"
