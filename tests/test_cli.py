@@ -20,6 +20,9 @@ from further_link.errors import ConfigError
 
 from conftest import PROGRAM_SETTINGS, alive, sleeper_script
 
+# Settings for load_config alone, which creates nothing: nobody's home does not
+# exist, so root's config needs a work dir (see test_accounts.py).
+SETTINGS = {**PROGRAM_SETTINGS, "FURTHER_LINK_WORK_DIR": "/srv/further-link-test-unused"}
 LISTENING = re.compile(r"listening on [^ ]+:(\d+)")
 
 
@@ -163,28 +166,28 @@ def test_config_defaults_follow_the_seed(tmp_path: Path) -> None:
 def test_config_env_vars(tmp_path: Path) -> None:
     config = load_config(
         environ={
-            **PROGRAM_SETTINGS,
+            **SETTINGS,
             "FURTHER_LINK_PORT": "9000",
             "FURTHER_LINK_WORK_DIR": str(tmp_path / "wd"),
             "FURTHER_LINK_NOSSL": "true",
         }
     )
     assert (config.port, config.work_dir, config.ssl) == (9000, tmp_path / "wd", False)
-    assert load_config(environ={"FURTHER_LINK_NOSSL": "0", **PROGRAM_SETTINGS}).ssl is True
+    assert load_config(environ={"FURTHER_LINK_NOSSL": "0", **SETTINGS}).ssl is True
 
 
 def test_flags_override_env() -> None:
-    config = load_config(environ={"FURTHER_LINK_PORT": "9000", **PROGRAM_SETTINGS}, port=9100)
+    config = load_config(environ={"FURTHER_LINK_PORT": "9000", **SETTINGS}, port=9100)
     assert config.port == 9100
 
 
 def test_config_rejects_bad_ports_and_hosts() -> None:
     with pytest.raises(ConfigError, match="port 99999 is not a port number"):
-        load_config(environ=dict(PROGRAM_SETTINGS), port=99999)
+        load_config(environ=dict(SETTINGS), port=99999)
     with pytest.raises(ConfigError, match="is not an address"):
-        load_config(environ=dict(PROGRAM_SETTINGS), host="a\nExecStartPre=/bin/evil")
+        load_config(environ=dict(SETTINGS), host="a\nExecStartPre=/bin/evil")
 
 
 def test_config_rejects_half_a_certificate() -> None:
     with pytest.raises(ConfigError, match="both a certificate and a key"):
-        load_config(environ={"FURTHER_LINK_CERT": "/x.pem", **PROGRAM_SETTINGS})
+        load_config(environ={"FURTHER_LINK_CERT": "/x.pem", **SETTINGS})
