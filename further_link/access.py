@@ -23,13 +23,14 @@ from .auth import (
     normalise_origin,
     origin_allowed,
 )
+from .compat import app_key
 from .config import Config
 
 log = logging.getLogger(__name__)
 
-TOKENS = web.AppKey("tokens", TokenStore)
-LIMITER = web.AppKey("pairing_limiter", PairingLimiter)
-ACCESS_CONFIG = web.AppKey("access_config", Config)
+TOKENS = app_key("tokens", TokenStore)
+LIMITER = app_key("pairing_limiter", PairingLimiter)
+ACCESS_CONFIG = app_key("access_config", Config)
 
 
 def own_origins(request: web.Request) -> list[str]:
