@@ -22,6 +22,7 @@ from .auth import TokenStore, pairing_code
 from .client import add_client_commands
 from .config import Config, listen_address, load_config, resolve_config_dir, uses_tls
 from .errors import FurtherLinkError
+from .firstrun import add_setup_command
 from .server import create_app
 from .service import add_service_command
 from .tls import server_ssl_context
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_client_commands(commands)
     add_service_command(commands)
+    add_setup_command(commands)
     return parser
 
 
@@ -111,7 +113,7 @@ def _serve_command(args: argparse.Namespace) -> int:
 
 
 def _token_command(args: argparse.Namespace) -> int:
-    store = TokenStore(resolve_config_dir(os.environ, args.config_dir))
+    store = TokenStore(resolve_config_dir(os.environ, args.config_dir, server=True))
     token = store.rotate() if args.rotate else store.load_or_create()
     code = pairing_code(token)
     if args.rotate:

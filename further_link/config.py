@@ -131,12 +131,31 @@ def user_exists(name: str) -> bool:
     return True
 
 
-def resolve_config_dir(environ: Mapping[str, str], override: str | None = None) -> Path:
-    """Where the certificate and device token live (no other setting needed)."""
+# The Debian package's service keeps its certificate and token here (root only).
+SYSTEM_CONFIG_DIR = Path("/etc/further-link")
+
+
+def resolve_config_dir(
+    environ: Mapping[str, str],
+    override: str | None = None,
+    server: bool = False,
+    euid: int | None = None,
+) -> Path:
+    """Where the certificate and device token live (no other setting needed).
+
+    ``server``: for the server and ``further-link token``, root with no
+    FURTHER_LINK_CONFIG_DIR or XDG_CONFIG_HOME uses the package's
+    /etc/further-link when it exists, so ``sudo further-link token`` shows the
+    token the installed service uses.
+    """
     raw = override or environ.get("FURTHER_LINK_CONFIG_DIR")
     if raw:
         return Path(raw).expanduser().absolute()
-    config_home = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    euid = os.geteuid() if euid is None else euid
+    config_home = environ.get("XDG_CONFIG_HOME")
+    if server and euid == 0 and not config_home and SYSTEM_CONFIG_DIR.is_dir():
+        return SYSTEM_CONFIG_DIR
+    config_home = config_home or str(Path.home() / ".config")
     return (Path(config_home) / "further-link").absolute()
 
 
@@ -180,7 +199,7 @@ def load_config(
         )
     work_dir = Path(work_dir_raw).expanduser() if work_dir_raw else run_as.home / "further"
 
-    config_dir = resolve_config_dir(env, overrides.pop("config_dir", None))
+    config_dir = resolve_config_dir(env, overrides.pop("config_dir", None), server=True)
 
     no_ssl = overrides.pop("no_ssl", False) or not uses_tls(env)
     no_auth = overrides.pop("no_auth", False) or env.get(
