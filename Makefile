@@ -84,9 +84,14 @@ deb:
 	@echo "built dist/further-link_$(VERSION)_all.deb"
 
 # The whole suite runs twice: with the warm interpreter pool (the default) and without.
+# As root on Debian the package is built once first; tests/test_deb.py installs,
+# uses, removes and purges it.
+TEST_DEB := $(CURDIR)/dist/further-link_$(VERSION)_all.deb
 test: lint system-deps
-	FURTHER_LINK_TEST_POOL_SIZE=2 $(BIN)/python -m pytest $(PYTEST_ARGS)
-	FURTHER_LINK_TEST_POOL_SIZE=0 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  $(MAKE) --no-print-directory deb; fi
+	FURTHER_LINK_TEST_DEB=$(TEST_DEB) FURTHER_LINK_TEST_POOL_SIZE=2 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	FURTHER_LINK_TEST_DEB=$(TEST_DEB) FURTHER_LINK_TEST_POOL_SIZE=0 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Figures, not pass/fail: see benchmarks/run.py --help. BENCH_ARGS=--quick for a smoke run.
 bench: $(STAMP)
