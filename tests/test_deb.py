@@ -19,8 +19,10 @@ import shutil
 import signal
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Callable
 
 import aiohttp
 import psutil
@@ -184,3 +186,187 @@ async def test_package_installs_serves_runs_a_program_and_is_removed_and_purged(
     sh("apt-get", "purge", "-y", PACKAGE)
     assert not CONFIG_DIR.exists() and not DEFAULTS.exists() and not WANTS.is_symlink()
     assert not installed()
+
+
+# --------------------------------------------- a booted throw-away Debian with systemd
+
+ROOTFS = Path("/var/cache/further-link-test") / f"{__version__}-rootfs"
+ROOTFS_PACKAGES = "systemd,systemd-sysv,dbus,adduser,python3-aiohttp,python3-cryptography,"
+ROOTFS_PACKAGES += "python3-psutil,python3-pil"
+BOOT_TIMEOUT = 120
+# Runs inside the container: /status, then a program through the installed service.
+CLIENT = """
+import asyncio, json, ssl, sys
+import aiohttp
+async def main():
+    token = open("/etc/further-link/token").read().strip()
+    tls = ssl.create_default_context(cafile="/etc/further-link/cert.pem")
+    async with aiohttp.ClientSession() as http:
+        async with http.get("https://127.0.0.1:8028/status", ssl=tls) as response:
+            print("status", response.status, await response.text())
+        url = "wss://127.0.0.1:8028/run-py?token=" + token
+        async with http.ws_connect(url, ssl=tls) as ws:
+            start = {"type": "start", "data": {"sourceScript": sys.argv[1]}}
+            await ws.send_str(json.dumps(start))
+            while True:
+                message = json.loads((await ws.receive(timeout=60)).data)
+                if message["type"] == "stdout":
+                    print("stdout", json.dumps(message["data"]["output"]))
+                if message["type"] == "stopped":
+                    break
+asyncio.run(main())
+"""
+
+
+def codename() -> str:
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("VERSION_CODENAME="):
+            return line.split("=", 1)[1].strip('"')
+    return "bookworm"
+
+
+@pytest.fixture(scope="module")
+def debian_root() -> Path:
+    """A minimal Debian of this machine's release with systemd, made once and kept."""
+    missing = [t for t in ("mmdebstrap", "systemd-nspawn") if shutil.which(t) is None]
+    if missing:
+        sh("apt-get", "install", "-y", "-qq", "--no-install-recommends", "mmdebstrap")
+        sh("apt-get", "install", "-y", "-qq", "--no-install-recommends", "systemd-container")
+    if not ROOTFS.is_dir():
+        ROOTFS.parent.mkdir(parents=True, exist_ok=True)
+        partial = ROOTFS.with_name(f"{ROOTFS.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        sh(
+            "mmdebstrap",
+            "--variant=minbase",
+            f"--include={ROOTFS_PACKAGES}",
+            codename(),
+            str(partial),
+            timeout=900,
+        )
+        try:
+            partial.rename(ROOTFS)
+        except OSError:  # another run made it first
+            shutil.rmtree(partial, ignore_errors=True)
+    probe = subprocess.run(
+        ["systemd-nspawn", "-q", "--register=no", "--keep-unit", "-D", str(ROOTFS), "/bin/true"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"systemd-nspawn cannot run containers here: {probe.stderr.strip()}")
+    return ROOTFS
+
+
+class Container:
+    """A booted throw-away copy of ``root`` (no network but its own loopback)."""
+
+    def __init__(self, root: Path, deb: Path) -> None:
+        self.nspawn = subprocess.Popen(
+            [
+                "systemd-nspawn",
+                "-q",
+                "--register=no",
+                "--keep-unit",
+                "--private-network",
+                "--ephemeral",
+                "-D",
+                str(root),
+                f"--bind-ro={deb}:/root/further-link.deb",
+                "--console=passive",
+                "-b",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.init = 0
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while time.monotonic() < deadline and self.init == 0:
+            children = psutil.Process(self.nspawn.pid).children()
+            self.init = children[0].pid if children else 0
+            time.sleep(0.2)
+        state = ""
+        while time.monotonic() < deadline and state not in ("running", "degraded"):
+            time.sleep(0.5)
+            state = self.run("systemctl", "is-system-running", check=False).stdout.strip()
+        assert state in ("running", "degraded"), f"the container did not boot: {state!r}"
+
+    def run(self, *command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [
+                "nsenter",
+                "-t",
+                str(self.init),
+                "-a",
+                "env",
+                "-i",
+                f"PATH={SYSTEMD_ENV['PATH']}",
+                "LANG=C.UTF-8",
+                "HOME=/root",
+                "DEBIAN_FRONTEND=noninteractive",
+                *command,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=APT_TIMEOUT,
+        )
+        assert not check or result.returncode == 0, f"{command}: {result.stdout}{result.stderr}"
+        return result
+
+    def wait_for(self, predicate: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not predicate():
+            assert time.monotonic() < deadline, f"gave up waiting: {what}"
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.nspawn.terminate()  # nspawn shuts the container down
+        try:
+            self.nspawn.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.nspawn.kill()
+            self.nspawn.wait(timeout=60)
+
+
+def test_package_under_systemd_starts_at_install_and_apt_remove_stops_it(
+    deb: Path, debian_root: Path
+) -> None:
+    """The package on a fresh Debian with systemd as PID 1 and no person's account."""
+    box = Container(debian_root, deb)
+    try:
+        out = box.run("apt-get", "install", "-y", "/root/further-link.deb").stdout
+        assert "programs run as 'further-link': the dedicated system account (created it" in out
+        account = box.run("getent", "passwd", "further-link").stdout.split(":")
+        assert account[6].strip() == "/usr/sbin/nologin" and int(account[2]) < 1000
+        journal = ("journalctl", "-u", "further-link", "--no-pager")
+        box.wait_for(lambda: "programs run as" in box.run(*journal).stdout, "the service's log")
+        assert box.run("systemctl", "is-active", "further-link").stdout.strip() == "active"
+        assert box.run("systemctl", "is-enabled", "further-link").stdout.strip() == "enabled"
+        log = box.run(*journal).stdout
+        assert re.search(r"serving https://[^ ]+\.local:8028/", log), log
+        box.run("systemd-analyze", "verify", str(UNIT))
+
+        ran = box.run("python3", "-c", CLIENT, "import os\nprint('hi', os.getuid())").stdout
+        assert ran.splitlines() == ["status 200 OK", f'stdout "hi {account[2]}\\n"'], ran
+
+        box.run("apt-get", "remove", "-y", PACKAGE)
+        assert box.run("systemctl", "is-active", "further-link", check=False).stdout.strip() in (
+            "inactive",
+            "unknown",
+        )
+        leftovers = box.run(
+            "python3",
+            "-c",
+            "import psutil; print([p.pid for p in psutil.process_iter(['cmdline', 'username'])"
+            " if p.info['username'] == 'further-link'"
+            " or '/usr/bin/further-link' in (p.info['cmdline'] or [])])",
+        ).stdout.strip()
+        assert leftovers == "[]", "apt remove stopped the server and every program"
+        assert box.run("test", "-e", str(UNIT), check=False).returncode == 1
+        assert box.run("test", "-d", str(CONFIG_DIR), check=False).returncode == 0
+        box.run("apt-get", "purge", "-y", PACKAGE)
+        assert box.run("test", "-e", str(CONFIG_DIR), check=False).returncode == 1
+        assert box.run("test", "-L", str(WANTS), check=False).returncode == 1
+    finally:
+        box.stop()
