@@ -41,6 +41,8 @@ DEFAULTS = Path("/etc/default/further-link")
 CONFIG_DIR = Path("/etc/further-link")
 WANTS = Path("/etc/systemd/system/multi-user.target.wants/further-link.service")
 APT_TIMEOUT = 600
+# Another apt on this machine (another suite's `make system-deps`) is waited for, not failed on.
+APT = ("apt-get", "-o", "DPkg::Lock::Timeout=300")
 # What systemd gives a system service: no HOME, a fixed PATH.
 SYSTEMD_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
@@ -83,7 +85,7 @@ def clean_machine() -> Iterator[None]:
     had_system_account = any(e.pw_name == SYSTEM_ACCOUNT for e in pwd.getpwall())
     yield
     if installed() or CONFIG_DIR.exists():
-        subprocess.run(["apt-get", "purge", "-y", PACKAGE], capture_output=True, timeout=600)
+        subprocess.run([*APT, "purge", "-y", PACKAGE], capture_output=True, timeout=600)
     if not had_system_account and any(e.pw_name == SYSTEM_ACCOUNT for e in pwd.getpwall()):
         # postinst made it on a machine with no person's account; leave none behind.
         subprocess.run(["userdel", "--remove", SYSTEM_ACCOUNT], capture_output=True, timeout=60)
@@ -116,7 +118,7 @@ async def test_package_installs_serves_runs_a_program_and_is_removed_and_purged(
     deb: Path, clean_machine: None, sandbox: Path
 ) -> None:
     assert deb.name == f"further-link_{__version__}_all.deb" and deb.is_file()
-    out = sh("apt-get", "install", "-y", str(deb))
+    out = sh(*APT, "install", "-y", str(deb))
     # postinst: the account choice, the config dir, token and certificate, and where to pair.
     assert re.search(r"programs run as '[^']+': ", out), out
     assert "journalctl -u further-link" in out and "sudo further-link token" in out
@@ -177,13 +179,13 @@ async def test_package_installs_serves_runs_a_program_and_is_removed_and_purged(
     # Stopping on remove is systemd's (no PID 1 here): the script must ask it to.
     prerm = Path("/var/lib/dpkg/info/further-link.prerm").read_text()
     assert "deb-systemd-invoke stop 'further-link.service'" in prerm
-    sh("apt-get", "remove", "-y", PACKAGE)
+    sh(*APT, "remove", "-y", PACKAGE)
     assert not COMMAND.exists() and not UNIT.exists()
     assert not [
         p.pid for p in psutil.process_iter(["cmdline"]) if str(COMMAND) in (p.info["cmdline"] or [])
     ]
     assert (CONFIG_DIR / "token").read_text().strip() == token, "remove keeps the token"
-    sh("apt-get", "purge", "-y", PACKAGE)
+    sh(*APT, "purge", "-y", PACKAGE)
     assert not CONFIG_DIR.exists() and not DEFAULTS.exists() and not WANTS.is_symlink()
     assert not installed()
 
@@ -230,8 +232,15 @@ def debian_root() -> Path:
     """A minimal Debian of this machine's release with systemd, made once and kept."""
     missing = [t for t in ("mmdebstrap", "systemd-nspawn") if shutil.which(t) is None]
     if missing:
-        sh("apt-get", "install", "-y", "-qq", "--no-install-recommends", "mmdebstrap")
-        sh("apt-get", "install", "-y", "-qq", "--no-install-recommends", "systemd-container")
+        sh(
+            *APT,
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "mmdebstrap",
+            "systemd-container",
+        )
     if not ROOTFS.is_dir():
         ROOTFS.parent.mkdir(parents=True, exist_ok=True)
         partial = ROOTFS.with_name(f"{ROOTFS.name}.partial-{os.getpid()}")
