@@ -26,13 +26,15 @@ DEFAULT_ORIGINS = ("https://further.pi-top.com",)
 
 @dataclass(frozen=True)
 class RunAs:
-    """The account programs run under, and whether the server must switch to it."""
+    """The account programs run under, and whether the server must drop to it."""
 
     name: str
     uid: int
     gid: int
     home: Path
-    switch: bool  # True when the server must drop privileges to this account
+    # True when the server was started as root: it drops to this account for
+    # good before serving (privsep.py), and then runs programs as itself.
+    drop: bool
     reason: str = "it is the server's own account"  # why, in words for the start-up log
 
 
@@ -108,7 +110,7 @@ def resolve_run_as(
                 f"cannot run programs as {requested!r}: only root can switch users "
                 f"(the server runs as {me.pw_name!r})"
             )
-        return RunAs(me.pw_name, me.pw_uid, me.pw_gid, Path(me.pw_dir), switch=False)
+        return RunAs(me.pw_name, me.pw_uid, me.pw_gid, Path(me.pw_dir), drop=False)
     book = book or AccountBook()
     if requested:
         account = book.find(requested)
@@ -120,7 +122,7 @@ def resolve_run_as(
         account, reason = choice.account, choice.reason
     if account.uid == 0:
         raise ConfigError(f"programs never run as root, and user {account.name!r} is root")
-    return RunAs(account.name, account.uid, account.gid, account.home, switch=True, reason=reason)
+    return RunAs(account.name, account.uid, account.gid, account.home, drop=True, reason=reason)
 
 
 def user_exists(name: str) -> bool:

@@ -144,7 +144,7 @@ def test_the_configured_user_wins_and_root_is_refused(system: FakeSystem) -> Non
     system.add("ivy", 1001)
     book = system.book()
     run_as = resolve_run_as("ivy", euid=0, book=book)
-    assert (run_as.name, run_as.uid, run_as.switch) == ("ivy", 1001, True)
+    assert (run_as.name, run_as.uid, run_as.drop) == ("ivy", 1001, True)
     assert "FURTHER_LINK_USER" in run_as.reason
     with pytest.raises(ConfigError, match="programs never run as root"):
         resolve_run_as("root", euid=0, book=book)
@@ -214,14 +214,17 @@ async def test_real_regular_account_is_chosen_and_runs_the_program(
 ) -> None:
     person = real_account()
     assert person.pw_uid >= 1000
-    book = only_uid(tmp_path / "sys", person.pw_uid)
-    server = await start_server(environ={"FURTHER_LINK_USER": ""}, accounts=book)
-    assert server.config.run_as is not None
-    assert server.config.run_as.name == person.pw_name
-    assert "first regular account" in server.config.run_as.reason
+    run_as = resolve_run_as(None, euid=0, book=only_uid(tmp_path / "sys", person.pw_uid))
+    assert (run_as.name, run_as.uid, run_as.drop) == (person.pw_name, person.pw_uid, True)
+    assert "first regular account" in run_as.reason
+    # The real server, dropped to that account, runs the program as it.
+    server = await start_server(
+        environ={"FURTHER_LINK_USER": run_as.name}, work_dir=str(run_as.home / "further")
+    )
     async with http.ws_connect(server.ws_url()) as ws:
         result = await Client(ws).run({"sourceScript": "import os\nprint('hi', os.getuid())"})
     assert result.stdout == f"hi {person.pw_uid}\n", result.stderr
+    assert (run_as.home / "further").stat().st_uid == person.pw_uid
 
 
 @needs_root
@@ -272,8 +275,8 @@ async def test_dedicated_system_account_is_created_when_nothing_else_fits(
             result = await Client(ws).run({"sourceScript": "import os\nprint(os.getuid())"})
         assert result.stdout == f"{entry.pw_uid}\n", result.stderr
     finally:
-        if server is not None and server.runner is not None:
-            await server.runner.cleanup()  # its warm interpreters run as the account
+        if server is not None:
+            await server.stop()  # it and its warm interpreters run as the account
         remove_account(name)
 
 
@@ -282,14 +285,19 @@ async def test_root_started_command_without_settings_serves_as_an_unprivileged_a
     sandbox: Path,
 ) -> None:
     """`further-link` as root with no FURTHER_LINK_USER: the machine's own choice, never root."""
+    dedicated_existed = any(e.pw_name == SYSTEM_ACCOUNT for e in pwd.getpwall())
+    # The server drops to the account before making its work dir: give it one of its own.
+    expected = resolve_run_as(None, euid=0)
+    own = sandbox / "own"
+    own.mkdir()
+    os.chown(own, expected.uid, expected.gid)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
     env.update(
         XDG_CONFIG_HOME=str(sandbox / "config"),
-        FURTHER_LINK_WORK_DIR=str(sandbox / "w"),
+        FURTHER_LINK_WORK_DIR=str(own / "w"),
         FURTHER_LINK_PYTHON="/usr/bin/python3",
         FURTHER_LINK_NOSSL="1",
     )
-    dedicated_existed = any(e.pw_name == SYSTEM_ACCOUNT for e in pwd.getpwall())
     proc = subprocess.Popen(
         [sys.executable, "-m", "further_link", "--host", "127.0.0.1", "--port", "0"],
         env=env,
@@ -306,7 +314,7 @@ async def test_root_started_command_without_settings_serves_as_an_unprivileged_a
                 break
         chosen = "".join(log).split("programs run as '", 1)[1].split("'", 1)[0]
         entry = pwd.getpwnam(chosen)
-        assert entry.pw_uid != 0
+        assert entry.pw_uid != 0 and chosen == expected.name
         port = int("".join(log).split("listening on 127.0.0.1:", 1)[1].split(",", 1)[0])
         token = (sandbox / "config" / "further-link" / "token").read_text().strip()
         url = f"ws://127.0.0.1:{port}/run-py?token={token}"

@@ -120,7 +120,10 @@ async def test_package_installs_serves_runs_a_program_and_is_removed_and_purged(
     assert deb.name == f"further-link_{__version__}_all.deb" and deb.is_file()
     out = sh(*APT, "install", "-y", str(deb))
     # postinst: the account choice, the config dir, token and certificate, and where to pair.
-    assert re.search(r"programs run as '[^']+': ", out), out
+    chosen = re.search(r"programs run as '([^']+)': ", out)
+    assert chosen, out
+    program_user = pwd.getpwnam(chosen.group(1))
+    assert program_user.pw_uid != 0
     assert "journalctl -u further-link" in out and "sudo further-link token" in out
     assert COMMAND.is_file() and UNIT.is_file() and DEFAULTS.is_file()
     assert WANTS.is_symlink(), "dh_installsystemd enables the service"
@@ -129,6 +132,10 @@ async def test_package_installs_serves_runs_a_program_and_is_removed_and_purged(
     assert (CONFIG_DIR / "cert.pem").is_file() and (CONFIG_DIR / "key.pem").is_file()
     sh("systemd-analyze", "verify", str(UNIT), timeout=120)
 
+    # The server drops to the program user before making its work dir: a dir of its own.
+    own = sandbox / "own"
+    own.mkdir()
+    os.chown(own, program_user.pw_uid, program_user.pw_gid)
     command, env = service_command(
         UNIT.read_text(),
         # As systemd would start it, but on an ephemeral loopback port and with
@@ -136,7 +143,7 @@ async def test_package_installs_serves_runs_a_program_and_is_removed_and_purged(
         {
             "FURTHER_LINK_HOST": "127.0.0.1",
             "FURTHER_LINK_PORT": "0",
-            "FURTHER_LINK_WORK_DIR": str(sandbox / "work"),
+            "FURTHER_LINK_WORK_DIR": str(own / "work"),
         },
     )
     assert command == [str(COMMAND), "serve"]
@@ -154,7 +161,7 @@ async def test_package_installs_serves_runs_a_program_and_is_removed_and_purged(
         account_match = re.search(r"programs run as '([^']+)'", log)
         assert port_match and account_match, log
         account = pwd.getpwnam(account_match.group(1))
-        assert account.pw_uid != 0
+        assert account == program_user
         tls = ssl.create_default_context(cafile=str(CONFIG_DIR / "cert.pem"))
         base = f"https://127.0.0.1:{port_match.group(1)}"
         async with aiohttp.ClientSession() as http:
