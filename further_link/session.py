@@ -19,7 +19,6 @@ import contextlib
 import enum
 import logging
 import shutil
-import tempfile
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +27,11 @@ from typing import Any
 from . import protocol
 from .config import Config
 from .errors import FurtherLinkError, ProtocolError, SessionStateError, StartError, UploadError
-from .launch import SOCKET_NAME, plan_program
+from .launch import Plan, plan_program
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
 from .process import Launcher, Program, cold_launch
+from .project import ProjectScript
 from .protocol import (
     Command,
     ErrorEvent,
@@ -47,6 +47,7 @@ from .protocol import (
     Uploaded,
     Video,
 )
+from .rundirs import RunPlace, RunPlaces, make_run_place
 from .streams import SideChannel
 from .upload import UploadLimits, UrlCache, materialise_upload
 
@@ -67,10 +68,17 @@ class Services:
     cache: UrlCache
     library_dir: Path  # holds the `further_link` client package; on every program's import path
     pool: WarmPool | None = None  # pre-started interpreters, when the pool is on
+    run_places: RunPlaces | None = None  # run directories made ahead
 
     @property
     def launcher(self) -> Launcher:
         return self.pool.launch if self.pool is not None else cold_launch
+
+    def take_run_place(self) -> RunPlace:
+        """A directory (and side-channel socket) for a new run; raises ``OSError``."""
+        if self.run_places is not None:
+            return self.run_places.take()
+        return make_run_place()
 
 
 @dataclass
@@ -80,7 +88,14 @@ class Run:
     program: Program
     channel: SideChannel
     run_dir: Path
+    project_script: ProjectScript | None = None
     task: asyncio.Task[None] | None = None
+
+    def remove_files(self) -> None:
+        """Remove what the run wrote: its private dir and its script in the project."""
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.project_script is not None:
+            self.project_script.remove()
 
 
 class Session:
@@ -92,6 +107,7 @@ class Session:
         self._run: Run | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._ran = False  # a program has run on this connection (late input is dropped)
 
     # ------------------------------------------------------------ inbound
 
@@ -104,6 +120,11 @@ class Session:
         except FurtherLinkError as exc:
             log.info("refused: %s", exc.message)
             self.outbox.put(ErrorEvent(exc.message))
+        except OSError as exc:
+            # The device itself is short of something (descriptors, memory, disk):
+            # the client hears why and the connection stays usable.
+            log.warning("could not carry out a command: %s", exc)
+            self.outbox.put(ErrorEvent(f"the device could not do this now: {exc.strerror or exc}"))
 
     def receive_binary(self) -> None:
         self.outbox.put(
@@ -134,22 +155,26 @@ class Session:
         if self.state is not State.IDLE:
             raise SessionStateError("a program is already running; send stop first")
         try:
-            run_dir = Path(tempfile.mkdtemp(prefix="further-link-run-"))
+            place = self._services.take_run_place()
         except OSError as exc:
             raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
+        run_dir = place.directory
+        plan: Plan | None = None
         try:
-            spec = plan_program(command, self._config, self._services.library_dir, run_dir)
+            plan = plan_program(command, self._config, self._services.library_dir, run_dir)
             program = Program(
-                spec, self._deliver_output, self._config.kill_grace, self._services.launcher
+                plan.spec, self._deliver_output, self._config.kill_grace, self._services.launcher
             )
             run = Run(
                 program,
                 SideChannel(
-                    run_dir / SOCKET_NAME,
+                    place.socket_path,
                     lambda kind, payload: self._deliver_frame(program, payload),
                     self._config.max_message_bytes,
+                    listener=place.listener,
                 ),
                 run_dir,
+                plan.project_script,
             )
             await run.channel.start()
             try:
@@ -157,15 +182,17 @@ class Session:
             except BaseException:
                 await run.channel.close()
                 raise
-        except OSError as exc:
-            # E.g. another program (same account) changed the run dir under us.
-            shutil.rmtree(run_dir, ignore_errors=True)
-            where = f" ({exc.filename})" if exc.filename else ""
-            raise StartError(f"could not prepare the run: {exc.strerror}{where}") from None
-        except BaseException:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        except BaseException as exc:
+            place.discard()
+            if plan is not None and plan.project_script is not None:
+                plan.project_script.remove()
+            if isinstance(exc, OSError):
+                # E.g. another program (same account) changed the run dir under us.
+                where = f" ({exc.filename})" if exc.filename else ""
+                raise StartError(f"could not prepare the run: {exc.strerror}{where}") from None
             raise
         self._run = run
+        self._ran = True
         self.state = State.RUNNING
         self.outbox.put(Started())
         run.task = asyncio.ensure_future(self._supervise(run))
@@ -176,7 +203,7 @@ class Session:
             code = await run.program.wait()
             await run.channel.close()
         finally:
-            shutil.rmtree(run.run_dir, ignore_errors=True)
+            run.remove_files()
         self._run = None
         self.state = State.IDLE
         self.outbox.put(Stopped(code))
@@ -208,6 +235,11 @@ class Session:
                 self._run.program.close_stdin()
             return
         if self._run is None:
+            if self._ran:
+                # Sent before the client saw `stopped`, as a learner typing while
+                # the program ends does; the 2020 server dropped it silently too.
+                log.debug("dropped input that arrived after the program ended")
+                return
             raise SessionStateError("no program is running to read this input")
         self._run.program.write_stdin(command.input)
         if command.eof:
@@ -221,6 +253,7 @@ class Session:
             max_files=config.max_upload_files,
             max_bytes=config.max_upload_bytes,
             max_download_bytes=config.max_download_bytes,
+            quota_bytes=config.quota_bytes,
         )
         try:
             await materialise_upload(command, config.work_dir, self._services.cache, limits)
@@ -251,7 +284,7 @@ class Session:
                     await run.task
             await run.program.abort()
             await run.channel.close()
-            shutil.rmtree(run.run_dir, ignore_errors=True)
+            run.remove_files()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
