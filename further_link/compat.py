@@ -6,7 +6,7 @@ depends on it); pip installs a current one. Only what 3.8 lacks is here.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from aiohttp import web
 
@@ -20,3 +20,12 @@ def app_key(name: str, kind: type[T]) -> web.AppKey[T]:
         return name  # type: ignore[return-value]
     key: web.AppKey[T] = maker(name, kind)
     return key
+
+
+if TYPE_CHECKING:
+    from aiohttp.abc import ResolveResult as ResolveResult
+else:
+    try:
+        from aiohttp.abc import ResolveResult
+    except ImportError:  # aiohttp < 3.10 resolvers return plain dicts of the same keys
+        ResolveResult = dict
