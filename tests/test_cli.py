@@ -84,7 +84,7 @@ def server_env(sandbox: Path) -> dict[str, str]:
     env["XDG_CONFIG_HOME"] = str(sandbox / "config")
     env.update(PROGRAM_SETTINGS)
     # nobody's home does not exist, so the server needs a work dir (see test_accounts.py).
-    env["FURTHER_LINK_WORK_DIR"] = str(sandbox / "w")
+    env["FURTHER_LINK_WORK_DIR"] = str(program_home(sandbox) / "w")
     return env
 
 
