@@ -28,6 +28,7 @@ from pathlib import Path
 from . import proctree
 from .channel import SOCKET_ENV_VAR
 from .config import RunAs
+from .containment import Containment
 from .errors import StartError
 from .process import LaunchedProcess, ProgramSpec, cold_launch, spawn
 
@@ -40,8 +41,16 @@ WAITING_CWD = Path("/")
 
 
 class WarmPool:
-    def __init__(self, size: int, python: str, run_as: RunAs | None, base_env: Mapping[str, str]):
+    def __init__(
+        self,
+        size: int,
+        python: str,
+        run_as: RunAs | None,
+        base_env: Mapping[str, str],
+        containment: Containment | None = None,
+    ):
         self.size = size
+        self._containment = containment
         self._python = python
         self._run_as = run_as
         self._base_env = {k: v for k, v in base_env.items() if k not in PER_RUN_VARIABLES}
@@ -76,6 +85,7 @@ class WarmPool:
         return await cold_launch(spec)
 
     def _hand_over(self, launched: LaunchedProcess, channel: int, spec: ProgramSpec) -> bool:
+        """Move the interpreter into the run's cgroup, then give it the program."""
         env = dict(spec.env)
         env[proctree.RUN_TAG_VAR] = launched.tag
         fields = [str(spec.cwd), spec.argv[2], str(len(spec.argv) - 3), *spec.argv[3:]]
@@ -84,6 +94,9 @@ class WarmPool:
         try:
             if launched.process.returncode is not None:
                 raise BrokenPipeError
+            if spec.group is not None:
+                # Still blocked on the channel, so it has no children to leave behind.
+                spec.group.add(launched.process.pid)
             view = memoryview(message)
             while view:
                 view = view[os.write(channel, view) :]
@@ -106,6 +119,7 @@ class WarmPool:
         while not self._closed and len(self._waiting) < self.size:
             read_end, write_end = os.pipe()
             os.set_inheritable(read_end, True)
+            containment = self._containment
             try:
                 launched = await spawn(
                     [self._python, "-u", "-c", BOOTSTRAP, str(read_end)],
@@ -114,6 +128,8 @@ class WarmPool:
                     self._run_as,
                     uuid.uuid4().hex,
                     pass_fds=[read_end],
+                    group=containment.pool if containment is not None else None,
+                    rlimits=containment.rlimits if containment is not None else None,
                 )
             except (StartError, OSError) as exc:
                 os.close(write_end)

@@ -20,7 +20,8 @@ from . import __version__, proctree
 from .access import TOKENS, check_origin, check_token, setup_access
 from .auth import TokenStore
 from .config import Config
-from .device import setup_device
+from .containment import Containment, Limits
+from .device import DEVICE_STATUS, setup_device
 from .launch import prepare_library_dir, program_env
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
@@ -110,14 +111,17 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     # Orphans of programs (double-forked daemons) become ours, to kill and reap.
     proctree.become_subreaper()
     _prepare_work_dir(config)
+    containment = _start_containment(config)
+    app[DEVICE_STATUS].containment = containment.mode
     library_dir = prepare_library_dir()
     http = aiohttp.ClientSession()
-    pool = _start_pool(config, library_dir)
+    pool = _start_pool(config, library_dir, containment)
     app[SERVICES] = Services(
         config=config,
         cache=UrlCache(config.cache_dir, http, config.max_download_bytes),
         library_dir=library_dir,
         pool=pool,
+        containment=containment,
     )
     watcher = asyncio.ensure_future(_watch_token(app)) if config.auth else None
     try:
@@ -128,16 +132,24 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             await asyncio.gather(watcher, return_exceptions=True)
         if pool is not None:
             await pool.close()
+        containment.close()
         await http.close()
         shutil.rmtree(library_dir, ignore_errors=True)
 
 
-def _start_pool(config: Config, library_dir: Path) -> WarmPool | None:
+def _start_containment(config: Config) -> Containment:
+    limits = Limits(config.max_memory_bytes, config.max_tasks, config.cpu_weight)
+    containment = Containment.start(limits, force_best_effort=config.containment == "best-effort")
+    log.info("containment of programs: %s", containment.description)
+    return containment
+
+
+def _start_pool(config: Config, library_dir: Path, containment: Containment) -> WarmPool | None:
     if config.pool_size <= 0:
         return None
     # The environment every program shares; per-run variables are applied at launch.
     base_env = program_env(config, library_dir, run_dir=Path("/"), import_dir=None)
-    pool = WarmPool(config.pool_size, config.python, config.run_as, base_env)
+    pool = WarmPool(config.pool_size, config.python, config.run_as, base_env, containment)
     pool.start()
     return pool
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import enum
 import logging
 import os
@@ -28,6 +29,7 @@ from typing import Any
 
 from . import protocol
 from .config import Config
+from .containment import BEST_EFFORT, Containment, Limits, RunGroup
 from .errors import FurtherLinkError, ProtocolError, SessionStateError, StartError, UploadError
 from .launch import SOCKET_NAME, plan_program
 from .outbox import Outbox, OutboxClosed
@@ -68,6 +70,7 @@ class Services:
     cache: UrlCache
     library_dir: Path  # holds the `further_link` client package; on every program's import path
     pool: WarmPool | None = None  # pre-started interpreters, when the pool is on
+    containment: Containment | None = None  # per-run cgroups; None: best-effort tracking
 
     @property
     def launcher(self) -> Launcher:
@@ -81,6 +84,7 @@ class Run:
     program: Program
     channel: SideChannel
     run_dir: Path
+    group: RunGroup | None = None
     task: asyncio.Task[None] | None = None
 
 
@@ -139,10 +143,13 @@ class Session:
             run_dir = Path(tempfile.mkdtemp(prefix="further-link-run-"))
         except OSError as exc:
             raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
+        group: RunGroup | None = None
         try:
             if run_as is not None and run_as.switch:
                 os.chown(run_dir, run_as.uid, run_as.gid)
             spec = plan_program(command, self._config, self._services.library_dir, run_dir)
+            group, rlimits = self._contain()
+            spec = dataclasses.replace(spec, group=group, rlimits=rlimits)
             program = Program(
                 spec, self._deliver_output, self._config.kill_grace, self._services.launcher
             )
@@ -153,8 +160,10 @@ class Session:
                     lambda kind, payload: self._deliver_frame(program, payload),
                     self._config.max_message_bytes,
                     owner=run_as.uid if run_as is not None and run_as.switch else None,
+                    peer_group=group,
                 ),
                 run_dir,
+                group,
             )
             await run.channel.start()
             try:
@@ -164,11 +173,26 @@ class Session:
                 raise
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
+            if group is not None:
+                group.kill()
+                group.remove()
             raise
         self._run = run
         self.state = State.RUNNING
         self.outbox.put(Started())
         run.task = asyncio.ensure_future(self._supervise(run))
+
+    def _contain(self) -> tuple[RunGroup | None, Limits | None]:
+        """The run's own cgroup, or the limits to set as rlimits (best-effort)."""
+        containment = self._services.containment
+        if containment is None:
+            return None, None
+        if containment.mode == BEST_EFFORT:
+            return None, containment.rlimits
+        try:
+            return containment.new_run(), None
+        except OSError as exc:
+            raise StartError(f"could not create the program's cgroup: {exc.strerror}") from None
 
     async def _supervise(self, run: Run) -> None:
         """Wait for the program to end, then release what the run owns."""
@@ -177,9 +201,10 @@ class Session:
             await run.channel.close()
         finally:
             shutil.rmtree(run.run_dir, ignore_errors=True)
+            await _remove_group(run.group)
         self._run = None
         self.state = State.IDLE
-        self.outbox.put(Stopped(code))
+        self.outbox.put(Stopped(code, run.program.ending_signal))
 
     async def _deliver_output(self, stream: str, text: str) -> None:
         with contextlib.suppress(OutboxClosed):
@@ -254,6 +279,7 @@ class Session:
             await run.program.abort()
             await run.channel.close()
             shutil.rmtree(run.run_dir, ignore_errors=True)
+            await _remove_group(run.group)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -264,3 +290,9 @@ class Session:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+async def _remove_group(group: RunGroup | None) -> None:
+    if group is not None:
+        # Waits (briefly) for the kernel to finish tearing the processes down.
+        await asyncio.get_running_loop().run_in_executor(None, group.remove)

@@ -9,6 +9,12 @@ function so the ``__main__`` namespace the script sees holds nothing of ours,
 and only modules the interpreter loaded at start-up are used before the script
 runs. The message is NUL-separated: cwd, script, argument count, arguments,
 then ``KEY=VALUE`` environment entries.
+
+While it waits, the interpreter is not dumpable (PR_SET_DUMPABLE 0): no other
+process of the account may ptrace it or read its memory and so take over the
+next learner's run. It gives up if something attached before that took
+effect, and becomes dumpable again, as a fresh interpreter is, once it has
+its program; ctypes, loaded only for this, is then unloaded again.
 """
 
 
@@ -17,6 +23,15 @@ def _further_link_warm_start() -> None:
     import sys
 
     channel = int(sys.argv[1])
+    loaded = set(sys.modules)
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE: 0
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("TracerPid:") and line.split()[1] != "0":
+                os._exit(1)
     chunks = []
     while True:
         chunk = os.read(channel, 1 << 16)
@@ -26,6 +41,10 @@ def _further_link_warm_start() -> None:
     os.close(channel)
     if not chunks:  # the server retired this interpreter unused
         os._exit(0)
+    prctl(4, 1, 0, 0, 0)  # dumpable again, as a fresh interpreter is
+    del prctl, ctypes
+    for name in set(sys.modules) - loaded:
+        del sys.modules[name]
     fields = [os.fsdecode(field) for field in b"".join(chunks).split(b"\0")]
     cwd, script, count = fields[0], fields[1], int(fields[2])
     arguments = fields[3 : 3 + count]
