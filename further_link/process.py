@@ -256,6 +256,7 @@ class Program:
         self.tag = ""
         self._launcher = launcher
         self._sink = sink
+        self._dropping_output = False
         self._kill_grace = kill_grace
         self._process: asyncio.subprocess.Process | None = None
         self._tree: proctree.RunTree | None = None
@@ -292,8 +293,8 @@ class Program:
         log.info("program started pid=%d cwd=%s", self._process.pid, self.spec.cwd)
         self._tree = proctree.RunTree(self._process.pid, self.tag)
         self._readers = [
-            PipeReader(launched.stdout_fd, "stdout", self._sink),
-            PipeReader(launched.stderr_fd, "stderr", self._sink),
+            PipeReader(launched.stdout_fd, "stdout", self._deliver),
+            PipeReader(launched.stderr_fd, "stderr", self._deliver),
         ]
         self._pump_tasks = [
             asyncio.ensure_future(reader.run(self._remaining_drain_time))
@@ -303,6 +304,10 @@ class Program:
         self._orphan_reaper = asyncio.ensure_future(self._reap_orphans_while_running())
         if self._group is not None:
             self._limit_watch = asyncio.ensure_future(self._watch_limits())
+
+    async def _deliver(self, stream: str, text: str) -> None:
+        if not self._dropping_output:  # nobody is left to read what a dying program says
+            await self._sink(stream, text)
 
     def _remaining_drain_time(self) -> float | None:
         if self._drain_deadline is None:
@@ -509,6 +514,7 @@ class Program:
         """Used when the owner goes away: kill everything, drop the output."""
         if self._process is None or self._exit_code is not None:
             return
+        self._dropping_output = True
         await self.stop()
         for task in self._pump_tasks:
             task.cancel()

@@ -201,7 +201,8 @@ class Session:
             await run.channel.close()
         finally:
             shutil.rmtree(run.run_dir, ignore_errors=True)
-            await _remove_group(run.group)
+        # Not in ``finally``: when cancelled, ``close`` removes it after ending the run.
+        await _remove_group(run.group)
         self._run = None
         self.state = State.IDLE
         self.outbox.put(Stopped(code, run.program.ending_signal))
