@@ -64,6 +64,10 @@ class WarmPool:
         """Begin filling the pool in the background."""
         self._schedule_refill()
 
+    def waiting_pids(self) -> list[int]:
+        """Pids of the interpreters waiting for a program."""
+        return [launched.process.pid for launched, _ in self._waiting]
+
     def fits(self, spec: ProgramSpec) -> bool:
         """Whether a waiting interpreter can become exactly this program."""
         argv = list(spec.argv)

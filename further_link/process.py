@@ -36,6 +36,8 @@ STDIN_BACKLOG_LIMIT = 4 * 1024 * 1024
 # After the program has exited and its tree is killed, how long to wait for
 # pipes to report end-of-file before giving up on a process that escaped.
 PIPE_DRAIN_TIMEOUT = 2.0
+# An idle pipe's reader wakes this often to see whether that drain has begun.
+DEADLINE_RECHECK = 0.5
 # How long SIGKILLed processes may take to vanish before the server gives up
 # on them (a process stuck in the kernel) and reports the run as ended anyway.
 KILL_TIMEOUT = 5.0
@@ -50,6 +52,10 @@ ORPHAN_REAP_INTERVAL = 1.0
 # How often a contained run's limit counters are read while it runs: a fork
 # bomb that reached the task limit is ended within this.
 LIMIT_CHECK_INTERVAL = 0.2
+# A stop is a terminal's Ctrl-C first; what a program leaves running after it
+# exits by itself gets SIGTERM, quietly, as before; a run over a limit, nothing.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+LEFTOVER_SIGNALS = (signal.SIGTERM,)
 # What a stopped program reports, whichever signal finally ended it: the
 # 2020 and v5 servers' SIGTERM, which clients show as "stopped by user".
 STOPPED_EXIT_CODE = -signal.SIGTERM
@@ -221,15 +227,22 @@ class PipeReader:
             loop.remove_reader(self.fd)
 
     async def run(self, deadline: Callable[[], float | None]) -> None:
-        """Read until end-of-file, or until ``deadline()`` seconds pass idle."""
+        """Read until end-of-file, or until ``deadline()`` (seconds left) runs out.
+
+        ``deadline`` is asked again at least every ``DEADLINE_RECHECK`` seconds:
+        it is set only once the program has ended, while this reader waits.
+        """
         while not self.eof:
             await self.read_available()
             if self.eof:
                 break
-            if not await self._readable(deadline()):
+            remaining = deadline()
+            if remaining is not None and remaining <= 0:
                 log.warning("%s still open after the program ended; closing it", self.stream)
                 await self.read_available()
                 break
+            wait = DEADLINE_RECHECK if remaining is None else min(remaining, DEADLINE_RECHECK)
+            await self._readable(wait)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -381,20 +394,21 @@ class Program:
         if self._process.returncode is None and self._ending is None:
             log.info("stopping program pid=%d", self._process.pid)
             self.stop_requested = True
-        await self._end_tree()
+        await self._end_tree(STOP_SIGNALS)
 
-    async def _end_tree(self) -> None:
+    async def _end_tree(self, signals: Sequence[signal.Signals]) -> None:
         """End every process of the run, once; later callers wait for the same ending."""
         if self._ending is None:
-            self._ending = asyncio.ensure_future(self._terminate_tree())
+            self._ending = asyncio.ensure_future(self._terminate_tree(signals))
         # Shielded: a caller cancelled because its connection went away must not
         # leave the tree half killed; ``abort`` then waits for this same task.
         await asyncio.shield(self._ending)
 
-    async def _terminate_tree(self, gentle: bool = True) -> None:
+    async def _terminate_tree(self, signals: Sequence[signal.Signals]) -> None:
+        """Each of ``signals`` to the whole run, a grace period apart, then SIGKILL."""
         assert self._tree is not None
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM) if gentle else ():
+        for sig in signals:
             if not await loop.run_in_executor(None, self._signal_run, sig):
                 break  # nothing of the run is left
             if await self._wait_until_gone(self._kill_grace):
@@ -460,7 +474,7 @@ class Program:
             await asyncio.sleep(LIMIT_CHECK_INTERVAL)
         log.info("pid=%d: %s; ending the run", self.pid, self._group.limit_hit())
         if self._ending is None:
-            self._ending = asyncio.ensure_future(self._terminate_tree(gentle=False))
+            self._ending = asyncio.ensure_future(self._terminate_tree(()))
 
     async def wait(self) -> int:
         """Wait for exit, end leftovers, deliver all output; return the exit code.
@@ -474,7 +488,7 @@ class Program:
         # The program is gone; whatever it left running goes too.
         assert self._tree is not None
         if self._ending is not None or self._has_leftovers():
-            await self._end_tree()
+            await self._end_tree(LEFTOVER_SIGNALS)
         else:
             self._tree.reap_orphans()  # children that died before anything saw them
         self._drain_deadline = asyncio.get_running_loop().time() + PIPE_DRAIN_TIMEOUT
