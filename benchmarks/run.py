@@ -31,6 +31,7 @@ from _client import BenchClientError
 from _context import FULL, QUICK, BenchContext
 from _report import BenchResult, render_table, write_json
 from _server import ServerError
+from bench_cgroup import bench_cgroup
 from bench_concurrency import bench_concurrency
 from bench_flood import bench_flood
 from bench_footprint import bench_footprint
@@ -49,6 +50,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "concurrency": bench_concurrency,
     "flood": bench_flood,
     "footprint": bench_footprint,
+    "cgroup": bench_cgroup,
 }
 # As root, programs run as another account that cannot read a virtualenv kept
 # under /root; then they get the system's interpreter, as in the test suite.
