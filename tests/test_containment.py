@@ -236,7 +236,10 @@ async def test_another_run_cannot_inject_frames_into_a_runs_side_channel(
         "print('sent')\n"
     )
     await start_program(victim, victim_script)
-    path = (await victim.receive_type("stdout"))["data"]["output"].strip()
+    printed = ""
+    while not printed.endswith("\n"):  # one print may arrive in pieces
+        printed += (await victim.receive_type("stdout"))["data"]["output"]
+    path = printed.strip()
     stolen = await thief.run({"sourceScript": SOCKET_THIEF.format(path=path)})
     assert stolen.stdout.startswith("refused"), stolen.stdout
     # The victim's own frame still goes through, and is the only one it gets.
