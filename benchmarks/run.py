@@ -125,6 +125,10 @@ def program_settings() -> tuple[str, ProgramAccount | None, dict[str, str]]:
     spawns switch to the same account.
     """
     settings = {"FURTHER_LINK_AUTH": "off"}  # the benchmark measures runs, not logins
+    # FURTHER_LINK_CONTAINMENT=best-effort compares the figures without cgroups.
+    containment = os.environ.get("FURTHER_LINK_CONTAINMENT")
+    if containment:
+        settings["FURTHER_LINK_CONTAINMENT"] = containment
     python = os.environ.get("FURTHER_LINK_PYTHON") or None
     account = None
     if os.geteuid() == 0:

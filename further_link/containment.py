@@ -17,7 +17,7 @@ Layout, in every hierarchy used, below the cgroup the server was started in::
 
     <own cgroup>/further-link-<pid>-<random>/   one per server instance
         server/        the server itself, only where it had to leave <own cgroup>
-        pool/          waiting warm interpreters
+        pool-<hex>/    waiting warm interpreters
         run-<hex>/     one per run, removed when the run ends
 
 Several servers may run on one machine (and in one process: the tests), so
@@ -463,7 +463,8 @@ class Containment:
             v2_limits=kind == "v2",
             owned=owned,
         )
-        self.pool = self._make_group(POOL_GROUP, apply_limits=False)
+        # Named per instance: servers in one process may share a prepared subtree.
+        self.pool = self._make_group(f"{POOL_GROUP}-{secrets.token_hex(4)}", apply_limits=False)
         return self
 
     def _make_group(self, name: str, apply_limits: bool = True) -> RunGroup:

@@ -16,6 +16,7 @@ import fcntl
 import logging
 import os
 import signal
+import subprocess
 import uuid
 from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -146,6 +147,10 @@ async def spawn(
         for fd in (out_r, err_r):
             os.close(fd)
         raise StartError(f"could not start {argv[0]!r}: {exc.strerror}") from None
+    except subprocess.SubprocessError as exc:  # the child's set-up step (joining its cgroup)
+        for fd in (out_r, err_r):
+            os.close(fd)
+        raise StartError(f"could not start {argv[0]!r}: {exc}") from None
     finally:
         for fd in (out_w, err_w, *join_fds):
             os.close(fd)

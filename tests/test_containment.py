@@ -142,43 +142,40 @@ async def test_an_escapee_holding_stdout_does_not_leave_the_session_stopping(
                 os.kill(int(marker.read_text()), signal.SIGKILL)
 
 
-async def test_a_fork_bomb_is_stopped_with_words_while_others_run(
-    start_server: StartServer, connect: ClientFactory
+FORK_BOMB = (
+    "import os\nprint('ready', flush=True)\n"
+    "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+)
+MEMORY_HOG = "print('ready')\nx = []\nwhile True:\n    x.append(' ' * 10**6)\n"
+
+
+@pytest.mark.parametrize(
+    ("setting", "script", "why"),
+    [
+        (("FURTHER_LINK_MAX_TASKS", "24"), FORK_BOMB, "it started more than 24 processes"),
+        (("FURTHER_LINK_MAX_MEMORY", "64M"), MEMORY_HOG, "it used more than 64 MiB of memory"),
+    ],
+    ids=["fork-bomb", "memory-hog"],
+)
+async def test_a_run_over_a_limit_is_stopped_with_words_while_others_run(
+    start_server: StartServer,
+    connect: ClientFactory,
+    setting: tuple[str, str],
+    script: str,
+    why: str,
 ) -> None:
-    server = await start_server(environ={"FURTHER_LINK_MAX_TASKS": "24"})
+    server = await start_server(environ=dict([setting]))
     require_cgroup(server)
-    bomber, other = await connect(server), await connect(server)
-    bomb = (
-        "import os\nprint('bomb', flush=True)\n"
-        "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
-    )
-    await start_program(bomber, bomb)
-    await bomber.read_output("bomb\n")
+    greedy, other = await connect(server), await connect(server)
+    await start_program(greedy, script)
+    await greedy.read_output("ready\n")
     hi = await other.run({"sourceScript": "print('hi')"})
     assert (hi.stdout, hi.exit_code) == ("hi\n", 0)
-    result = await bomber.collect()
-    assert result.stderr.endswith(
-        "further-link: the program was stopped because it started more than 24 processes\n"
-    )
+    result = await greedy.collect()
+    assert result.stderr.endswith(f"further-link: the program was stopped because {why}\n")
+    # The exit code stays the signal's.
     assert result.exit_code == -9
     assert result.messages[-1]["data"]["signal"] == 9
-
-
-async def test_a_memory_hog_is_stopped_with_words_while_others_run(
-    start_server: StartServer, connect: ClientFactory
-) -> None:
-    server = await start_server(environ={"FURTHER_LINK_MAX_MEMORY": "64M"})
-    require_cgroup(server)
-    hog, other = await connect(server), await connect(server)
-    await start_program(hog, "print('eating')\nx = []\nwhile True:\n    x.append(' ' * 10**6)\n")
-    await hog.read_output("eating\n")
-    hi = await other.run({"sourceScript": "print('hi')"})
-    assert (hi.stdout, hi.exit_code) == ("hi\n", 0)
-    result = await hog.collect()
-    assert result.stderr.endswith(
-        "further-link: the program was stopped because it used more than 64 MiB of memory\n"
-    )
-    assert result.exit_code == -9
 
 
 @pytest.mark.parametrize("settings", [{}, BEST_EFFORT], ids=["cgroup", "best-effort"])
