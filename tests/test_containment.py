@@ -396,14 +396,38 @@ print("left", len(group.pids()), "removed", group.remove(), flush=True)
 contained.close()
 """
 
-ROOT_SIDE = """
-import os, sys
+# As root: hand this process's cgroups to the account with prepare_delegation,
+# print them, and become that account for good.
+PREPARED = """
+import os, pwd, sys
 from further_link.containment import prepare_delegation
-user = sys.argv[1]
-import pwd
-entry = pwd.getpwnam(user)
+entry = pwd.getpwnam(sys.argv[1])
 for subtree in prepare_delegation(entry.pw_uid, entry.pw_gid):
     print(subtree, flush=True)
+"""
+
+# As root: what systemd's Delegate=yes does for a unit running as the account
+# (a cgroup of its own, owned by it, the process inside), then the same.
+DELEGATED_BY_SYSTEMD = """
+import os, pwd, secrets, sys
+from further_link.containment import detect_here
+entry = pwd.getpwnam(sys.argv[1])
+layout = detect_here()
+name = f"test-delegated-{os.getpid()}-{secrets.token_hex(4)}"
+for home in [layout.unified, *layout.v1.values()]:
+    unit = home / name
+    unit.mkdir()
+    os.chown(unit, entry.pw_uid, entry.pw_gid)
+    for file in ("cgroup.procs", "cgroup.subtree_control", "cgroup.threads", "tasks"):
+        if (unit / file).exists():
+            os.chown(unit / file, entry.pw_uid, entry.pw_gid)
+    fd = os.open(unit / "cgroup.procs", os.O_WRONLY)
+    os.write(fd, b"0")
+    os.close(fd)
+    print(unit, flush=True)
+"""
+
+BECOME = """
 os.execv("/usr/bin/setpriv", ["setpriv", "--reuid", str(entry.pw_uid),
          "--regid", str(entry.pw_gid), "--clear-groups",
          "/usr/bin/python3", "-c", sys.argv[2]])
@@ -411,7 +435,8 @@ os.execv("/usr/bin/setpriv", ["setpriv", "--reuid", str(entry.pw_uid),
 
 
 @pytest.mark.skipif(not AS_ROOT, reason="handing a cgroup subtree to another account needs root")
-def test_prepare_delegation_lets_an_unprivileged_server_contain_runs() -> None:
+@pytest.mark.parametrize("root_side", [PREPARED, DELEGATED_BY_SYSTEMD], ids=["prepared", "systemd"])
+def test_an_unprivileged_server_contains_runs_in_a_delegated_cgroup(root_side: str) -> None:
     copy = Path(tempfile.mkdtemp(prefix="further-link-delegation-"))
     subtrees: list[str] = []
     try:
@@ -419,7 +444,7 @@ def test_prepare_delegation_lets_an_unprivileged_server_contain_runs() -> None:
         shutil.copytree(Path(containment.__file__).parent, copy / "further_link")
         env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(copy)}
         completed = subprocess.run(
-            [sys.executable, "-c", ROOT_SIDE, "nobody", NOBODY_SIDE],
+            [sys.executable, "-c", root_side + BECOME, "nobody", NOBODY_SIDE],
             env=env,
             capture_output=True,
             text=True,
@@ -435,11 +460,9 @@ def test_prepare_delegation_lets_an_unprivileged_server_contain_runs() -> None:
         assert "members 3" in lines
         assert "left 0 removed True" in lines
     finally:
-        for subtree in subtrees:
-            for leaf in Path(subtree).glob("*"):
-                if leaf.is_dir():
-                    os.rmdir(leaf)
-            os.rmdir(subtree)
+        for subtree in subtrees:  # empty now: bottom up
+            for directory, _, _ in sorted(os.walk(subtree), key=lambda w: -len(w[0])):
+                os.rmdir(directory)
         shutil.rmtree(copy, ignore_errors=True)
 
 
