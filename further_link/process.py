@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable
 
 from . import proctree
-from .config import RunAs
 from .containment import Limits, RunGroup, child_setup
 from .errors import StartError, StdinError
 
@@ -76,7 +75,6 @@ class ProgramSpec:
     argv: Sequence[str]
     cwd: Path
     env: Mapping[str, str]
-    run_as: RunAs | None = None
     group: RunGroup | None = None  # the run's cgroups, which the program joins before exec
     rlimits: Limits | None = None  # set as rlimits when there is no cgroup (best-effort)
 
@@ -98,29 +96,23 @@ async def spawn(
     argv: Sequence[str],
     cwd: Path,
     env: Mapping[str, str],
-    run_as: RunAs | None,
     tag: str,
     pass_fds: Sequence[int] = (),
     group: RunGroup | None = None,
     rlimits: Limits | None = None,
 ) -> LaunchedProcess:
-    """Start a process in its own session, as ``run_as``, with piped stdio.
+    """Start a process in its own session, as the server's own user, with piped stdio.
 
-    The child joins ``group`` (its cgroups) and sets ``PR_SET_NO_NEW_PRIVS``
-    and ``rlimits`` before exec. Raises ``StartError``.
+    A server started as root has already become the program user (privsep.py),
+    so there is no account to switch to here. The child joins ``group`` (its
+    cgroups) and sets ``PR_SET_NO_NEW_PRIVS`` and ``rlimits`` before exec.
+    Raises ``StartError``.
     """
     env = dict(env)
     env[proctree.RUN_TAG_VAR] = tag
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     _widen_pipe(out_r)
-    extra: dict[str, object] = {}
-    if run_as is not None and run_as.switch:
-        extra = {
-            "user": run_as.uid,
-            "group": run_as.gid,
-            "extra_groups": os.getgrouplist(run_as.name, run_as.gid),
-        }
     try:
         join_fds = group.open_join_fds() if group is not None else []
     except OSError as exc:
@@ -140,7 +132,6 @@ async def spawn(
                 start_new_session=True,
                 pass_fds=pass_fds,
                 preexec_fn=child_setup(join_fds, rlimits),
-                **extra,  # type: ignore[arg-type]
             )
             proctree.MANAGED_CHILDREN.add(process.pid)
     except OSError as exc:
@@ -170,13 +161,7 @@ def _widen_pipe(fd: int) -> None:
 async def cold_launch(spec: ProgramSpec) -> LaunchedProcess:
     """Start the program as a fresh interpreter."""
     return await spawn(
-        spec.argv,
-        spec.cwd,
-        spec.env,
-        spec.run_as,
-        uuid.uuid4().hex,
-        group=spec.group,
-        rlimits=spec.rlimits,
+        spec.argv, spec.cwd, spec.env, uuid.uuid4().hex, group=spec.group, rlimits=spec.rlimits
     )
 
 

@@ -50,22 +50,18 @@ class SideChannel:
         path: Path,
         on_frame: FrameHandler,
         max_frame_bytes: int,
-        owner: int | None = None,
         peer_group: RunGroup | None = None,
     ) -> None:
         self.path = path
         self._peer_group = peer_group
         self._on_frame = on_frame
         self._max_frame_bytes = max_frame_bytes
-        self._owner = owner
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.path))
         try:
-            if self._owner is not None:
-                os.chown(self.path, self._owner, -1)
             os.chmod(self.path, 0o600)
         except OSError:
             # The caller never gets a started channel to close: do it here.
