@@ -593,9 +593,8 @@ def child_setup(join_fds: Sequence[int], limits: Limits | None) -> Callable[[], 
     Python 3.9 has no CLONE_INTO_CGROUP, and with ``subprocess`` the parent
     cannot move the child between fork and exec, so the child joins its
     run's cgroups itself: it writes ``0`` (itself) to ``cgroup.procs``
-    descriptors the server opened beforehand. The kernel checks the opener's
-    rights, so this holds after ``subprocess`` switched the child to the
-    program user, and the program's first instruction already runs inside
+    descriptors the server opened beforehand (the kernel checks the
+    opener's rights), and the program's first instruction already runs inside
     the cgroup (a wrapper executable would cost another exec per run). Only
     system calls on prepared values run here: nothing that allocates much or
     takes locks another thread of the server may hold across fork.
