@@ -47,7 +47,7 @@ EXIT_FAILED = 255
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 PAIR_FAILED = 1
 CONNECT_TIMEOUT = 15.0
-# The device pings every 10 s; this notices a device that vanished (Wi-Fi gone).
+# The device pings a silent client after 5 s; this notices a device that vanished.
 HEARTBEAT = 30.0
 # Seconds a second Ctrl-C waits for the websocket to close politely.
 LEAVE_GRACE = 1.0
@@ -629,7 +629,7 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     pair = commands.add_parser(
         "pair",
         help="pair with a device using the code it shows",
-        description="Pair with a further-link device: CODE is the 6-digit pairing code "
+        description="Pair with a further-link device: CODE is the 9-digit pairing code "
         "it logs (or `further-link token` prints there). The token is kept for `run`.",
     )
     pair.add_argument("host", metavar="HOST", help="the device's name or address")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +21,11 @@ DEFAULT_USER = "pi"
 # The Further coding site may open websockets to devices by default; it still
 # needs the device token, obtained by pairing.
 DEFAULT_ORIGINS = ("https://further.pi-top.com",)
+# Programs run with the python3 a learner gets in a terminal, with every Debian
+# package (numpy, gpiozero, picamera2, ...), not with the server's virtualenv.
+SYSTEM_PYTHON = "/usr/bin/python3"
+# Seconds of silence from a client before it is pinged; it then has half as long to answer.
+DEFAULT_HEARTBEAT = 5.0
 
 
 @dataclass(frozen=True)
@@ -47,9 +51,9 @@ class Config:
     cert_file: Path | None = None
     key_file: Path | None = None
     run_as: RunAs | None = None
-    python: str = sys.executable
+    python: str = SYSTEM_PYTHON
     kill_grace: float = 1.0
-    heartbeat: float = 30.0
+    heartbeat: float = DEFAULT_HEARTBEAT
     max_message_bytes: int = 16 * MiB
     max_source_bytes: int = 16 * MiB
     max_upload_files: int = 1000
@@ -63,7 +67,20 @@ class Config:
     max_tasks: int = 256  # processes and threads per run; 0 = no limit
     cpu_weight: int = 100  # per run, cgroup v2 scale 1..10000
     origins: tuple[str, ...] = DEFAULT_ORIGINS
+    # Where X displays' sockets are (only tests look elsewhere).
+    x11_socket_dir: Path = Path("/tmp/.X11-unix")
     program_env: Mapping[str, str] = field(default_factory=dict)
+    # Names besides the device's own that requests may carry in Host.
+    hosts: tuple[str, ...] = ()
+    # Hosts, addresses and CIDR networks url uploads may reach despite the policy.
+    download_allow: tuple[str, ...] = ()
+    quota_bytes: int = 1024 * MiB
+    max_connections: int = 512
+    max_connections_per_address: int = 32
+    # Seconds an unauthenticated peer may take for its TLS handshake and headers.
+    header_timeout: float = 10.0
+    # Seconds a connection's outgoing queue may stay full before the client is cut off.
+    stall_timeout: float = 60.0
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with some fields replaced (``None`` values are ignored)."""
@@ -115,6 +132,10 @@ def _number(environ: Mapping[str, str], name: str, default: float, kind: type = 
     return value
 
 
+def _list(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in environ.get(name, "").split(",") if item.strip())
+
+
 def resolve_run_as(requested: str | None, euid: int | None = None) -> RunAs:
     """Pick the account programs run as; never root.
 
@@ -164,6 +185,15 @@ def resolve_config_dir(environ: Mapping[str, str], override: str | None = None) 
     return (Path(config_home) / "further-link").absolute()
 
 
+def resolve_python(environ: Mapping[str, str]) -> str:
+    """The interpreter programs run with: FURTHER_LINK_PYTHON, FURTHER_VENV's, or the system's."""
+    if environ.get("FURTHER_LINK_PYTHON"):
+        return environ["FURTHER_LINK_PYTHON"]
+    if environ.get("FURTHER_VENV"):
+        return str(Path(environ["FURTHER_VENV"]).expanduser().absolute() / "bin" / "python3")
+    return SYSTEM_PYTHON
+
+
 def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
     """Build the config from environment variables, then apply flag overrides."""
     env = dict(os.environ if environ is None else environ)
@@ -190,6 +220,8 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
         raise ConfigError("give both a certificate and a key (FURTHER_LINK_CERT, FURTHER_LINK_KEY)")
 
     port = _number(env, "FURTHER_LINK_PORT", DEFAULT_PORT)
+    hosts = _list(env, "FURTHER_LINK_HOSTS")
+    download_allow = _list(env, "FURTHER_LINK_DOWNLOAD_ALLOW")
     if port > 65535:
         raise ConfigError(f"FURTHER_LINK_PORT={port} is not a port number")
 
@@ -202,11 +234,13 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
         cert_file=Path(cert) if cert else None,
         key_file=Path(key) if key else None,
         run_as=run_as,
-        python=env.get("FURTHER_LINK_PYTHON") or sys.executable,
+        python=resolve_python(env),
         kill_grace=_number(env, "FURTHER_LINK_KILL_GRACE", 1.0, float),
-        # A ping waits behind queued output, so a slow browser under a flood
-        # answers late; 30 s (pong timeout 15 s) keeps such clients connected.
-        heartbeat=_number(env, "FURTHER_LINK_HEARTBEAT", 30.0, float),
+        # A robot must stop soon after the laptop's Wi-Fi drops: a client silent
+        # for 5 s is pinged and dropped 2.5 s later, unless it is still reading
+        # output (its pong is then only behind that output; see liveness.py).
+        heartbeat=_number(env, "FURTHER_LINK_HEARTBEAT", DEFAULT_HEARTBEAT, float),
+        x11_socket_dir=Path(env.get("FURTHER_LINK_X11_SOCKET_DIR") or "/tmp/.X11-unix"),
         max_message_bytes=_number(env, "FURTHER_LINK_MAX_MESSAGE_BYTES", 16 * MiB),
         max_source_bytes=_number(env, "FURTHER_LINK_MAX_SOURCE_BYTES", 16 * MiB),
         max_upload_files=_number(env, "FURTHER_LINK_MAX_UPLOAD_FILES", 1000),
@@ -221,6 +255,13 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
         cpu_weight=_number(env, "FURTHER_LINK_CPU_WEIGHT", 100),
         origins=origins,
         program_env=env,
+        hosts=hosts,
+        download_allow=download_allow,
+        quota_bytes=_number(env, "FURTHER_LINK_QUOTA_BYTES", 1024 * MiB),
+        max_connections=_number(env, "FURTHER_LINK_MAX_CONNECTIONS", 512),
+        max_connections_per_address=_number(env, "FURTHER_LINK_MAX_CONNECTIONS_PER_ADDRESS", 32),
+        header_timeout=_number(env, "FURTHER_LINK_HEADER_TIMEOUT", 10.0, float),
+        stall_timeout=_number(env, "FURTHER_LINK_STALL_TIMEOUT", 60.0, float),
     )
     config = config.with_overrides(**overrides)
     if not 0 <= config.port <= 65535:

@@ -28,6 +28,7 @@ from pathlib import Path
 from . import proctree
 from .channel import SOCKET_ENV_VAR
 from .containment import Containment
+from .display import DISPLAY_VARIABLES
 from .errors import StartError
 from .process import LaunchedProcess, ProgramSpec, cold_launch, spawn
 
@@ -35,7 +36,9 @@ log = logging.getLogger(__name__)
 
 BOOTSTRAP = (Path(__file__).parent / "warm_bootstrap.py").read_text(encoding="utf-8")
 # Set per run by the bootstrap rather than at interpreter start.
-PER_RUN_VARIABLES = frozenset({"PYTHONPATH", SOCKET_ENV_VAR, proctree.RUN_TAG_VAR})
+PER_RUN_VARIABLES = frozenset(
+    {"PYTHONPATH", "PWD", SOCKET_ENV_VAR, proctree.RUN_TAG_VAR, *DISPLAY_VARIABLES}
+)
 WAITING_CWD = Path("/")
 
 

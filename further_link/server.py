@@ -6,7 +6,6 @@ Nothing here knows what a message means; that is protocol.py and session.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 import socket
@@ -17,15 +16,20 @@ import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import __version__, proctree
-from .access import TOKENS, check_origin, check_token, setup_access
+from .access import GUARD, TOKENS, check_origin, check_token, setup_access
 from .auth import TokenStore
 from .config import Config
 from .containment import Containment, Limits
 from .control import serve_control
 from .device import DEVICE_STATUS, setup_device
+from .egress import DownloadPolicy, PolicyResolver
+from .interpreter import check_interpreter
 from .launch import prepare_library_dir, program_env
+from .liveness import bytes_acked, made_progress
+from .netguard import hold_clock
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
+from .project import remove_stale_scripts
 from .session import Services, Session
 from .upload import UrlCache
 from .webpage import setup_webpage
@@ -65,6 +69,36 @@ class RunPyWebSocket(web.WebSocketResponse):
             ).encode()
         return await super().close(code=code, message=message, drain=drain)
 
+    # aiohttp's heartbeat (its private hooks, present since 3.9): a ping is
+    # answered late when it waits behind a flood the client is still reading.
+    _acked_at_ping: int | None = None
+
+    def _send_heartbeat(self) -> None:
+        self._acked_at_ping = bytes_acked(self.get_extra_info("socket"))
+        super()._send_heartbeat()
+
+    def _pong_not_received(self) -> None:
+        if made_progress(self._acked_at_ping, bytes_acked(self.get_extra_info("socket"))):
+            log.debug("a ping is still behind output the client is reading; waiting longer")
+            self._reset_heartbeat()
+            return
+        super()._pong_not_received()
+
+    def over_the_limit(self, data: str | bytes) -> bool:
+        """Whether a received message is too big although aiohttp let it through.
+
+        aiohttp refuses an uncompressed message of ``max_msg_size`` bytes or
+        more, but a permessage-deflate one only when it inflates to more: this
+        makes the limit the same with and without compression.
+        """
+        limit = self._max_msg_size
+        if not limit or not self.compress:
+            return False
+        if isinstance(data, bytes) or len(data) >= limit:
+            return len(data) >= limit
+        # UTF-8 takes 1 to 4 bytes per character: count only when it matters.
+        return len(data) * 4 >= limit and len(data.encode("utf-8", "surrogatepass")) >= limit
+
 
 async def run_py(request: web.Request) -> web.WebSocketResponse:
     check_origin(request)
@@ -77,9 +111,20 @@ async def run_py(request: web.Request) -> web.WebSocketResponse:
     session = Session(app[SERVICES], outbox)
     app[CONNECTIONS][session] = ws
     writer = asyncio.ensure_future(_send_events(ws, outbox))
+    watchdog = asyncio.ensure_future(_cut_off_when_stalled(request, outbox, config.stall_timeout))
     log.debug("client connected from %s", request.remote)
     try:
         async for message in ws:
+            if message.type in (WSMsgType.TEXT, WSMsgType.BINARY) and ws.over_the_limit(
+                message.data
+            ):
+                log.info("closed the connection from %s: message over the limit", request.remote)
+                await ws.close(code=WSCloseCode.MESSAGE_TOO_BIG)
+                break
+            # Nothing more is read from a client while its answers pile up unread.
+            await outbox.wait_room()
+            if ws.closed:
+                break
             if message.type is WSMsgType.TEXT:
                 await session.receive(message.data)
             elif message.type is WSMsgType.BINARY:
@@ -91,10 +136,32 @@ async def run_py(request: web.Request) -> web.WebSocketResponse:
         await session.close()
         outbox.close()
         writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
+        watchdog.cancel()
+        await asyncio.gather(writer, watchdog, return_exceptions=True)
         log.debug("client from %s disconnected", request.remote)
     return ws
+
+
+STALL_CHECK_INTERVAL = 1.0
+
+
+async def _cut_off_when_stalled(request: web.Request, outbox: Outbox, limit: float) -> None:
+    """Drop the connection once its queue has been full for ``limit`` seconds.
+
+    The client reads nothing, so a closing handshake would wait behind the
+    very data it does not read: the connection is aborted instead, and the
+    handler's ``finally`` ends its program as for any disconnect.
+    """
+    while True:
+        await asyncio.sleep(min(STALL_CHECK_INTERVAL, limit / 2) if limit > 0 else 1.0)
+        if outbox.stalled_for() >= limit:
+            log.info(
+                "dropped the connection from %s: it read nothing for %.0f s", request.remote, limit
+            )
+            outbox.close()
+            if request.transport is not None:
+                request.transport.abort()
+            return
 
 
 async def _send_events(ws: web.WebSocketResponse, outbox: Outbox) -> None:
@@ -110,17 +177,20 @@ async def _send_events(ws: web.WebSocketResponse, outbox: Outbox) -> None:
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    await check_interpreter(config.python, config.run_as)
     # Orphans of programs (double-forked daemons) become ours, to kill and reap.
     proctree.become_subreaper()
     _prepare_work_dir(config)
+    remove_stale_scripts(config.work_dir)
     containment = _start_containment(config)
     app[DEVICE_STATUS].containment = containment.mode
     library_dir = prepare_library_dir()
-    http = aiohttp.ClientSession()
+    policy = DownloadPolicy(config.download_allow)
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=PolicyResolver(policy)))
     pool = _start_pool(config, library_dir, containment)
     app[SERVICES] = Services(
         config=config,
-        cache=UrlCache(config.cache_dir, http, config.max_download_bytes),
+        cache=UrlCache(config.cache_dir, http, config.max_download_bytes, policy),
         library_dir=library_dir,
         pool=pool,
         containment=containment,
@@ -199,7 +269,8 @@ async def _serve_control(app: web.Application) -> asyncio.AbstractServer:
         if tokens.replace_held(token):
             await _token_replaced(app)
 
-    return await serve_control(app[CONTROL], on_token)
+    guard = app[GUARD]
+    return await serve_control(app[CONTROL], on_token, lambda: guard.generation)
 
 
 async def _token_replaced(app: web.Application) -> None:
@@ -247,7 +318,7 @@ def create_app(
     ``control`` is the listening control socket of a server that dropped root
     (control.py): rotated tokens arrive there.
     """
-    app = web.Application()
+    app = web.Application(middlewares=[hold_clock])
     app[CONFIG] = config
     if control is not None:
         app[CONTROL] = control

@@ -30,10 +30,11 @@ from . import protocol
 from .config import Config
 from .containment import BEST_EFFORT, Containment, Limits, RunGroup
 from .errors import FurtherLinkError, ProtocolError, SessionStateError, StartError, UploadError
-from .launch import SOCKET_NAME, plan_program
+from .launch import SOCKET_NAME, Plan, plan_program
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
 from .process import Launcher, Program, cold_launch
+from .project import ProjectScript
 from .protocol import (
     Command,
     ErrorEvent,
@@ -83,8 +84,15 @@ class Run:
     program: Program
     channel: SideChannel
     run_dir: Path
+    project_script: ProjectScript | None = None
     group: RunGroup | None = None
     task: asyncio.Task[None] | None = None
+
+    def remove_files(self) -> None:
+        """Remove what the run wrote: its private dir and its script in the project."""
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.project_script is not None:
+            self.project_script.remove()
 
 
 class Session:
@@ -96,6 +104,7 @@ class Session:
         self._run: Run | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._ran = False  # a program has run on this connection (late input is dropped)
 
     # ------------------------------------------------------------ inbound
 
@@ -108,6 +117,11 @@ class Session:
         except FurtherLinkError as exc:
             log.info("refused: %s", exc.message)
             self.outbox.put(ErrorEvent(exc.message))
+        except OSError as exc:
+            # The device itself is short of something (descriptors, memory, disk):
+            # the client hears why and the connection stays usable.
+            log.warning("could not carry out a command: %s", exc)
+            self.outbox.put(ErrorEvent(f"the device could not do this now: {exc.strerror or exc}"))
 
     def receive_binary(self) -> None:
         self.outbox.put(
@@ -141,11 +155,12 @@ class Session:
             run_dir = Path(tempfile.mkdtemp(prefix="further-link-run-"))
         except OSError as exc:
             raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
+        plan: Plan | None = None
         group: RunGroup | None = None
         try:
-            spec = plan_program(command, self._config, self._services.library_dir, run_dir)
+            plan = plan_program(command, self._config, self._services.library_dir, run_dir)
             group, rlimits = self._contain()
-            spec = dataclasses.replace(spec, group=group, rlimits=rlimits)
+            spec = dataclasses.replace(plan.spec, group=group, rlimits=rlimits)
             program = Program(
                 spec, self._deliver_output, self._config.kill_grace, self._services.launcher
             )
@@ -158,6 +173,7 @@ class Session:
                     peer_group=group,
                 ),
                 run_dir,
+                plan.project_script,
                 group,
             )
             await run.channel.start()
@@ -166,18 +182,20 @@ class Session:
             except BaseException:
                 await run.channel.close()
                 raise
-        except OSError as exc:
-            # E.g. another program (same account) changed the run dir under us.
-            shutil.rmtree(run_dir, ignore_errors=True)
-            where = f" ({exc.filename})" if exc.filename else ""
-            raise StartError(f"could not prepare the run: {exc.strerror}{where}") from None
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(run_dir, ignore_errors=True)
             if group is not None:
                 group.kill()
                 group.remove()
+            if plan is not None and plan.project_script is not None:
+                plan.project_script.remove()
+            if isinstance(exc, OSError):
+                # E.g. another program (same account) changed the run dir under us.
+                where = f" ({exc.filename})" if exc.filename else ""
+                raise StartError(f"could not prepare the run: {exc.strerror}{where}") from None
             raise
         self._run = run
+        self._ran = True
         self.state = State.RUNNING
         self.outbox.put(Started())
         run.task = asyncio.ensure_future(self._supervise(run))
@@ -200,7 +218,7 @@ class Session:
             code = await run.program.wait()
             await run.channel.close()
         finally:
-            shutil.rmtree(run.run_dir, ignore_errors=True)
+            run.remove_files()
         # Not in ``finally``: when cancelled, ``close`` removes it after ending the run.
         await _remove_group(run.group)
         self._run = None
@@ -234,6 +252,11 @@ class Session:
                 self._run.program.close_stdin()
             return
         if self._run is None:
+            if self._ran:
+                # Sent before the client saw `stopped`, as a learner typing while
+                # the program ends does; the 2020 server dropped it silently too.
+                log.debug("dropped input that arrived after the program ended")
+                return
             raise SessionStateError("no program is running to read this input")
         self._run.program.write_stdin(command.input)
         if command.eof:
@@ -247,6 +270,7 @@ class Session:
             max_files=config.max_upload_files,
             max_bytes=config.max_upload_bytes,
             max_download_bytes=config.max_download_bytes,
+            quota_bytes=config.quota_bytes,
         )
         try:
             await materialise_upload(command, config.work_dir, self._services.cache, limits)
@@ -277,7 +301,7 @@ class Session:
                     await run.task
             await run.program.abort()
             await run.channel.close()
-            shutil.rmtree(run.run_dir, ignore_errors=True)
+            run.remove_files()
             await _remove_group(run.group)
         for task in list(self._tasks):
             task.cancel()

@@ -11,13 +11,13 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
-import os
 import socket
 import ssl
 from pathlib import Path
 
 from .config import Config
 from .errors import ConfigError
+from .secretfile import write_secret
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +66,10 @@ def ensure_self_signed(config_dir: Path) -> tuple[Path, Path]:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_private(key_path, key_bytes)
-    _write_private(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
+    write_secret(key_path, key_bytes)
+    write_secret(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
     log.info("created a self-signed certificate for %s in %s", hostname, config_dir)
     return cert_path, key_path
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(partial, path)
 
 
 def server_ssl_context(config: Config) -> ssl.SSLContext:

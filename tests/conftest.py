@@ -24,22 +24,29 @@ from aiohttp import web
 
 from further_link.auth import TokenStore
 from further_link.config import Config, load_config
+from further_link.netguard import GuardedSite
 from further_link.server import create_app
 from further_link.tls import server_ssl_context
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "loopback_downloads: the test's servers may download from 127.0.0.1"
+    )
+
 
 # Generous: tests must pass on a slow, busy machine.
 TIMEOUT = 30.0
 
 # CI runs the suite as root, and the server never runs programs as root: then
 # the server is the real `further-link serve`, started as root, which drops to
-# `nobody` before serving and runs programs as itself with the system's Python
-# (whose numpy and Pillow `make test` installs from Debian). As any other
-# user, the server runs in-process and programs run as that user.
+# `nobody` before serving and runs programs as itself with the default
+# interpreter, the system's /usr/bin/python3 (whose numpy and Pillow `make
+# test` installs from Debian). As any other user, the server runs in-process
+# and programs run as that user.
 AS_ROOT = os.geteuid() == 0
 PROGRAM_USER = "nobody" if AS_ROOT else pwd.getpwuid(os.geteuid()).pw_name
-PROGRAM_SETTINGS: dict[str, str] = (
-    {"FURTHER_LINK_USER": "nobody", "FURTHER_LINK_PYTHON": "/usr/bin/python3"} if AS_ROOT else {}
-)
+PROGRAM_SETTINGS: dict[str, str] = {"FURTHER_LINK_USER": "nobody"} if AS_ROOT else {}
 # Every process that serves in this test run: this one (in-process servers) and
 # the server processes, so tests can tell whether a server adopted or reaped a process.
 SERVER_PIDS: set[int] = {os.getpid()}
@@ -208,6 +215,17 @@ def program_home(sandbox: Path) -> Path:
     return home
 
 
+def give_to_program_user(path: Path) -> None:
+    """Make ``path`` and everything below it the program user's, as its own files would be.
+
+    A server that dropped root (or any server) acts as that user, so files a
+    test puts in the work dir for programs must belong to it.
+    """
+    entry = pwd.getpwnam(PROGRAM_USER)
+    for item in [path, *path.rglob("*")]:
+        os.lchown(item, entry.pw_uid, entry.pw_gid)
+
+
 def server_environ(sandbox: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment test servers start with (and programs inherit)."""
     environ = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(sandbox)}
@@ -243,6 +261,7 @@ SETTING_VARIABLES = {
     "cert_file": "FURTHER_LINK_CERT",
     "key_file": "FURTHER_LINK_KEY",
     "kill_grace": "FURTHER_LINK_KILL_GRACE",
+    "x11_socket_dir": "FURTHER_LINK_X11_SOCKET_DIR",
 }
 
 
@@ -320,7 +339,7 @@ async def start_server_in_process(sandbox: Path, **overrides: Any) -> RunningSer
     runner = web.AppRunner(create_app(config, tokens), handle_signals=False)
     await runner.setup()
     ssl_context = server_ssl_context(config) if config.ssl else None
-    site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
+    site = GuardedSite(runner, config, ssl_context)
     try:
         await site.start()
     except BaseException:
@@ -337,15 +356,24 @@ async def start_server_in_process(sandbox: Path, **overrides: Any) -> RunningSer
 
 @pytest.fixture
 async def start_server(
-    sandbox: Path,
+    sandbox: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
     """Factory: ``await start_server(no_ssl=False, kill_grace=0.5, environ={...})``.
 
     As root, each is a real server process that drops to the program user.
+    A test that uses ``file_server`` (on loopback) or is marked
+    ``loopback_downloads`` gets servers that may download from 127.0.0.1,
+    which the download policy otherwise refuses.
     """
     servers: list[RunningServer] = []
+    allow_loopback = "file_server" in request.fixturenames or bool(
+        request.node.get_closest_marker("loopback_downloads")
+    )
 
     async def start(**overrides: Any) -> RunningServer:
+        if allow_loopback:
+            environ = {"FURTHER_LINK_DOWNLOAD_ALLOW": "127.0.0.1", **overrides.get("environ", {})}
+            overrides["environ"] = environ
         starter = start_server_process if AS_ROOT else start_server_in_process
         server = await starter(sandbox, **overrides)
         servers.append(server)
