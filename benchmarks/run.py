@@ -36,6 +36,7 @@ from bench_concurrency import bench_concurrency
 from bench_flood import bench_flood
 from bench_footprint import bench_footprint
 from bench_latency import bench_latency
+from bench_preload import bench_preload
 from bench_stdin import bench_stdin
 from bench_throughput import bench_throughput
 
@@ -50,6 +51,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "concurrency": bench_concurrency,
     "flood": bench_flood,
     "footprint": bench_footprint,
+    "preload": bench_preload,
     "cgroup": bench_cgroup,
 }
 # As root, programs run as another account that cannot read a virtualenv kept

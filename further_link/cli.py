@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--user", help="account programs run as, when started as root")
     serve.add_argument("--config-dir", help="where the certificate and token are kept")
     serve.add_argument(
+        "--pool-preload",
+        metavar="MODULES",
+        help="modules waiting interpreters import ahead, e.g. numpy,PIL.Image, or none "
+        "(env FURTHER_LINK_POOL_PRELOAD; default by memory)",
+    )
+    serve.add_argument(
         "--no-auth",
         action="store_true",
         help="accept clients without the device token (env FURTHER_LINK_AUTH=off)",
@@ -106,6 +112,7 @@ def _serve_command(args: argparse.Namespace) -> int:
         user=args.user,
         config_dir=args.config_dir,
         no_auth=args.no_auth or None,
+        pool_preload=args.pool_preload,
     )
     try:
         asyncio.run(serve(config))

@@ -62,6 +62,9 @@ class Config:
     output_queue_bytes: int = 1 * MiB
     auth: bool = True
     pool_size: int = 2
+    # Modules waiting interpreters import ahead; a default list drops missing ones quietly.
+    pool_preload: tuple[str, ...] = ()
+    pool_preload_is_default: bool = False
     containment: str = "auto"  # "auto" (cgroups when the machine offers them) or "best-effort"
     max_memory_bytes: int = 0  # per run; 0 = no limit (load_config defaults to half the RAM)
     max_tasks: int = 256  # processes and threads per run; 0 = no limit
@@ -117,6 +120,35 @@ def _half_the_ram() -> int:
 
 def _flag(environ: Mapping[str, str], name: str) -> bool:
     return environ.get(name, "").strip().lower() not in _FALSE_WORDS
+
+
+# Heavy libraries learners' programs start with; preloaded only with enough memory,
+# as each waiting interpreter then holds them (numpy + Pillow: ~25 MiB each).
+DEFAULT_PRELOAD = ("numpy", "PIL.Image")
+PRELOAD_MIN_MEMORY = 1024 * MiB
+
+
+def device_memory() -> int:
+    """The machine's RAM in bytes (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+def _preload(raw: str | None) -> tuple[tuple[str, ...], bool]:
+    """``FURTHER_LINK_POOL_PRELOAD``: module names separated by commas or spaces."""
+    if raw is None:
+        default = DEFAULT_PRELOAD if device_memory() >= PRELOAD_MIN_MEMORY else ()
+        return default, True
+    names = tuple(name for name in raw.replace(",", " ").split() if name.lower() != "none")
+    for name in names:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ConfigError(
+                f"FURTHER_LINK_POOL_PRELOAD: {name[:80]!r} is not a module name "
+                "(give names such as numpy,PIL.Image)"
+            )
+    return names, False
 
 
 def _number(environ: Mapping[str, str], name: str, default: float, kind: type = int) -> Any:
@@ -219,6 +251,9 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
     if bool(cert) != bool(key):
         raise ConfigError("give both a certificate and a key (FURTHER_LINK_CERT, FURTHER_LINK_KEY)")
 
+    preload, preload_is_default = _preload(
+        overrides.pop("pool_preload", None) or env.get("FURTHER_LINK_POOL_PRELOAD")
+    )
     port = _number(env, "FURTHER_LINK_PORT", DEFAULT_PORT)
     hosts = _list(env, "FURTHER_LINK_HOSTS")
     download_allow = _list(env, "FURTHER_LINK_DOWNLOAD_ALLOW")
@@ -249,6 +284,8 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
         output_queue_bytes=_number(env, "FURTHER_LINK_OUTPUT_QUEUE_BYTES", 1 * MiB),
         auth=not no_auth,
         pool_size=_number(env, "FURTHER_LINK_POOL_SIZE", 2),
+        pool_preload=preload,
+        pool_preload_is_default=preload_is_default,
         containment=(env.get("FURTHER_LINK_CONTAINMENT") or "auto").strip().lower(),
         max_memory_bytes=_size(env, "FURTHER_LINK_MAX_MEMORY", _half_the_ram()),
         max_tasks=_number(env, "FURTHER_LINK_MAX_TASKS", 256),

@@ -30,6 +30,7 @@ from .netguard import hold_clock
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
 from .project import remove_stale_scripts
+from .rundirs import RunPlaces
 from .session import Services, Session
 from .upload import UrlCache
 from .webpage import setup_webpage
@@ -188,11 +189,14 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     policy = DownloadPolicy(config.download_allow)
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=PolicyResolver(policy)))
     pool = _start_pool(config, library_dir, containment)
+    run_places = RunPlaces()
+    run_places.start()
     app[SERVICES] = Services(
         config=config,
         cache=UrlCache(config.cache_dir, http, config.max_download_bytes, policy),
         library_dir=library_dir,
         pool=pool,
+        run_places=run_places,
         containment=containment,
     )
     watcher = asyncio.ensure_future(_watch_token(app)) if config.auth else None
@@ -207,6 +211,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             await asyncio.gather(watcher, return_exceptions=True)
         if pool is not None:
             await pool.close()
+        run_places.close()
         containment.close()
         await http.close()
         shutil.rmtree(library_dir, ignore_errors=True)
@@ -224,7 +229,14 @@ def _start_pool(config: Config, library_dir: Path, containment: Containment) -> 
         return None
     # The environment every program shares; per-run variables are applied at launch.
     base_env = program_env(config, library_dir, run_dir=Path("/"), import_dir=None)
-    pool = WarmPool(config.pool_size, config.python, base_env, containment)
+    pool = WarmPool(
+        config.pool_size,
+        config.python,
+        base_env,
+        preload=config.pool_preload,
+        quiet_missing=config.pool_preload_is_default,
+        containment=containment,
+    )
     pool.start()
     return pool
 

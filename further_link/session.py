@@ -20,7 +20,6 @@ import dataclasses
 import enum
 import logging
 import shutil
-import tempfile
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from . import protocol
 from .config import Config
 from .containment import BEST_EFFORT, Containment, Limits, RunGroup
 from .errors import FurtherLinkError, ProtocolError, SessionStateError, StartError, UploadError
-from .launch import SOCKET_NAME, Plan, plan_program
+from .launch import Plan, plan_program
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
 from .process import Launcher, Program, cold_launch
@@ -50,6 +49,7 @@ from .protocol import (
     Uploaded,
     Video,
 )
+from .rundirs import RunPlace, RunPlaces, make_run_place
 from .streams import SideChannel
 from .upload import UploadLimits, UrlCache, materialise_upload
 
@@ -70,11 +70,18 @@ class Services:
     cache: UrlCache
     library_dir: Path  # holds the `further_link` client package; on every program's import path
     pool: WarmPool | None = None  # pre-started interpreters, when the pool is on
+    run_places: RunPlaces | None = None  # run directories made ahead
     containment: Containment | None = None  # per-run cgroups; None: best-effort tracking
 
     @property
     def launcher(self) -> Launcher:
         return self.pool.launch if self.pool is not None else cold_launch
+
+    def take_run_place(self) -> RunPlace:
+        """A directory (and side-channel socket) for a new run; raises ``OSError``."""
+        if self.run_places is not None:
+            return self.run_places.take()
+        return make_run_place()
 
 
 @dataclass
@@ -152,9 +159,10 @@ class Session:
         if self.state is not State.IDLE:
             raise SessionStateError("a program is already running; send stop first")
         try:
-            run_dir = Path(tempfile.mkdtemp(prefix="further-link-run-"))
+            place = self._services.take_run_place()
         except OSError as exc:
             raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
+        run_dir = place.directory
         plan: Plan | None = None
         group: RunGroup | None = None
         try:
@@ -167,9 +175,10 @@ class Session:
             run = Run(
                 program,
                 SideChannel(
-                    run_dir / SOCKET_NAME,
+                    place.socket_path,
                     lambda kind, payload: self._deliver_frame(program, payload),
                     self._config.max_message_bytes,
+                    listener=place.listener,
                     peer_group=group,
                 ),
                 run_dir,
@@ -183,7 +192,7 @@ class Session:
                 await run.channel.close()
                 raise
         except BaseException as exc:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            place.discard()
             if group is not None:
                 group.kill()
                 group.remove()

@@ -45,14 +45,19 @@ def peer_pid(writer: asyncio.StreamWriter) -> int | None:
 
 
 class SideChannel:
+    """Listens at ``path``; ``listener``, when given, is a socket already bound
+    and listening there, with its owner and mode set (see rundirs.py)."""
+
     def __init__(
         self,
         path: Path,
         on_frame: FrameHandler,
         max_frame_bytes: int,
+        listener: socket.socket | None = None,
         peer_group: RunGroup | None = None,
     ) -> None:
         self.path = path
+        self._listener = listener
         self._peer_group = peer_group
         self._on_frame = on_frame
         self._max_frame_bytes = max_frame_bytes
@@ -60,6 +65,9 @@ class SideChannel:
         self._handlers: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        if self._listener is not None:
+            self._server = await asyncio.start_unix_server(self._accept, sock=self._listener)
+            return
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.path))
         try:
             os.chmod(self.path, 0o600)

@@ -230,6 +230,8 @@ def server_environ(sandbox: Path, extra: dict[str, str] | None = None) -> dict[s
     """The environment test servers start with (and programs inherit)."""
     environ = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(sandbox)}
     environ["FURTHER_LINK_POOL_SIZE"] = POOL_SIZE
+    # Preloading (tests/test_pool.py covers it) would import numpy in every test's pool.
+    environ["FURTHER_LINK_POOL_PRELOAD"] = "none"
     environ.update(PROGRAM_SETTINGS)
     environ.update(extra or {})
     return environ
