@@ -24,6 +24,7 @@ from aiohttp import web
 
 from . import __version__, proctree
 from .access import check_origin, check_token, cors_headers, preflight
+from .compat import app_key
 from .config import Config
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ class DeviceStatus:
         return status
 
 
-DEVICE_STATUS = web.AppKey("device_status", DeviceStatus)
+DEVICE_STATUS = app_key("device_status", DeviceStatus)
 
 
 async def device(request: web.Request) -> web.Response:
