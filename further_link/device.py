@@ -24,6 +24,7 @@ from aiohttp import web
 
 from . import __version__, proctree
 from .access import check_origin, check_token, cors_headers, preflight
+from .compat import app_key
 from .config import Config
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ class DeviceStatus:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._python_version: str | None = None
+        self.containment: str | None = None  # "cgroup" or "best-effort", once the server runs
 
     async def python_version(self) -> str | None:
         """The version of the Python that runs programs (FURTHER_LINK_PYTHON)."""
@@ -198,10 +200,12 @@ class DeviceStatus:
         python = await self.python_version()
         if python:
             status["python"] = python
+        if self.containment is not None:
+            status["containment"] = self.containment
         return status
 
 
-DEVICE_STATUS = web.AppKey("device_status", DeviceStatus)
+DEVICE_STATUS = app_key("device_status", DeviceStatus)
 
 
 async def device(request: web.Request) -> web.Response:

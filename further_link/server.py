@@ -11,6 +11,7 @@ import shutil
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -18,9 +19,11 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from . import __version__, proctree
 from .access import GUARD, TOKENS, check_origin, check_token, setup_access
 from .auth import TokenStore
+from .compat import app_key
 from .config import Config
+from .containment import Containment, Limits
 from .control import serve_control
-from .device import setup_device
+from .device import DEVICE_STATUS, setup_device
 from .egress import DownloadPolicy, PolicyResolver
 from .interpreter import check_interpreter
 from .launch import prepare_library_dir, program_env
@@ -36,10 +39,10 @@ from .webpage import setup_webpage
 
 log = logging.getLogger(__name__)
 
-CONFIG = web.AppKey("config", Config)
-SERVICES = web.AppKey("services", Services)
-CONNECTIONS = web.AppKey("connections", dict)
-CONTROL = web.AppKey("control", socket.socket)
+CONFIG = app_key("config", Config)
+SERVICES = app_key("services", Services)
+CONNECTIONS = app_key("connections", dict)
+CONTROL = app_key("control", socket.socket)
 
 OPEN_CORS = {"Access-Control-Allow-Origin": "*"}
 
@@ -60,14 +63,15 @@ class RunPyWebSocket(web.WebSocketResponse):
     """
 
     async def close(
-        self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True
+        self, *, code: int = WSCloseCode.OK, message: bytes = b"", **options: Any
     ) -> bool:
+        # ``options``: ``drain`` on aiohttp >= 3.9; aiohttp 3.8 (Debian 12) has none.
         if code == WSCloseCode.MESSAGE_TOO_BIG and not message:
             message = (
                 f"message over the limit of {self._max_msg_size} bytes "
                 "(FURTHER_LINK_MAX_MESSAGE_BYTES)"
             ).encode()
-        return await super().close(code=code, message=message, drain=drain)
+        return await super().close(code=code, message=message, **options)
 
     # aiohttp's heartbeat (its private hooks, present since 3.9): a ping is
     # answered late when it waits behind a flood the client is still reading.
@@ -182,10 +186,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     proctree.become_subreaper()
     _prepare_work_dir(config)
     remove_stale_scripts(config.work_dir)
+    containment = _start_containment(config)
+    app[DEVICE_STATUS].containment = containment.mode
     library_dir = prepare_library_dir()
     policy = DownloadPolicy(config.download_allow)
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=PolicyResolver(policy)))
-    pool = _start_pool(config, library_dir)
+    pool = _start_pool(config, library_dir, containment)
     run_places = RunPlaces()
     run_places.start()
     app[SERVICES] = Services(
@@ -194,6 +200,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         library_dir=library_dir,
         pool=pool,
         run_places=run_places,
+        containment=containment,
     )
     watcher = asyncio.ensure_future(_watch_token(app)) if config.auth else None
     control = await _serve_control(app) if CONTROL in app else None
@@ -208,11 +215,19 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         if pool is not None:
             await pool.close()
         run_places.close()
+        containment.close()
         await http.close()
         shutil.rmtree(library_dir, ignore_errors=True)
 
 
-def _start_pool(config: Config, library_dir: Path) -> WarmPool | None:
+def _start_containment(config: Config) -> Containment:
+    limits = Limits(config.max_memory_bytes, config.max_tasks, config.cpu_weight)
+    containment = Containment.start(limits, force_best_effort=config.containment == "best-effort")
+    log.info("containment of programs: %s", containment.description)
+    return containment
+
+
+def _start_pool(config: Config, library_dir: Path, containment: Containment) -> WarmPool | None:
     if config.pool_size <= 0:
         return None
     # The environment every program shares; per-run variables are applied at launch.
@@ -223,6 +238,7 @@ def _start_pool(config: Config, library_dir: Path) -> WarmPool | None:
         base_env,
         preload=config.pool_preload,
         quiet_missing=config.pool_preload_is_default,
+        containment=containment,
     )
     pool.start()
     return pool

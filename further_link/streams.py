@@ -4,6 +4,11 @@ One ``SideChannel`` per run. It owns its socket file and the connection
 handlers; ``close`` ends them and removes the file. Each received frame is
 passed to an async callback before it is acknowledged, so a program that sent
 a frame knows it is queued ahead of anything it prints next.
+
+With a run cgroup (``peer_group``), a connection is served only when the
+connecting process is in it (SO_PEERCRED's pid, checked against the cgroup's
+member list): a program of another run under the same account can find the
+socket, but cannot feed frames into a connection it does not belong to.
 """
 
 from __future__ import annotations
@@ -13,17 +18,30 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Callable
 
 from .channel import ACK, HEADER, KIND_JPEG
+from .containment import RunGroup
 
 log = logging.getLogger(__name__)
 
 FrameHandler = Callable[[bytes, bytes], Awaitable[None]]
 # Frames already written by a program that has exited are read for this long.
 CLOSE_DRAIN_TIMEOUT = 1.0
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_pid(writer: asyncio.StreamWriter) -> int | None:
+    """The pid of the process that connected a unix socket (SO_PEERCRED)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, _, _ = _PEERCRED.unpack(raw)
+    return int(pid) if pid > 0 else None
 
 
 class SideChannel:
@@ -36,9 +54,11 @@ class SideChannel:
         on_frame: FrameHandler,
         max_frame_bytes: int,
         listener: socket.socket | None = None,
+        peer_group: RunGroup | None = None,
     ) -> None:
         self.path = path
         self._listener = listener
+        self._peer_group = peer_group
         self._on_frame = on_frame
         self._max_frame_bytes = max_frame_bytes
         self._server: asyncio.AbstractServer | None = None
@@ -61,12 +81,23 @@ class SideChannel:
         assert task is not None
         self._handlers.add(task)
         try:
+            if not self._peer_allowed(writer):
+                return
             await self._serve(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             log.debug("side channel connection ended mid-frame")
         finally:
             self._handlers.discard(task)
             writer.close()
+
+    def _peer_allowed(self, writer: asyncio.StreamWriter) -> bool:
+        if self._peer_group is None:
+            return True
+        pid = peer_pid(writer)
+        if pid is not None and pid in self._peer_group.pids():
+            return True
+        log.warning("side channel: refused a connection from pid %s, not of this run", pid)
+        return False
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
