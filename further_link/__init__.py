@@ -6,6 +6,7 @@ imports only the standard library so that the import stays fast.
 """
 
 from .channel import ChannelError, send_image
+from .keyboard import KeyboardButton
 
 __version__ = "0.1.0"
-__all__ = ["ChannelError", "__version__", "send_image"]
+__all__ = ["ChannelError", "KeyboardButton", "__version__", "send_image"]

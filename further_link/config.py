@@ -58,6 +58,11 @@ class Config:
     pool_size: int = 2
     origins: tuple[str, ...] = DEFAULT_ORIGINS
     program_env: Mapping[str, str] = field(default_factory=dict)
+    # v5 /run (Further IDE): FURTHER_LINK_AUTH=origin lets allowed origins in without a token.
+    origin_auth: bool = False
+    temp_dir: Path = Path("/tmp")  # default `path` of /run starts (FURTHER_LINK_TEMP_DIR)
+    venv: Path | None = None  # FURTHER_VENV: the python3 runner's virtualenv
+    miniscreen_projects_dir: Path | None = None  # FURTHER_LINK_MINISCREEN_PROJECTS_DIR
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with some fields replaced (``None`` values are ignored)."""
@@ -151,6 +156,10 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
     no_auth = overrides.pop("no_auth", False) or env.get(
         "FURTHER_LINK_AUTH", "on"
     ).strip().lower() in _FALSE_WORDS - {""}
+    # Anything but off/origin keeps the token: a typo never opens the device.
+    auth_mode = env.get("FURTHER_LINK_AUTH", "on").strip().lower()
+    venv_raw = env.get("FURTHER_VENV")
+    miniscreen_raw = env.get("FURTHER_LINK_MINISCREEN_PROJECTS_DIR")
     origins_raw = env.get("FURTHER_LINK_ORIGINS")
     origins = (
         DEFAULT_ORIGINS
@@ -190,6 +199,14 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
         pool_size=_number(env, "FURTHER_LINK_POOL_SIZE", 2),
         origins=origins,
         program_env=env,
+        origin_auth=auth_mode == "origin" and not no_auth,
+        temp_dir=Path(env.get("FURTHER_LINK_TEMP_DIR") or "/tmp").absolute(),
+        venv=Path(venv_raw).absolute() if venv_raw else None,
+        miniscreen_projects_dir=(
+            Path(miniscreen_raw).expanduser().absolute()
+            if miniscreen_raw
+            else run_as.home / "Desktop" / "Projects" / "Further"
+        ),
     )
     config = config.with_overrides(**overrides)
     if not 0 <= config.port <= 65535:

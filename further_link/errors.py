@@ -2,6 +2,7 @@
 
     FurtherLinkError            base: message is meant for the person at the browser
      +-- ProtocolError          the client's message is malformed or not allowed
+     |    +-- ProcessMessageError  ... on /run, naming the process it concerns
      +-- SessionStateError      the command does not fit now ("no program is running")
      +-- StartError             a program could not be started (missing file, bad dir)
      +-- StdinError             input could not be handed to the program
@@ -32,6 +33,14 @@ class FurtherLinkError(Exception):
 
 class ProtocolError(FurtherLinkError):
     """The client sent something that is not a valid command."""
+
+
+class ProcessMessageError(ProtocolError):
+    """A /run message was refused; ``process`` is its process id when it had a usable one."""
+
+    def __init__(self, message: str, process: str | None = None) -> None:
+        super().__init__(message)
+        self.process = process
 
 
 class SessionStateError(FurtherLinkError):

@@ -124,7 +124,7 @@ def plan_program(
 
 # Modules a user program needs for `import further_link`; they import only the
 # standard library, so they work under any Python 3 the programs run with.
-CLIENT_MODULES = ("__init__.py", "channel.py")
+CLIENT_MODULES = ("__init__.py", "channel.py", "keyboard.py")
 
 
 def prepare_library_dir(parent: Path | None = None) -> Path:

@@ -10,7 +10,9 @@ when it keeps up, each chunk goes out as soon as it is read.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import deque
+from typing import Callable
 
 from .protocol import Event, Output, Video, encode_event
 
@@ -22,8 +24,9 @@ class OutboxClosed(Exception):
 
 
 class Outbox:
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, encode: Callable[[Event], str] = encode_event) -> None:
         self._limit = max(1, limit_bytes)
+        self._encode = encode
         self._events: deque[Event] = deque()
         self._queued_bytes = 0
         self._readable = asyncio.Event()
@@ -64,17 +67,21 @@ class Outbox:
             size = len(event.output)
             while self._events and size < MERGE_LIMIT:
                 following = self._events[0]
-                if not (isinstance(following, Output) and following.stream == event.stream):
+                if not (
+                    isinstance(following, Output)
+                    and following.stream == event.stream
+                    and following.process == event.process
+                ):
                     break
                 self._events.popleft()
                 parts.append(following.output)
                 size += len(following.output)
             self._release(size)
             if len(parts) > 1:
-                event = Output(event.stream, "".join(parts))
+                event = dataclasses.replace(event, output="".join(parts))
         elif isinstance(event, Video):
             self._release(len(event.output))
-        return encode_event(event)
+        return self._encode(event)
 
     def _release(self, size: int) -> None:
         self._queued_bytes -= size

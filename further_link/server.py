@@ -24,6 +24,7 @@ from .device import setup_device
 from .launch import prepare_library_dir, program_env
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
+from .run_ws import Wiring, setup_run_api
 from .session import Services, Session
 from .upload import UrlCache
 from .webpage import setup_webpage
@@ -196,6 +197,7 @@ def create_app(config: Config, tokens: TokenStore | None = None) -> web.Applicat
     app.router.add_get("/status", status)
     app.router.add_get("/version", version)
     app.router.add_get("/run-py", run_py)
+    setup_run_api(app, Wiring(CONFIG, SERVICES, CONNECTIONS, RunPyWebSocket, _send_events))
     setup_webpage(app)
     setup_device(app, config)
     app.cleanup_ctx.append(_services)
