@@ -82,7 +82,7 @@ def connect_channel() -> socket.socket:
     path = os.environ.get(SOCKET_ENV_VAR)
     if not path:
         raise ChannelError(
-            "send_image and KeyboardButton work only in a program started by further-link "
+            "send_image and KeyboardButton: this works only in a program started by further-link "
             f"({SOCKET_ENV_VAR} is not set)"
         )
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -206,8 +206,8 @@ class RunSession:
         if requested is None or run_as is None or requested == run_as.name:
             return
         raise StartError(
-            f"this device runs programs as {run_as.name!r} only; "
-            f"connect without ?user= or with ?user={run_as.name}"
+            f"cannot run programs as user {requested!r}: this device runs them as "
+            f"{run_as.name!r} only; connect without ?user= or with ?user={run_as.name}"
         )
 
     async def _supervise(self, process: Process) -> None:

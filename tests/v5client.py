@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import aiohttp
 import pytest
+
 from conftest import TIMEOUT, RunningServer
 
 
@@ -83,6 +84,7 @@ class V5Client:
         while True:
             message = await self.next_for(process)
             result.messages.append(message)
+            assert message["type"] != "error", message
             if message["type"] == "stopped":
                 result.exit_code = message["data"]["exitCode"]
                 return result
