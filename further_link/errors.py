@@ -10,6 +10,7 @@
      |    +-- UnsafePathError   a client-supplied name would leave its directory
      |    +-- LimitExceededError a configured cap (files, bytes) was exceeded
      |    +-- DownloadError     a url file could not be fetched completely
+     |         +-- UnreachableError  ... because its host refused or could not be reached
      +-- ConfigError            the server's own configuration is unusable
      +-- ClientError            `further-link run` / `pair` cannot go on (not paired,
      |                          refused, certificate changed, files it cannot send)
@@ -69,6 +70,14 @@ class LimitExceededError(UploadError):
 
 class DownloadError(UploadError):
     """A url file could not be downloaded completely."""
+
+
+class UnreachableError(DownloadError):
+    """A url file's host refused the connection or could not be reached (offline)."""
+
+    def __init__(self, url: str, message: str) -> None:
+        super().__init__(message)
+        self.url = url
 
 
 class ConfigError(FurtherLinkError):

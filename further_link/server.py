@@ -16,17 +16,19 @@ from pathlib import Path
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import __version__, proctree
+from . import PACKAGE_VERSION, __version__, proctree
 from .access import TOKENS, check_origin, check_token, setup_access
 from .auth import TokenStore
 from .config import Config
 from .device import setup_device
+from .further_http import setup_further_http
 from .launch import prepare_library_dir, program_env
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
 from .run_ws import Wiring, setup_run_api
 from .session import Services, Session
 from .upload import UrlCache
+from .upload_http import make_upload_handler
 from .webpage import setup_webpage
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,10 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def version(request: web.Request) -> web.Response:
-    return web.json_response({"version": __version__}, headers=OPEN_CORS)
+    """``version`` is the Further-Link API level Further checks; ``package`` is our release."""
+    return web.json_response(
+        {"version": __version__, "package": f"further-link {PACKAGE_VERSION}"}, headers=OPEN_CORS
+    )
 
 
 class RunPyWebSocket(web.WebSocketResponse):
@@ -198,6 +203,8 @@ def create_app(config: Config, tokens: TokenStore | None = None) -> web.Applicat
     app.router.add_get("/version", version)
     app.router.add_get("/run-py", run_py)
     setup_run_api(app, Wiring(CONFIG, SERVICES, CONNECTIONS, RunPyWebSocket, _send_events))
+    app.router.add_post("/upload", make_upload_handler(SERVICES))
+    setup_further_http(app)
     setup_webpage(app)
     setup_device(app, config)
     app.cleanup_ctx.append(_services)

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from .errors import DownloadError, LimitExceededError, UploadError
+from .errors import DownloadError, LimitExceededError, UnreachableError, UploadError
 from .paths import confine_path, describe_kind
 from .protocol import TextFile, UploadCommand, UrlFile
 
@@ -133,6 +133,10 @@ class UrlCache:
                     raise DownloadError(
                         f"downloading {url} failed: got {received} of {declared} bytes"
                     )
+        except aiohttp.ClientConnectorError as exc:
+            raise UnreachableError(
+                url, f"downloading {url} failed: {_describe_client_error(exc)}"
+            ) from None
         except aiohttp.ClientError as exc:
             raise DownloadError(
                 f"downloading {url} failed: {_describe_client_error(exc)}"

@@ -25,16 +25,25 @@ async def test_status_is_ok_with_cors(server: RunningServer, http: aiohttp.Clien
     ) as r:
         assert r.status == 200
         assert await r.text() == "OK"
-        assert r.headers["Access-Control-Allow-Origin"] == "*"
+        # An allowed origin is reflected with credentials, as Further needs (upstream does so).
+        assert r.headers["Access-Control-Allow-Origin"] == "https://further.pi-top.com"
+        assert r.headers["Access-Control-Allow-Credentials"] == "true"
+        assert r.headers["Access-Control-Allow-Private-Network"] == "true"
 
 
-async def test_version_reports_the_package_version(
+async def test_version_reports_the_api_level_and_the_package_version(
     server: RunningServer, http: aiohttp.ClientSession
 ) -> None:
     async with http.get(server.base_url + "/version") as r:
         assert r.status == 200
-        assert await r.json() == {"version": further_link.__version__}
+        assert await r.json() == {
+            "version": further_link.__version__,
+            "package": f"further-link {further_link.PACKAGE_VERSION}",
+        }
         assert r.headers["Access-Control-Allow-Origin"] == "*"
+    # Further's minimum-version checks: 5.3.3 for Further-Link, 4.4.0 for uploads.
+    level = tuple(int(part) for part in further_link.__version__.split("."))
+    assert level >= (5, 3, 3)
 
 
 async def test_self_signed_certificate_is_created_once_and_reused(
