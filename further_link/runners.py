@@ -174,12 +174,8 @@ def open_directory(path: Path, run_as: RunAs | None, create: bool) -> int:
     that user; raises ``StartError`` for a file in the way or a refusal.
     """
     fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for depth, part in enumerate(path.parts[1:], start=2):
-            fd = _descend(fd, part, Path(*path.parts[:depth]), run_as, create)
-    except BaseException:
-        os.close(fd)
-        raise
+    for depth, part in enumerate(path.parts[1:], start=2):
+        fd = _descend(fd, part, Path(*path.parts[:depth]), run_as, create)
     return fd
 
 
@@ -188,6 +184,7 @@ def close_dir(fd: int) -> None:
 
 
 def _descend(parent: int, name: str, where: Path, run_as: RunAs | None, create: bool) -> int:
+    """The descriptor of ``name`` in ``parent``; always closes ``parent``."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     try:
         try:

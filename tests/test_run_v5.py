@@ -401,3 +401,38 @@ async def test_utf8_split_across_reads_is_lossless(connect_run: V5Connect) -> No
     code = "import sys\nfor i in range(3000):\n    sys.stdout.write('é' * 7 + '\\n')"
     result = await client.run("u", {"runner": "python3", "code": code})
     assert result.stdout == ("é" * 7 + "\n") * 3000
+
+
+async def test_pty_output_is_lossless_utf8_and_ctrl_c_interrupts(connect_run: V5Connect) -> None:
+    client = await connect_run("pty=true")
+    code = (
+        "import sys, time\nfor i in range(3000):\n    sys.stdout.write('é' * 7 + '\\n')\n"
+        "print('waiting')\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+        "    print('interrupted')\n    sys.exit(5)\n"
+    )
+    await client.send("start", "u", {"runner": "python3", "code": code})
+    await client.expect("u", "started")
+    await client.read_output("u", ("é" * 7 + "\r\n") * 3000 + "waiting\r\n")
+    await client.send("stdin", "u", {"input": "\x03"})
+    result = await client.collect("u")
+    assert result.stdout.endswith("interrupted\r\n"), result.stdout
+    assert result.exit_code == 5
+
+
+async def test_a_link_to_a_directory_the_user_cannot_write_gets_no_script(
+    connect_run: V5Connect, server: RunningServer, sandbox: Path
+) -> None:
+    """A learner's symlink must not make the server write where the learner cannot."""
+    protected = sandbox / "protected"
+    protected.mkdir()
+    protected.chmod(0o555)
+    (server.config.work_dir / "sneaky").symlink_to(protected)
+    client = await connect_run()
+    for runner in ("python3", "exec"):
+        await client.send("start", runner, {"runner": runner, "path": "sneaky", "code": "x"})
+        error = await client.expect(runner, "error")
+        assert "not writable" in error["data"]["message"]
+    await client.send("start", "sh", {"runner": "shell", "path": "sneaky/inner"})
+    error = await client.expect("sh", "error")
+    assert "cannot create" in error["data"]["message"]
+    assert os.listdir(protected) == []
