@@ -34,8 +34,13 @@ from .process import LaunchedProcess, ProgramSpec, cold_launch, spawn
 log = logging.getLogger(__name__)
 
 BOOTSTRAP = (Path(__file__).parent / "warm_bootstrap.py").read_text(encoding="utf-8")
-# Set per run by the bootstrap rather than at interpreter start.
-PER_RUN_VARIABLES = frozenset({"PYTHONPATH", SOCKET_ENV_VAR, proctree.RUN_TAG_VAR})
+# Set per run by the bootstrap rather than at interpreter start. Besides ours,
+# the terminal and login variables a v5 /run start sets: Python's start-up
+# does not read them (HOME, which it does read, is not among them).
+PER_RUN_VARIABLES = frozenset(
+    {"PYTHONPATH", SOCKET_ENV_VAR, proctree.RUN_TAG_VAR}
+    | {"TERM", "SHELL", "PWD", "USER", "LOGNAME", "XDG_RUNTIME_DIR"}
+)
 WAITING_CWD = Path("/")
 
 
