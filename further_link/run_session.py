@@ -107,10 +107,10 @@ class RunSession:
             await self._dispatch(command)
         except ProcessMessageError as exc:
             log.info("refused: %s", exc.message)
-            self.outbox.put(ErrorEvent(exc.message, exc.process))
+            self.outbox.put(ErrorEvent(exc.message, process=exc.process))
         except FurtherLinkError as exc:
             log.info("refused: %s", exc.message)
-            self.outbox.put(ErrorEvent(exc.message, process))
+            self.outbox.put(ErrorEvent(exc.message, process=process))
 
     def receive_binary(self) -> None:
         self.outbox.put(
@@ -197,7 +197,7 @@ class RunSession:
             raise
         process = Process(process_id, program, channel, run_dir, script, terminal)
         self._processes[process_id] = process
-        self.outbox.put(Started(process_id))
+        self.outbox.put(Started(process=process_id))
         process.task = asyncio.ensure_future(self._supervise(process))
 
     def _check_user(self) -> None:
@@ -218,22 +218,22 @@ class RunSession:
         finally:
             process.release()
         self._processes.pop(process.process_id, None)
-        self.outbox.put(Stopped(code, process.process_id))
+        self.outbox.put(Stopped(code, process=process.process_id))
 
     async def _deliver_output(self, process_id: str, stream: str, text: str) -> None:
         with contextlib.suppress(OutboxClosed):
-            await self.outbox.put_output(Output(stream, text, process_id))
+            await self.outbox.put_output(Output(stream, text, process=process_id))
 
     async def _deliver_frame(
         self, process_id: str, program: Program, kind: bytes, payload: bytes
     ) -> None:
         await program.sync_output()
         if kind == KIND_KEYLISTEN:
-            self.outbox.put(KeyListen(payload.decode("utf-8", "replace"), process_id))
+            self.outbox.put(KeyListen(payload.decode("utf-8", "replace"), process=process_id))
             return
         with contextlib.suppress(OutboxClosed):
             await self.outbox.put_output(
-                Video(base64.b64encode(payload).decode("ascii"), process_id)
+                Video(base64.b64encode(payload).decode("ascii"), process=process_id)
             )
 
     # ------------------------------------------------------ stop / resize

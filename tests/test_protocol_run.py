@@ -128,29 +128,29 @@ def test_server_frames_have_four_keys_in_upstream_order_and_format() -> None:
     assert encode_run_event(Pong(), "") == (
         '{"type": "pong", "data": null, "client": "", "process": null}'
     )
-    assert encode_run_event(Started("1"), "abc") == (
+    assert encode_run_event(Started(process="1"), "abc") == (
         '{"type": "started", "data": null, "client": "abc", "process": "1"}'
     )
-    assert encode_run_event(Stopped(-15, "sh"), "") == (
+    assert encode_run_event(Stopped(-15, process="sh"), "") == (
         '{"type": "stopped", "data": {"exitCode": -15}, "client": "", "process": "sh"}'
     )
-    assert encode_run_event(Output("stdout", "hi\n", "1"), "abc") == json.dumps(
+    assert encode_run_event(Output("stdout", "hi\n", process="1"), "abc") == json.dumps(
         {"type": "stdout", "data": {"output": "hi\n"}, "client": "abc", "process": "1"}
     )
-    assert encode_run_event(KeyListen("ArrowUp", "k"), "") == json.dumps(
+    assert encode_run_event(KeyListen("ArrowUp", process="k"), "") == json.dumps(
         {"type": "keylisten", "data": {"output": "ArrowUp"}, "client": "", "process": "k"}
     )
-    assert encode_run_event(Video("/9j/", "v"), "") == json.dumps(
+    assert encode_run_event(Video("/9j/", process="v"), "") == json.dumps(
         {"type": "video", "data": {"output": "/9j/"}, "client": "", "process": "v"}
     )
-    assert encode_run_event(ErrorEvent("no", "2"), "c") == json.dumps(
+    assert encode_run_event(ErrorEvent("no", process="2"), "c") == json.dumps(
         {"type": "error", "data": {"message": "no"}, "client": "c", "process": "2"}
     )
 
 
 @given(st.text(), st.text(), st.sampled_from(["stdout", "stderr"]))
 def test_output_frames_equal_json_dumps(text: str, client: str, stream: str) -> None:
-    encoded = encode_run_event(Output(stream, text, "p"), client)
+    encoded = encode_run_event(Output(stream, text, process="p"), client)
     assert json.loads(encoded) == {
         "type": stream,
         "data": {"output": text},
