@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
 import tempfile
 from collections.abc import AsyncIterator, Mapping
@@ -96,7 +97,14 @@ async def running_server(
     """
     with tempfile.TemporaryDirectory(prefix="further-link-bench-") as scratch:
         os.chmod(scratch, 0o755)  # programs may run as another account
-        work_dir = Path(scratch) / "work"
+        # Started as root, the server drops to the program user and then makes
+        # its work dir itself, in a directory of that user's (as in its home).
+        home = Path(scratch) / "home"
+        home.mkdir()
+        user = settings.get("FURTHER_LINK_USER")
+        if user and os.geteuid() == 0:
+            shutil.chown(home, user)
+        work_dir = home / "work"
         config_dir = Path(scratch) / "config"
         log_path = Path(scratch) / "server.log"
         env = {**os.environ, **settings}

@@ -34,11 +34,32 @@ COOKIE_NAME = "further_link_token"
 
 
 class TokenStore:
-    """The device token on disk; re-read when the file changes (``--rotate``)."""
+    """The device token on disk; re-read when the file changes (``--rotate``).
+
+    A server that drops root calls ``hold()`` first: from then on the token
+    lives only in its memory and changes only through ``replace_held`` (see
+    control.py), since the program user must not read the file.
+    """
 
     def __init__(self, config_dir: Path) -> None:
         self.path = config_dir / TOKEN_FILE
         self._cached: tuple[float, str] | None = None
+        self._held: str | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._held is not None
+
+    def hold(self) -> str:
+        """Read (or create) the token now and never read the file again."""
+        self._held = self.load_or_create()
+        return self._held
+
+    def replace_held(self, token: str) -> bool:
+        """Take a rotated token handed over by root; True when it differs from the held one."""
+        changed = token != self._held
+        self._held = token
+        return changed
 
     def load_or_create(self) -> str:
         try:
@@ -47,6 +68,8 @@ class TokenStore:
             return self.rotate()
 
     def current(self) -> str:
+        if self._held is not None:
+            return self._held
         mtime = self.path.stat().st_mtime
         if self._cached is None or self._cached[0] != mtime:
             token = self.path.read_text(encoding="ascii").strip()

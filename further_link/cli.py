@@ -21,8 +21,10 @@ from . import PACKAGE_VERSION, __version__
 from .auth import TokenStore, pairing_code
 from .client import add_client_commands
 from .config import Config, load_config, resolve_config_dir
+from .control import bind_control_socket, notify_servers
 from .errors import FurtherLinkError
-from .server import create_app
+from .privsep import drop_privileges
+from .server import bind_listener, create_app
 from .service import add_service_command
 from .tls import server_ssl_context
 
@@ -115,11 +117,16 @@ def _serve_command(args: argparse.Namespace) -> int:
 
 
 def _token_command(args: argparse.Namespace) -> int:
-    store = TokenStore(resolve_config_dir(os.environ, args.config_dir))
+    config_dir = resolve_config_dir(os.environ, args.config_dir)
+    store = TokenStore(config_dir)
     token = store.rotate() if args.rotate else store.load_or_create()
     code = pairing_code(token)
     if args.rotate:
         print("new token created: every paired browser and client must pair again")
+        # Servers that dropped root cannot re-read the file: hand it to them.
+        told = notify_servers(config_dir, token)
+        if told:
+            print(f"told {told} running server(s): their connections were closed")
     print(f"token: {token}")
     print(f"pairing code: {code.code} (valid for {code.seconds_left() // 60 + 1} more minutes)")
     print(f"connect with: ?token={token}")
@@ -127,20 +134,34 @@ def _token_command(args: argparse.Namespace) -> int:
 
 
 async def serve(config: Config) -> None:
-    """Serve until SIGTERM or SIGINT, then end every run and exit."""
+    """Serve until SIGTERM or SIGINT, then end every run and exit.
+
+    Started as root, it first does what needs root — reads the token and the
+    TLS key, binds its sockets — then drops to the program user for good
+    (privsep.py) before accepting a connection. Raises PrivilegeError when it
+    cannot drop.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tokens = TokenStore(config.config_dir)
-    tokens.load_or_create()
-    app = create_app(config, tokens)
+    ssl_context = server_ssl_context(config) if config.ssl else None
+    listener = bind_listener(config.host, config.port)
+    control = None
+    run_as = config.run_as
+    if run_as is not None and run_as.drop:
+        tokens.hold()
+        control = bind_control_socket(config.config_dir)
+        drop_privileges(run_as)
+    else:
+        tokens.load_or_create()
+    app = create_app(config, tokens, control)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     announcer: asyncio.Task[None] | None = None
     try:
-        ssl_context = server_ssl_context(config) if config.ssl else None
-        site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
+        site = web.SockSite(runner, listener, ssl_context=ssl_context)
         await site.start()
         host, port = runner.addresses[0][:2]
         scheme = "https" if ssl_context else "http"

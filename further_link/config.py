@@ -26,13 +26,15 @@ DEFAULT_ORIGINS = ("https://further.pi-top.com",)
 
 @dataclass(frozen=True)
 class RunAs:
-    """The account programs run under, and whether the server must switch to it."""
+    """The account programs run under, and whether the server must drop to it."""
 
     name: str
     uid: int
     gid: int
     home: Path
-    switch: bool  # True when the server must drop privileges to this account
+    # True when the server was started as root: it drops to this account for
+    # good before serving (privsep.py), and then runs programs as itself.
+    drop: bool
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ def resolve_run_as(requested: str | None, euid: int | None = None) -> RunAs:
                 f"cannot run programs as {requested!r}: only root can switch users "
                 f"(the server runs as {me.pw_name!r})"
             )
-        return RunAs(me.pw_name, me.pw_uid, me.pw_gid, Path(me.pw_dir), switch=False)
+        return RunAs(me.pw_name, me.pw_uid, me.pw_gid, Path(me.pw_dir), drop=False)
     name = requested or (DEFAULT_USER if user_exists(DEFAULT_USER) else None)
     if name is None:
         raise ConfigError(
@@ -122,7 +124,7 @@ def resolve_run_as(requested: str | None, euid: int | None = None) -> RunAs:
         raise ConfigError(f"user {name!r} to run programs as does not exist") from None
     if entry.pw_uid == 0:
         raise ConfigError(f"programs never run as root, and user {name!r} is root")
-    return RunAs(name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir), switch=True)
+    return RunAs(name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir), drop=True)
 
 
 def user_exists(name: str) -> bool:

@@ -15,6 +15,7 @@
      +-- ClientError            `further-link run` / `pair` cannot go on (not paired,
      |                          refused, certificate changed, files it cannot send)
      +-- ServiceError           `further-link install-service` cannot (un)install the unit
+     +-- PrivilegeError         a server started as root cannot drop to the program user
 
 Each message names what was wrong so that a learner or teacher can act on it.
 The web layer turns any of them into one ``error`` event; nothing else is
@@ -90,3 +91,7 @@ class ClientError(FurtherLinkError):
 
 class ServiceError(FurtherLinkError):
     """The systemd unit cannot be installed or removed."""
+
+
+class PrivilegeError(FurtherLinkError):
+    """A server started as root could not become the program user for good; it must not serve."""

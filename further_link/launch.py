@@ -8,7 +8,6 @@ starting anything.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -89,7 +88,8 @@ def program_env(
     )
     env[SOCKET_ENV_VAR] = str(run_dir / SOCKET_NAME)
     run_as = config.run_as
-    if run_as is not None and run_as.switch:
+    if run_as is not None and run_as.drop:
+        # The server's own environment still names root's account.
         env.update(HOME=str(run_as.home), USER=run_as.name, LOGNAME=run_as.name)
     return env
 
@@ -109,22 +109,28 @@ def plan_program(
         import_dir = directory
     else:
         script = run_dir / SCRIPT_NAME
-        script.write_text(command.source_script or "", encoding="utf-8")
-        if config.run_as is not None and config.run_as.switch:
-            os.chown(script, config.run_as.uid, config.run_as.gid)
+        _write_new_file(script, (command.source_script or "").encode("utf-8"))
         cwd = directory or DEFAULT_SCRIPT_CWD
         import_dir = directory
     return ProgramSpec(
         argv=[config.python, "-u", str(script)],
         cwd=cwd,
         env=program_env(config, library_dir, run_dir, import_dir),
-        run_as=config.run_as,
     )
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` afresh: never through a link or into a file someone put there first."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 # Modules a user program needs for `import further_link`; they import only the
 # standard library, so they work under any Python 3 the programs run with.
 CLIENT_MODULES = ("__init__.py", "channel.py", "keyboard.py")
+# Read at import: a server that drops root may not read its own installation later.
+CLIENT_SOURCES = {name: (Path(__file__).parent / name).read_bytes() for name in CLIENT_MODULES}
 
 
 def prepare_library_dir(parent: Path | None = None) -> Path:
@@ -136,9 +142,8 @@ def prepare_library_dir(parent: Path | None = None) -> Path:
     root = Path(tempfile.mkdtemp(prefix="further-link-lib-", dir=parent))
     package = root / "further_link"
     package.mkdir()
-    source = Path(__file__).parent
-    for name in CLIENT_MODULES:
-        shutil.copyfile(source / name, package / name)
+    for name, source in CLIENT_SOURCES.items():
+        (package / name).write_bytes(source)
         os.chmod(package / name, 0o644)
     os.chmod(package, 0o755)
     os.chmod(root, 0o755)

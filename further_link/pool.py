@@ -9,7 +9,7 @@ The pool refills in the background, one interpreter at a time so that
 refilling never competes hard with the programs it serves.
 
 Only a spec the pool was made for is launched warm: same interpreter, flags
-and account, and the same environment apart from the per-run variables that
+and the same environment apart from the per-run variables that
 the bootstrap applies itself. Anything else starts cold, unchanged.
 """
 
@@ -27,7 +27,6 @@ from pathlib import Path
 
 from . import proctree
 from .channel import SOCKET_ENV_VAR
-from .config import RunAs
 from .errors import StartError
 from .process import LaunchedProcess, ProgramSpec, cold_launch, spawn
 
@@ -45,10 +44,9 @@ WAITING_CWD = Path("/")
 
 
 class WarmPool:
-    def __init__(self, size: int, python: str, run_as: RunAs | None, base_env: Mapping[str, str]):
+    def __init__(self, size: int, python: str, base_env: Mapping[str, str]):
         self.size = size
         self._python = python
-        self._run_as = run_as
         self._base_env = {k: v for k, v in base_env.items() if k not in PER_RUN_VARIABLES}
         self._waiting: deque[tuple[LaunchedProcess, int]] = deque()
         self._refill: asyncio.Task[None] | None = None
@@ -63,7 +61,7 @@ class WarmPool:
     def fits(self, spec: ProgramSpec) -> bool:
         """Whether a waiting interpreter can become exactly this program."""
         argv = list(spec.argv)
-        if argv[:2] != [self._python, "-u"] or len(argv) < 3 or spec.run_as != self._run_as:
+        if argv[:2] != [self._python, "-u"] or len(argv) < 3:
             return False
         env = {k: v for k, v in spec.env.items() if k not in PER_RUN_VARIABLES}
         return env == self._base_env
@@ -76,6 +74,7 @@ class WarmPool:
                 self._schedule_refill()
                 if self._hand_over(launched, channel, spec):
                     self.warm_starts += 1
+                    log.debug("started a program warm (pid %d)", launched.process.pid)
                     return launched
         self.cold_starts += 1
         return await cold_launch(spec)
@@ -116,7 +115,6 @@ class WarmPool:
                     [self._python, "-u", "-c", BOOTSTRAP, str(read_end)],
                     WAITING_CWD,
                     self._base_env,
-                    self._run_as,
                     uuid.uuid4().hex,
                     pass_fds=[read_end],
                 )

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable
 
 from . import proctree
-from .config import RunAs
 from .errors import StartError, StdinError
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,6 @@ class ProgramSpec:
     argv: Sequence[str]
     cwd: Path
     env: Mapping[str, str]
-    run_as: RunAs | None = None
 
 
 @dataclass(frozen=True)
@@ -82,23 +80,19 @@ async def spawn(
     argv: Sequence[str],
     cwd: Path,
     env: Mapping[str, str],
-    run_as: RunAs | None,
     tag: str,
     pass_fds: Sequence[int] = (),
 ) -> LaunchedProcess:
-    """Start a process in its own session, as ``run_as``, with piped stdio."""
+    """Start a process in its own session, as the server's own user, with piped stdio.
+
+    A server started as root has already become the program user (privsep.py),
+    so there is no account to switch to here.
+    """
     env = dict(env)
     env[proctree.RUN_TAG_VAR] = tag
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     _widen_pipe(out_r)
-    extra: dict[str, object] = {}
-    if run_as is not None and run_as.switch:
-        extra = {
-            "user": run_as.uid,
-            "group": run_as.gid,
-            "extra_groups": os.getgrouplist(run_as.name, run_as.gid),
-        }
     try:
         # Registered before the orphan reaper may look again: asyncio waits for it.
         with proctree.MANAGED_CHILDREN.starting():
@@ -111,7 +105,6 @@ async def spawn(
                 env=env,
                 start_new_session=True,
                 pass_fds=pass_fds,
-                **extra,  # type: ignore[arg-type]
             )
             proctree.MANAGED_CHILDREN.add(process.pid)
     except OSError as exc:
@@ -136,7 +129,7 @@ def _widen_pipe(fd: int) -> None:
 
 async def cold_launch(spec: ProgramSpec) -> LaunchedProcess:
     """Start the program as a fresh interpreter."""
-    return await spawn(spec.argv, spec.cwd, spec.env, spec.run_as, uuid.uuid4().hex)
+    return await spawn(spec.argv, spec.cwd, spec.env, uuid.uuid4().hex)
 
 
 class PipeReader:

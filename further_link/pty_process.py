@@ -56,7 +56,7 @@ class PtyLauncher:
     async def __call__(self, spec: ProgramSpec) -> LaunchedProcess:
         master, slave = os.openpty()
         try:
-            self._prepare_terminal(slave, spec)
+            self._prepare_terminal(slave)
             empty_read, empty_write = os.pipe()
             os.close(empty_write)  # stderr is merged into the terminal: an empty stream
         except OSError:
@@ -82,17 +82,12 @@ class PtyLauncher:
         self._control_fd = master
         return launched
 
-    def _prepare_terminal(self, slave: int, spec: ProgramSpec) -> None:
+    def _prepare_terminal(self, slave: int) -> None:
         set_size(slave, self._rows, self._cols)
         attributes = termios.tcgetattr(slave)
         # IUTF8: erasing a character with backspace removes all of its bytes.
         attributes[0] |= getattr(termios, "IUTF8", 0)
         termios.tcsetattr(slave, termios.TCSANOW, attributes)
-        run_as = spec.run_as
-        if run_as is not None and run_as.switch:
-            # As a login terminal would be: the program's own, by descriptor, not path.
-            os.fchown(slave, run_as.uid, -1)
-            os.fchmod(slave, 0o620)
 
     async def _spawn(
         self, spec: ProgramSpec, slave: int, output_fd: int, stderr_fd: int
@@ -100,14 +95,6 @@ class PtyLauncher:
         tag = uuid.uuid4().hex
         env = dict(spec.env)
         env[proctree.RUN_TAG_VAR] = tag
-        extra: dict[str, object] = {}
-        run_as = spec.run_as
-        if run_as is not None and run_as.switch:
-            extra = {
-                "user": run_as.uid,
-                "group": run_as.gid,
-                "extra_groups": os.getgrouplist(run_as.name, run_as.gid),
-            }
         try:
             with proctree.MANAGED_CHILDREN.starting():
                 # Not start_new_session: setsid(1) makes the session itself, so that the
@@ -121,7 +108,6 @@ class PtyLauncher:
                     stderr=slave,
                     cwd=str(spec.cwd),
                     env=env,
-                    **extra,  # type: ignore[arg-type]
                 )
                 proctree.MANAGED_CHILDREN.add(process.pid)
         except OSError as exc:

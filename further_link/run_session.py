@@ -20,7 +20,6 @@ import base64
 import contextlib
 import enum
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -156,8 +155,6 @@ class RunSession:
                 f"{MAX_PROCESSES} processes are already running on this connection; stop one first"
             )
         self._check_user()
-        run_as = self._config.run_as
-        switch = run_as is not None and run_as.switch
         try:
             run_dir = Path(tempfile.mkdtemp(prefix="further-link-run-"))
         except OSError as exc:
@@ -165,9 +162,6 @@ class RunSession:
         script: ScriptFile | None = None
         terminal = PtyLauncher() if self.options.pty else None
         try:
-            if switch:
-                assert run_as is not None
-                os.chown(run_dir, run_as.uid, run_as.gid)
             planned = plan_run(command, self._config, self._services.library_dir, run_dir)
             script = planned.script
             program = Program(
@@ -180,7 +174,6 @@ class RunSession:
                 run_dir / SOCKET_NAME,
                 lambda kind, payload: self._deliver_frame(process_id, program, kind, payload),
                 self._config.max_message_bytes,
-                owner=run_as.uid if run_as is not None and switch else None,
             )
             await channel.start()
             try:

@@ -6,11 +6,10 @@ executable at ``path``) and ``shell`` (the program user's login shell in
 ``path``). Relative paths are under the work dir; without ``path`` the temp
 dir (``FURTHER_LINK_TEMP_DIR``, default ``/tmp``) is used.
 
-Privilege: the server may run as root while programs do not. Directories and
-temporary scripts are therefore made through directory descriptors, and only
-in directories the program user could write to itself, so a learner's
-symlink can never make the server create files elsewhere. A user's own file
-is never chmod-ed or chown-ed.
+The server runs as the program user (privsep.py), so it can make nothing a
+program could not. Directories are made level by level through directory
+descriptors and scripts created afresh (``O_EXCL | O_NOFOLLOW``), so errors
+name the level that failed. A user's own file is never chmod-ed.
 """
 
 from __future__ import annotations
@@ -73,15 +72,15 @@ def plan_run(command: RunStart, config: Config, library_dir: Path, run_dir: Path
     target = resolve_path(config, command.path)
     script: ScriptFile | None = None
     if command.runner == "shell":
-        close_dir(open_directory(target, run_as, create=True))
+        close_dir(open_directory(target, create=True))
         cwd, argv = target, [shell]
     elif command.code is not None:
-        directory = open_directory(target, run_as, create=True)
+        directory = open_directory(target, create=True)
         try:
             if command.runner == "python3":
-                script = write_script(directory, target, "", ".py", command.code, 0o644, run_as)
+                script = write_script(directory, target, "", ".py", command.code, 0o644)
             else:
-                script = write_script(directory, target, "exec-", "", command.code, 0o700, run_as)
+                script = write_script(directory, target, "exec-", "", command.code, 0o700)
         except BaseException:
             close_dir(directory)
             raise
@@ -106,7 +105,7 @@ def plan_run(command: RunStart, config: Config, library_dir: Path, run_dir: Path
         env["XDG_RUNTIME_DIR"] = str(runtime_dir)
     if command.runner == "python3":
         argv = [_python(config, env), "-u", *argv]
-    return PlannedRun(ProgramSpec(argv=argv, cwd=cwd, env=env, run_as=run_as), script)
+    return PlannedRun(ProgramSpec(argv=argv, cwd=cwd, env=env), script)
 
 
 def resolve_path(config: Config, raw: str | None) -> Path:
@@ -167,15 +166,14 @@ def _check_entrypoint(path: Path, runner: str) -> None:
 # ------------------------------------------------- files, by descriptor
 
 
-def open_directory(path: Path, run_as: RunAs | None, create: bool) -> int:
+def open_directory(path: Path, create: bool) -> int:
     """A descriptor of directory ``path``, creating missing levels if ``create``.
 
-    Levels are created only where the program user may write, and given to
-    that user; raises ``StartError`` for a file in the way or a refusal.
+    Raises ``StartError`` naming the level that is a file or cannot be made.
     """
     fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     for depth, part in enumerate(path.parts[1:], start=2):
-        fd = _descend(fd, part, Path(*path.parts[:depth]), run_as, create)
+        fd = _descend(fd, part, Path(*path.parts[:depth]), create)
     return fd
 
 
@@ -183,7 +181,7 @@ def close_dir(fd: int) -> None:
     os.close(fd)
 
 
-def _descend(parent: int, name: str, where: Path, run_as: RunAs | None, create: bool) -> int:
+def _descend(parent: int, name: str, where: Path, create: bool) -> int:
     """The descriptor of ``name`` in ``parent``; always closes ``parent``."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     try:
@@ -192,14 +190,13 @@ def _descend(parent: int, name: str, where: Path, run_as: RunAs | None, create: 
         except FileNotFoundError:
             if not create:
                 raise StartError(f"directory {str(where)!r} does not exist") from None
-        if not may_write(parent, run_as):
-            raise StartError(f"cannot create {str(where)!r}: its parent is not writable")
-        with contextlib.suppress(FileExistsError):
+        try:
             os.mkdir(name, 0o755, dir_fd=parent)
-        child = os.open(name, flags | os.O_NOFOLLOW, dir_fd=parent)
-        if run_as is not None and run_as.switch:
-            os.fchown(child, run_as.uid, run_as.gid)
-        return child
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StartError(f"cannot create {str(where)!r}: {exc.strerror}") from None
+        return os.open(name, flags | os.O_NOFOLLOW, dir_fd=parent)
     except NotADirectoryError:
         raise StartError(f"{str(where)!r} is not a directory") from None
     except OSError as exc:
@@ -208,33 +205,13 @@ def _descend(parent: int, name: str, where: Path, run_as: RunAs | None, create: 
         os.close(parent)
 
 
-def may_write(dir_fd: int, run_as: RunAs | None) -> bool:
-    """Whether the program user could create files in this directory itself."""
-    if run_as is None or not run_as.switch:
-        return os.access(f"/proc/self/fd/{dir_fd}", os.W_OK | os.X_OK)
-    info = os.fstat(dir_fd)
-    if info.st_uid == run_as.uid:
-        return info.st_mode & 0o300 == 0o300
-    if info.st_gid in os.getgrouplist(run_as.name, run_as.gid):
-        return info.st_mode & 0o030 == 0o030
-    return info.st_mode & 0o003 == 0o003
-
-
 def write_script(
-    dir_fd: int,
-    directory: Path,
-    prefix: str,
-    suffix: str,
-    text: str,
-    mode: int,
-    run_as: RunAs | None,
+    dir_fd: int, directory: Path, prefix: str, suffix: str, text: str, mode: int
 ) -> ScriptFile:
-    """A new file ``<prefix><N><suffix>`` holding ``text``, owned by the program user.
+    """A new file ``<prefix><N><suffix>`` holding ``text``, with exactly ``mode``.
 
     Takes over ``dir_fd`` (the returned ``ScriptFile`` closes it).
     """
-    if not may_write(dir_fd, run_as):
-        raise StartError(f"cannot write a script into {str(directory)!r}: it is not writable")
     data = text.encode("utf-8")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     for _ in range(SCRIPT_NAME_TRIES):
@@ -248,8 +225,6 @@ def write_script(
                 f"cannot write a script into {str(directory)!r}: {exc.strerror}"
             ) from None
         try:
-            if run_as is not None and run_as.switch:
-                os.fchown(fd, run_as.uid, run_as.gid)
             os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
             view = memoryview(data)
             while view:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from . import PACKAGE_VERSION, __version__, proctree
 from .access import TOKENS, check_origin, check_token, setup_access
 from .auth import TokenStore
 from .config import Config
+from .control import serve_control
 from .device import setup_device
 from .further_http import setup_further_http
 from .launch import prepare_library_dir, program_env
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 CONFIG = web.AppKey("config", Config)
 SERVICES = web.AppKey("services", Services)
 CONNECTIONS = web.AppKey("connections", dict)
+CONTROL = web.AppKey("control", socket.socket)
 
 OPEN_CORS = {"Access-Control-Allow-Origin": "*"}
 
@@ -126,9 +128,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         pool=pool,
     )
     watcher = asyncio.ensure_future(_watch_token(app)) if config.auth else None
+    control = await _serve_control(app) if CONTROL in app else None
     try:
         yield
     finally:
+        if control is not None:
+            control.close()
         if watcher is not None:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
@@ -143,17 +148,14 @@ def _start_pool(config: Config, library_dir: Path) -> WarmPool | None:
         return None
     # The environment every program shares; per-run variables are applied at launch.
     base_env = program_env(config, library_dir, run_dir=Path("/"), import_dir=None)
-    pool = WarmPool(config.pool_size, config.python, config.run_as, base_env)
+    pool = WarmPool(config.pool_size, config.python, base_env)
     pool.start()
     return pool
 
 
 def _prepare_work_dir(config: Config) -> None:
-    created = not config.work_dir.exists()
+    # Made by the server as the program user (a root-started server has dropped by now).
     config.work_dir.mkdir(parents=True, exist_ok=True)
-    run_as = config.run_as
-    if created and run_as is not None and run_as.switch:
-        os.chown(config.work_dir, run_as.uid, run_as.gid)
 
 
 TOKEN_CHECK_INTERVAL = 2.0
@@ -161,8 +163,14 @@ TOKEN_ROTATED = 4001  # application close code: the client must pair again
 
 
 async def _watch_token(app: web.Application) -> None:
-    """After `further-link token --rotate`, connections opened with the old token end."""
+    """After `further-link token --rotate`, connections opened with the old token end.
+
+    A server that dropped root holds the token in memory and learns of a new
+    one over its control socket instead (``_serve_control``).
+    """
     tokens = app[TOKENS]
+    if tokens.held:
+        return
     known = tokens.current()
     while True:
         await asyncio.sleep(TOKEN_CHECK_INTERVAL)
@@ -174,8 +182,23 @@ async def _watch_token(app: web.Application) -> None:
         if current == known:
             continue
         known = current
-        log.info("the device token was replaced: closing %d connection(s)", len(app[CONNECTIONS]))
-        await _end_connections(app, TOKEN_ROTATED, b"the device token was replaced; pair again")
+        await _token_replaced(app)
+
+
+async def _serve_control(app: web.Application) -> asyncio.AbstractServer:
+    """Take rotated tokens from root over the control socket bound before the drop."""
+    tokens = app[TOKENS]
+
+    async def on_token(token: str) -> None:
+        if tokens.replace_held(token):
+            await _token_replaced(app)
+
+    return await serve_control(app[CONTROL], on_token)
+
+
+async def _token_replaced(app: web.Application) -> None:
+    log.info("the device token was replaced: closing %d connection(s)", len(app[CONNECTIONS]))
+    await _end_connections(app, TOKEN_ROTATED, b"the device token was replaced; pair again")
 
 
 async def _end_connections(app: web.Application, code: int, reason: bytes) -> None:
@@ -190,10 +213,38 @@ async def _close_connections(app: web.Application) -> None:
     await _end_connections(app, WSCloseCode.GOING_AWAY, b"server stopping")
 
 
-def create_app(config: Config, tokens: TokenStore | None = None) -> web.Application:
-    """The whole server; ``tokens`` defaults to the device token in the config dir."""
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening TCP socket, bound now (a server started as root binds before dropping).
+
+    Raises OSError when the address cannot be bound.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def create_app(
+    config: Config, tokens: TokenStore | None = None, control: socket.socket | None = None
+) -> web.Application:
+    """The whole server; ``tokens`` defaults to the device token in the config dir.
+
+    ``control`` is the listening control socket of a server that dropped root
+    (control.py): rotated tokens arrive there.
+    """
     app = web.Application()
     app[CONFIG] = config
+    if control is not None:
+        app[CONTROL] = control
     if tokens is None:
         tokens = TokenStore(config.config_dir)
         tokens.load_or_create()

@@ -1,24 +1,33 @@
 """``further-link install-service``: start the server at boot under systemd.
 
-The unit runs the server as root on purpose: it switches each program to the
-program user (``pi`` or ``--user``), which needs CAP_SETUID and CAP_SETGID.
-Its hardening is chosen so that switching keeps working and programs keep
-their camera, GPIO, I2C, ``/sys``, X display and home directory:
+The unit starts the server as root on purpose, so that the device token and
+TLS key stay in a root-only config dir: the server reads them, binds its
+sockets, hands its cgroup subtree (``Delegate=yes``) to the program user
+(``pi`` or ``--user``), then drops to that user for good before serving
+(privsep.py). The bounding set keeps only what that short root phase needs;
 ``NoNewPrivileges`` only stops gaining privileges through ``exec`` (setuid
-binaries such as ``sudo``), never giving them up, and the capability bounding
-set keeps exactly what the server uses. tests/test_service.py starts a real
-server under that bounding set with no_new_privs and runs a program as
-another user through it.
+binaries such as ``sudo``), never giving them up. Programs keep their camera,
+GPIO, I2C, ``/sys``, X display and home directory.
+
+Since the unit runs an interpreter as root, install-service refuses one that
+anyone but root could change (a user's virtualenv, anything under /tmp, an
+editable checkout): whoever can write it could run code as root at the next
+start. tests/test_service.py starts a real server under the unit's bounding
+set with no_new_privs and checks it drops and still runs programs.
 """
 
 from __future__ import annotations
 
 import argparse
+import grp
 import os
+import pwd
 import shutil
+import stat
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,37 +39,169 @@ UNIT_PATH = Path("etc/systemd/system") / f"{SERVICE}.service"
 DEFAULTS_FILE = "/etc/default/further-link"
 SYSTEMCTL_TIMEOUT = 120
 
-# Capabilities the server uses as root; every other one is gone for it and its programs.
+# Capabilities the server's root phase uses before it drops to the program user
+# (after the drop it has none); every other one is gone for it and its programs.
 CAPABILITIES = (
-    "CAP_SETUID CAP_SETGID",  # run each program as the program user
-    "CAP_CHOWN CAP_FOWNER",  # hand uploads and run directories to that user
-    "CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH",  # reach the work dir inside that user's home
-    "CAP_KILL",  # stop programs of another user
-    "CAP_SYS_PTRACE",  # read /proc/PID/environ of programs to find all of a run's processes
+    "CAP_SETUID CAP_SETGID",  # drop to the program user and its groups, for good
+    "CAP_CHOWN",  # hand the delegated cgroup subtree to that user
     "CAP_NET_BIND_SERVICE",  # a port below 1024, if configured
 )
 
 HARDENING = """\
-# The server stays root to run each program as the program user. NoNewPrivileges
-# does not stop that (it only blocks gaining privileges through exec, e.g. sudo
-# in a learner's program); the bounding set keeps the capabilities it uses.
+# Started as root so the token and TLS key stay root-only; the server drops to
+# the program user before serving. NoNewPrivileges does not stop that (it only
+# blocks gaining privileges through exec, e.g. sudo in a learner's program).
 NoNewPrivileges=yes
 CapabilityBoundingSet={capabilities}
+# The server makes one cgroup per run in its own subtree.
+Delegate=yes
 ProtectSystem=full
 ProtectKernelModules=yes
 ProtectKernelLogs=yes
-ProtectControlGroups=yes
 LockPersonality=yes
 RestrictSUIDSGID=yes
-# Not set on purpose: PrivateDevices, PrivateTmp, ProtectHome, ProtectKernelTunables,
-# ProtectClock. Programs use the camera, GPIO and I2C devices, /sys, the X display's
-# socket in /tmp and their user's home directory.
+# Not set on purpose: ProtectControlGroups (it would make the delegated subtree
+# read-only), PrivateDevices, PrivateTmp, ProtectHome, ProtectKernelTunables,
+# ProtectClock. Programs use the camera, GPIO and I2C devices, /sys, the X
+# display's socket in /tmp and their user's home directory.
 """
 
 
 def server_command() -> list[str]:
     """This installation's server: the interpreter running now, so a venv stays a venv."""
     return [os.path.abspath(sys.executable), "-m", "further_link", "serve"]
+
+
+@dataclass(frozen=True)
+class Installation:
+    """What the unit would run as root: the interpreter and everything it imports from."""
+
+    executable: Path  # as the unit names it (a venv's bin/python, not its target)
+    prefixes: tuple[Path, ...]  # sys.prefix, sys.exec_prefix, sys.base_prefix
+    import_paths: tuple[Path, ...]  # sys.path entries that exist
+    package_dir: Path  # further_link itself
+    editable: bool  # a development checkout (pip install -e, or not installed at all)
+
+
+def this_installation() -> Installation:
+    """The installation running now, which install-service would write into the unit."""
+    prefixes = {Path(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix)}
+    imports = [Path(p).absolute() for p in sys.path if p and os.path.exists(p)]
+    return Installation(
+        executable=Path(os.path.abspath(sys.executable)),
+        prefixes=tuple(sorted(prefixes)),
+        import_paths=tuple(dict.fromkeys(imports)),
+        package_dir=Path(__file__).resolve().parent,
+        editable=_is_editable(),
+    )
+
+
+def _is_editable() -> bool:
+    """Whether this further_link is a source tree (pip install -e, or not installed at all).
+
+    An installed copy lives in a site-packages (dist-packages on Debian) directory.
+    """
+    return Path(__file__).resolve().parent.parent.name not in ("site-packages", "dist-packages")
+
+
+def _owner_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return f"gid {gid}"
+
+
+def _path_problem(path: Path) -> str | None:
+    """Why someone other than root could change ``path`` itself, or None."""
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        return f"{path} cannot be checked: {exc.strerror}"
+    if info.st_uid != 0:
+        return f"{path} belongs to {_owner_name(info.st_uid)}, not root"
+    if stat.S_ISLNK(info.st_mode):
+        return None  # a link's own bits mean nothing; its directory and target are checked
+    if info.st_mode & stat.S_IWOTH:
+        kind = "a world-writable directory (like /tmp)" if stat.S_ISDIR(info.st_mode) else ""
+        return f"{path} is {kind or 'writable by anyone'}"
+    if info.st_mode & stat.S_IWGRP and info.st_gid != 0:
+        return f"{path} is writable by group {_group_name(info.st_gid)}"
+    return None
+
+
+def _with_ancestors(path: Path) -> Iterable[Path]:
+    """``path``, every directory above it, and the same for where its links lead."""
+    absolute = Path(os.path.abspath(path))
+    yield absolute
+    yield from absolute.parents
+    real = Path(os.path.realpath(absolute))
+    if real != absolute:
+        yield real
+        yield from real.parents
+
+
+def installation_problems(installation: Installation) -> list[str]:
+    """Every reason the unit must not run ``installation`` as root ([] when it may).
+
+    A path is safe when it, every directory above it and every file Python
+    reads at start-up there (``.pth``) belong to root and only root can write them.
+    """
+    problems: list[str] = []
+    if installation.editable:
+        problems.append(
+            f"further-link runs from a development checkout ({installation.package_dir}), "
+            "whose files are edited in place"
+        )
+    roots = [
+        installation.executable,
+        *installation.prefixes,
+        *installation.import_paths,
+        installation.package_dir,
+    ]
+    checked: set[Path] = set()
+    for root in roots:
+        for path in _with_ancestors(root):
+            if path in checked:
+                continue
+            checked.add(path)
+            problem = _path_problem(path)
+            if problem is not None:
+                problems.append(problem)
+    for directory in installation.import_paths:
+        if directory.is_dir():
+            for pth in sorted(directory.glob("*.pth")):
+                if pth not in checked:
+                    checked.add(pth)
+                    problem = _path_problem(pth)
+                    if problem is not None:
+                        problems.append(problem)
+    return problems
+
+
+def check_installation(installation: Installation) -> None:
+    """Raise ServiceError, with the reasons and the fix, if root must not run this installation."""
+    problems = installation_problems(installation)
+    if not problems:
+        return
+    shown = "\n  - ".join(problems[:10])
+    more = f"\n  - ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+    raise ServiceError(
+        f"will not start {installation.executable} as root at boot: someone other than root "
+        f"could change what it runs, and so run code as root:\n  - {shown}{more}\n"
+        "Fix: install further-link where only root can write, e.g.\n"
+        "  sudo python3 -m venv /opt/further-link\n"
+        "  sudo /opt/further-link/bin/pip install further-link\n"
+        "  sudo /opt/further-link/bin/further-link install-service\n"
+        "or give --force to install it anyway (whoever can write these paths can then "
+        "become root)."
+    )
 
 
 def quote_exec_word(word: str) -> str:
@@ -97,7 +238,8 @@ def render_unit(command: Sequence[str], environment: Mapping[str, str]) -> str:
         f"ExecStart={exec_start}\n"
         f"{env_lines}"
         f"EnvironmentFile=-{DEFAULTS_FILE}\n"
-        "Restart=on-failure\n"
+        "# Also after a program (same account as the server) kills it.\n"
+        "Restart=always\n"
         "RestartSec=2\n"
         "# SIGTERM goes to the server alone: it ends every run's processes itself;\n"
         "# whatever is left after TimeoutStopSec is killed.\n"
@@ -230,6 +372,11 @@ def add_service_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
     parser.add_argument("--port", type=int, help="port (default 8028)")
     parser.add_argument("--work-dir", help="where uploads go (default ~USER/further)")
     parser.add_argument("--no-ssl", action="store_true", help="serve plain HTTP")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="install even when someone other than root can change this installation",
+    )
     parser.set_defaults(handler=_install_service_command)
 
 
@@ -246,6 +393,8 @@ def _install_service_command(args: argparse.Namespace) -> int:
             resolve_run_as(args.user, euid=0)
         except ConfigError as exc:
             raise ServiceError(f"{exc.message} (give --user ACCOUNT)") from None
+        if not args.force:
+            check_installation(this_installation())
         installer.install(render_unit(server_command(), environment_from(args)))
     except ServiceError as exc:
         print(f"further-link: {exc.message}", file=sys.stderr)

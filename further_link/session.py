@@ -18,7 +18,6 @@ import base64
 import contextlib
 import enum
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Coroutine
@@ -49,7 +48,7 @@ from .protocol import (
     Video,
 )
 from .streams import SideChannel
-from .upload import Owner, UploadLimits, UrlCache, materialise_upload
+from .upload import UploadLimits, UrlCache, materialise_upload
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +133,11 @@ class Session:
             raise SessionStateError("the program is still stopping; start again after 'stopped'")
         if self.state is not State.IDLE:
             raise SessionStateError("a program is already running; send stop first")
-        run_as = self._config.run_as
         try:
             run_dir = Path(tempfile.mkdtemp(prefix="further-link-run-"))
         except OSError as exc:
             raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
         try:
-            if run_as is not None and run_as.switch:
-                os.chown(run_dir, run_as.uid, run_as.gid)
             spec = plan_program(command, self._config, self._services.library_dir, run_dir)
             program = Program(
                 spec, self._deliver_output, self._config.kill_grace, self._services.launcher
@@ -152,7 +148,6 @@ class Session:
                     run_dir / SOCKET_NAME,
                     lambda kind, payload: self._deliver_frame(program, payload),
                     self._config.max_message_bytes,
-                    owner=run_as.uid if run_as is not None and run_as.switch else None,
                 ),
                 run_dir,
             )
@@ -162,6 +157,11 @@ class Session:
             except BaseException:
                 await run.channel.close()
                 raise
+        except OSError as exc:
+            # E.g. another program (same account) changed the run dir under us.
+            shutil.rmtree(run_dir, ignore_errors=True)
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise StartError(f"could not prepare the run: {exc.strerror}{where}") from None
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
@@ -222,10 +222,8 @@ class Session:
             max_bytes=config.max_upload_bytes,
             max_download_bytes=config.max_download_bytes,
         )
-        run_as = config.run_as
-        owner = Owner(run_as.uid, run_as.gid) if run_as is not None and run_as.switch else None
         try:
-            await materialise_upload(command, config.work_dir, self._services.cache, limits, owner)
+            await materialise_upload(command, config.work_dir, self._services.cache, limits)
         except OSError as exc:
             where = f" ({exc.filename})" if exc.filename else ""
             raise UploadError(f"upload failed: {exc.strerror}{where}") from None

@@ -42,13 +42,10 @@ __all__ = ["KIND_KEYLISTEN", "SideChannel"]
 
 
 class SideChannel:
-    def __init__(
-        self, path: Path, on_frame: FrameHandler, max_frame_bytes: int, owner: int | None = None
-    ) -> None:
+    def __init__(self, path: Path, on_frame: FrameHandler, max_frame_bytes: int) -> None:
         self.path = path
         self._on_frame = on_frame
         self._max_frame_bytes = max_frame_bytes
-        self._owner = owner
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._key_listeners: set[asyncio.StreamWriter] = set()
@@ -56,8 +53,6 @@ class SideChannel:
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.path))
         try:
-            if self._owner is not None:
-                os.chown(self.path, self._owner, -1)
             os.chmod(self.path, 0o600)
         except OSError:
             # The caller never gets a started channel to close: do it here.

@@ -40,14 +40,6 @@ class UploadLimits:
     max_download_bytes: int
 
 
-@dataclass(frozen=True)
-class Owner:
-    """Account that must own materialised files (when the server runs as root)."""
-
-    uid: int
-    gid: int
-
-
 class UrlCache:
     """Downloads each (bucketName, fileName) once; shared by all connections."""
 
@@ -160,7 +152,6 @@ async def materialise_upload(
     work_dir: Path,
     cache: UrlCache,
     limits: UploadLimits,
-    owner: Owner | None = None,
 ) -> Path:
     """Create or replace ``work_dir/<name>`` with the uploaded files; return its path."""
     text_bytes = _check_limits(command, limits)
@@ -177,13 +168,8 @@ async def materialise_upload(
     created = _make_directories(work_real, target.parent, what)
     staging: Path | None = None
     try:
-        if owner is not None:
-            for directory in created:
-                _chown(directory, owner)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=STAGING_PREFIX))
         await _fill(staging, command, cache, limits.max_bytes, text_bytes)
-        if owner is not None:
-            _chown_tree(staging, owner)
         _swap_in(staging, target)
     except BaseException:
         if staging is not None:
@@ -278,18 +264,6 @@ def _make_directories(base: Path, path: Path, what: str) -> list[Path]:
                 directory.rmdir()
         raise
     return created
-
-
-def _chown(path: Path, owner: Owner) -> None:
-    os.chown(path, owner.uid, owner.gid, follow_symlinks=False)
-
-
-def _chown_tree(root: Path, owner: Owner) -> None:
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            _chown(Path(dirpath, name), owner)
-    _chown(root, owner)
-    os.chmod(root, 0o755)
 
 
 def _swap_in(staging: Path, target: Path) -> None:

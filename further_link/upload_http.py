@@ -41,7 +41,7 @@ from .paths import confine_path
 from .protocol import UploadCommand, UrlFile, _parse_upload
 from .runners import close_dir, open_directory
 from .session import Services
-from .upload import Owner, UploadLimits, materialise_upload
+from .upload import UploadLimits, materialise_upload
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +124,12 @@ def _run_as_names(config: Config) -> list[str]:
     return [config.run_as.name] if config.run_as is not None else []
 
 
-def _limits_and_owner(config: Config) -> tuple[UploadLimits, Owner | None]:
-    limits = UploadLimits(
+def _limits(config: Config) -> UploadLimits:
+    return UploadLimits(
         max_files=config.max_upload_files,
         max_bytes=config.max_upload_bytes,
         max_download_bytes=config.max_download_bytes,
     )
-    run_as = config.run_as
-    owner = Owner(run_as.uid, run_as.gid) if run_as is not None and run_as.switch else None
-    return limits, owner
 
 
 async def upload_skipping_offline(
@@ -144,7 +141,7 @@ async def upload_skipping_offline(
     once: the upload is retried without it, so caps and atomic replacement
     hold as for any upload.
     """
-    limits, owner = _limits_and_owner(services.config)
+    limits = _limits(services.config)
     skipped: set[str] = set()
     while True:
         files = {
@@ -154,7 +151,7 @@ async def upload_skipping_offline(
         }
         try:
             await materialise_upload(
-                replace(command, files=files), work_dir, services.cache, limits, owner
+                replace(command, files=files), work_dir, services.cache, limits
             )
         except UnreachableError as exc:
             if exc.url in skipped:  # pragma: no cover - a skipped url is never fetched again
@@ -172,9 +169,9 @@ async def copy_to_miniscreen(services: Services, command: UploadCommand, usernam
     if base is None:
         return
     user_dir_name = username.split("@", 1)[0] or UNKNOWN_USER
-    close_dir(open_directory(base, config.run_as, create=True))
+    close_dir(open_directory(base, create=True))
     user_dir = confine_path(base, user_dir_name, "username", nested=False)
-    close_dir(open_directory(user_dir, config.run_as, create=True))
+    close_dir(open_directory(user_dir, create=True))
     try:
         await upload_skipping_offline(services, command, user_dir)
     except OSError as exc:

@@ -6,8 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
+import re
 import shutil
+import signal
 import ssl
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
@@ -27,12 +31,19 @@ from further_link.tls import server_ssl_context
 TIMEOUT = 30.0
 
 # CI runs the suite as root, and the server never runs programs as root: then
-# programs run as `nobody` with the system's Python (whose numpy and Pillow
-# `make test` installs from Debian). As any other user, programs run as that user.
+# the server is the real `further-link serve`, started as root, which drops to
+# `nobody` before serving and runs programs as itself with the system's Python
+# (whose numpy and Pillow `make test` installs from Debian). As any other
+# user, the server runs in-process and programs run as that user.
 AS_ROOT = os.geteuid() == 0
+PROGRAM_USER = "nobody" if AS_ROOT else pwd.getpwuid(os.geteuid()).pw_name
 PROGRAM_SETTINGS: dict[str, str] = (
     {"FURTHER_LINK_USER": "nobody", "FURTHER_LINK_PYTHON": "/usr/bin/python3"} if AS_ROOT else {}
 )
+# Every process that serves in this test run: this one (in-process servers) and
+# the server processes, so tests can tell whether a server adopted or reaped a process.
+SERVER_PIDS: set[int] = {os.getpid()}
+LISTENING = re.compile(r"serving \S+ \(listening on \S+:(\d+),")
 
 
 @dataclass
@@ -41,13 +52,44 @@ class RunningServer:
     base_url: str
     ssl_client: ssl.SSLContext | None
     token: str
-    # Stopping it early (e.g. to see clients notice) is allowed; cleanup runs again harmlessly.
+    # In-process (not root): the aiohttp runner.
     runner: web.AppRunner | None = None
+    # As root: the real server process, which dropped to the program user, and its log.
+    process: asyncio.subprocess.Process | None = None
+    log_path: Path | None = None
 
     def ws_url(self, path: str = "/run-py", token: bool = True) -> str:
         """The websocket URL, carrying the device token unless ``token=False``."""
         url = self.base_url.replace("http", "ws", 1) + path
         return f"{url}?token={self.token}" if token else url
+
+    @property
+    def pid(self) -> int:
+        """The process that serves: the subprocess as root, else this very process."""
+        return self.process.pid if self.process is not None else os.getpid()
+
+    def log(self) -> str:
+        """What the server process has logged so far ("" when in-process)."""
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    async def stop(self) -> int | None:
+        """Shut the server down as SIGTERM would; stopping twice is harmless.
+
+        Returns the process's exit code (None in-process).
+        """
+        if self.runner is not None:
+            await self.runner.cleanup()
+            return None
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), TIMEOUT)
+            except asyncio.TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+                raise AssertionError(f"the server did not stop on SIGTERM:\n{self.log()}") from None
+        return self.process.returncode
 
 
 @dataclass
@@ -152,50 +194,169 @@ def shared(sandbox: Path) -> Path:
 POOL_SIZE = os.environ.get("FURTHER_LINK_TEST_POOL_SIZE", "2")
 
 
-def make_config(sandbox: Path, **overrides: Any) -> Config:
+def program_home(sandbox: Path) -> Path:
+    """A directory of the program user's own, as its home would be: the work dir goes in it.
+
+    A server that dropped root creates its work dir as the program user, so
+    the parent must be that user's.
+    """
+    home = sandbox / "home"
+    if not home.exists():
+        home.mkdir()
+        entry = pwd.getpwnam(PROGRAM_USER)
+        os.chown(home, entry.pw_uid, entry.pw_gid)
+    return home
+
+
+def server_environ(sandbox: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment test servers start with (and programs inherit)."""
     environ = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(sandbox)}
     environ["FURTHER_LINK_POOL_SIZE"] = POOL_SIZE
     environ.update(PROGRAM_SETTINGS)
-    environ.update(overrides.pop("environ", {}))
-    settings: dict[str, Any] = {
+    environ.update(extra or {})
+    return environ
+
+
+def default_settings(sandbox: Path) -> dict[str, Any]:
+    return {
         "host": "127.0.0.1",
         "port": 0,
-        "work_dir": str(sandbox / "work"),
+        "work_dir": str(program_home(sandbox) / "work"),
         "config_dir": str(sandbox / "config"),
         "no_ssl": True,
     }
+
+
+def make_config(sandbox: Path, **overrides: Any) -> Config:
+    environ = server_environ(sandbox, overrides.pop("environ", {}))
+    settings = default_settings(sandbox)
     settings.update(overrides)
     return load_config(environ=environ, **settings)
+
+
+# Settings start_server() takes as keywords, and how the server process is given them.
+SETTING_VARIABLES = {
+    "host": "FURTHER_LINK_HOST",
+    "port": "FURTHER_LINK_PORT",
+    "work_dir": "FURTHER_LINK_WORK_DIR",
+    "config_dir": "FURTHER_LINK_CONFIG_DIR",
+    "cert_file": "FURTHER_LINK_CERT",
+    "key_file": "FURTHER_LINK_KEY",
+    "kill_grace": "FURTHER_LINK_KILL_GRACE",
+}
+
+
+def process_environ(sandbox: Path, overrides: dict[str, Any]) -> dict[str, str]:
+    """``make_config``'s settings as the environment of a `further-link serve` process."""
+    environ = server_environ(sandbox, overrides.get("environ", {}))
+    settings = default_settings(sandbox)
+    settings.update({k: v for k, v in overrides.items() if k != "environ"})
+    no_ssl = settings.pop("no_ssl")
+    if no_ssl:
+        environ["FURTHER_LINK_NOSSL"] = "1"
+    else:
+        environ.pop("FURTHER_LINK_NOSSL", None)
+    for name, value in settings.items():
+        environ[SETTING_VARIABLES[name]] = str(value)
+    return environ
+
+
+async def start_server_process(sandbox: Path, **overrides: Any) -> RunningServer:
+    """The real `further-link serve`, started as this (root) process; it drops to the program user.
+
+    It binds an ephemeral port and logs it; this waits for that line.
+    """
+    config = make_config(sandbox, **dict(overrides))
+    token = TokenStore(config.config_dir).load_or_create()
+    log_path = Path(tempfile.mkstemp(prefix="server-", suffix=".log", dir=sandbox)[1])
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "further_link",
+            "serve",
+            "--log-level",
+            "DEBUG",
+            env=process_environ(sandbox, overrides),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            cwd=str(sandbox),
+        )
+    SERVER_PIDS.add(process.pid)
+    port = None
+    for _ in range(int(TIMEOUT / 0.02)):
+        match = LISTENING.search(log_path.read_text(errors="replace"))
+        if match is not None:
+            port = int(match.group(1))
+            break
+        if process.returncode is not None:
+            break
+        await asyncio.sleep(0.02)
+    if port is None:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        raise AssertionError(f"the server did not start:\n{log_path.read_text()}")
+    client_ssl = None
+    if config.ssl:
+        trusted = config.cert_file or config.config_dir / "cert.pem"
+        client_ssl = ssl.create_default_context(cafile=str(trusted))
+    scheme = "https" if config.ssl else "http"
+    return RunningServer(
+        config,
+        f"{scheme}://127.0.0.1:{port}",
+        client_ssl,
+        token,
+        process=process,
+        log_path=log_path,
+    )
+
+
+async def start_server_in_process(sandbox: Path, **overrides: Any) -> RunningServer:
+    config = make_config(sandbox, **overrides)
+    tokens = TokenStore(config.config_dir)
+    token = tokens.load_or_create()
+    runner = web.AppRunner(create_app(config, tokens), handle_signals=False)
+    await runner.setup()
+    ssl_context = server_ssl_context(config) if config.ssl else None
+    site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    port = runner.addresses[0][1]
+    client_ssl = None
+    if ssl_context is not None:
+        trusted = config.cert_file or config.config_dir / "cert.pem"
+        client_ssl = ssl.create_default_context(cafile=str(trusted))
+    scheme = "https" if ssl_context else "http"
+    return RunningServer(config, f"{scheme}://127.0.0.1:{port}", client_ssl, token, runner)
 
 
 @pytest.fixture
 async def start_server(
     sandbox: Path,
 ) -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
-    """Factory: ``await start_server(no_ssl=False, kill_grace=0.5, ...)``."""
-    runners: list[web.AppRunner] = []
+    """Factory: ``await start_server(no_ssl=False, kill_grace=0.5, environ={...})``.
+
+    As root, each is a real server process that drops to the program user.
+    """
+    servers: list[RunningServer] = []
 
     async def start(**overrides: Any) -> RunningServer:
-        config = make_config(sandbox, **overrides)
-        tokens = TokenStore(config.config_dir)
-        token = tokens.load_or_create()
-        runner = web.AppRunner(create_app(config, tokens), handle_signals=False)
-        await runner.setup()
-        runners.append(runner)
-        ssl_context = server_ssl_context(config) if config.ssl else None
-        site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
-        await site.start()
-        port = runner.addresses[0][1]
-        client_ssl = None
-        if ssl_context is not None:
-            trusted = config.cert_file or config.config_dir / "cert.pem"
-            client_ssl = ssl.create_default_context(cafile=str(trusted))
-        scheme = "https" if ssl_context else "http"
-        return RunningServer(config, f"{scheme}://127.0.0.1:{port}", client_ssl, token, runner)
+        starter = start_server_process if AS_ROOT else start_server_in_process
+        server = await starter(sandbox, **overrides)
+        servers.append(server)
+        return server
 
     yield start
-    for runner in runners:
-        await runner.cleanup()
+    for server in servers:
+        code = await server.stop()
+        # Shown by pytest when the test fails: what the server said (without its chatter).
+        said = [line for line in server.log().splitlines() if " DEBUG " not in line]
+        print(f"server pid {server.pid} exited with {code}; its log:", *said[-40:], sep="\n")
 
 
 @pytest.fixture

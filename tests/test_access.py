@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from typing import Callable
 
 import aiohttp
 import pytest
-from test_cli import ServerProcess
+from test_cli import plain_server
 
 from further_link.auth import (
     CODE_WINDOW_SECONDS,
@@ -24,7 +25,7 @@ from further_link.auth import (
     pairing_code,
 )
 
-from conftest import PROGRAM_SETTINGS, Client, RunningServer
+from conftest import AS_ROOT, Client, RunningServer
 
 StartServer = Callable[..., Awaitable[RunningServer]]
 
@@ -295,7 +296,23 @@ async def test_rotating_the_token_locks_out_the_old_one(
     connected = await http.ws_connect(server.ws_url())
     await connected.send_json({"type": "start", "data": {"sourceScript": "input()"}})
     assert (await connected.receive_json(timeout=30))["type"] == "started"
-    new = TokenStore(server.config.config_dir).rotate()
+    # As on a device: `further-link token --rotate`, run as the server's starter (root in CI).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
+    env["FURTHER_LINK_CONFIG_DIR"] = str(server.config.config_dir)
+    rotated = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "further_link",
+        "token",
+        "--rotate",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(rotated.communicate(), 60)
+    new = TokenStore(server.config.config_dir).current()
+    assert f"token: {new}" in out.decode()
+    if AS_ROOT:  # the dropped server cannot read the file: the command told it
+        assert "told 1 running server(s)" in out.decode()
     # The connection made with the old token is closed, and its program ended.
     closed = await connected.receive(timeout=30)
     assert (closed.type, closed.data) == (aiohttp.WSMsgType.CLOSE, 4001)
@@ -303,13 +320,16 @@ async def test_rotating_the_token_locks_out_the_old_one(
     base = server.ws_url(token=False)
     assert await handshake_status(http, f"{base}?token={old}") == 401
     assert await handshake_status(http, f"{base}?token={new}") == 101
+    if AS_ROOT:  # the server logs the new pairing code
+        for _ in range(100):
+            if f"pairing code: {pairing_code(new).code}" in server.log():
+                break
+            await asyncio.sleep(0.1)
+        assert f"pairing code: {pairing_code(new).code}" in server.log()
 
 
 def test_startup_log_shows_connect_url_and_pairing_code(sandbox: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
-    env.update(PROGRAM_SETTINGS, FURTHER_LINK_CONFIG_DIR=str(sandbox / "cfg"))
-    args = ["--host", "127.0.0.1", "--port", "0", "--no-ssl", "--work-dir", str(sandbox / "w")]
-    server = ServerProcess(args, env)
+    server = plain_server(sandbox)
     try:
         token = (sandbox / "cfg" / "token").read_text().strip()
         server.read_until("pairing code")
@@ -320,7 +340,7 @@ def test_startup_log_shows_connect_url_and_pairing_code(sandbox: Path) -> None:
     finally:
         assert server.stop() == 0
 
-    server = ServerProcess([*args, "--no-auth"], env)
+    server = plain_server(sandbox, extra=["--no-auth"])
     try:
         warning = server.read_until("pairing is OFF")
         assert "WARNING" in warning and "anyone who can reach this port" in warning

@@ -18,7 +18,7 @@ import pytest
 from further_link.config import DEFAULT_PORT, load_config
 from further_link.errors import ConfigError
 
-from conftest import PROGRAM_SETTINGS, alive, sleeper_script
+from conftest import PROGRAM_SETTINGS, alive, program_home, sleeper_script
 
 LISTENING = re.compile(r"listening on [^ ]+:(\d+)")
 
@@ -63,6 +63,17 @@ class ServerProcess:
         return code
 
 
+def plain_server(
+    sandbox: Path, prefix: Sequence[str] = (), extra: Sequence[str] = ()
+) -> ServerProcess:
+    """`further-link serve` on a free loopback port over plain HTTP, its config in sandbox/cfg."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
+    env.update(PROGRAM_SETTINGS, FURTHER_LINK_CONFIG_DIR=str(sandbox / "cfg"))
+    work_dir = str(program_home(sandbox) / "w")
+    args = ["--host", "127.0.0.1", "--port", "0", "--no-ssl", "--work-dir", work_dir, *extra]
+    return ServerProcess(args, env, prefix)
+
+
 @pytest.fixture
 def server_env(sandbox: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
@@ -73,7 +84,9 @@ def server_env(sandbox: Path) -> dict[str, str]:
 
 @pytest.fixture
 def spawned(sandbox: Path, server_env: dict[str, str]) -> Iterator[ServerProcess]:
-    env = dict(server_env, FURTHER_LINK_PORT="0", FURTHER_LINK_WORK_DIR=str(sandbox / "w"))
+    env = dict(
+        server_env, FURTHER_LINK_PORT="0", FURTHER_LINK_WORK_DIR=str(program_home(sandbox) / "w")
+    )
     env["FURTHER_LINK_NOSSL"] = "1"
     server = ServerProcess(["--host", "127.0.0.1"], env)
     yield server
@@ -85,7 +98,7 @@ def spawned(sandbox: Path, server_env: dict[str, str]) -> Iterator[ServerProcess
 async def test_env_vars_configure_port_work_dir_and_no_ssl(
     spawned: ServerProcess, sandbox: Path
 ) -> None:
-    assert (sandbox / "w").is_dir()
+    assert (program_home(sandbox) / "w").is_dir()
     startup = "".join(spawned.log)
     assert f"serving http://127.0.0.1:{spawned.port}/" in startup
     status_url = f"http://127.0.0.1:{spawned.port}/status"
@@ -115,7 +128,8 @@ async def test_sigterm_ends_running_programs_and_exits_cleanly(
 
 def test_tls_is_on_by_default(sandbox: Path, server_env: dict[str, str]) -> None:
     server = ServerProcess(
-        ["--host", "127.0.0.1", "--port", "0", "--work-dir", str(sandbox / "w")], server_env
+        ["--host", "127.0.0.1", "--port", "0", "--work-dir", str(program_home(sandbox) / "w")],
+        server_env,
     )
     try:
         assert any(f"serving https://127.0.0.1:{server.port}/" in line for line in server.log)

@@ -34,6 +34,7 @@ from conftest import (
     TIMEOUT,
     RunningServer,
     alive,
+    program_home,
     sleeper_script,
     write_pid_code,
 )
@@ -416,7 +417,14 @@ def tls_servers() -> Iterator[list[ServerProcess]]:
 def start_tls_server(
     sandbox: Path, env: dict[str, str], servers: list[ServerProcess], port: int = 0
 ) -> ServerProcess:
-    args = ["--host", "127.0.0.1", "--port", str(port), "--work-dir", str(sandbox / "w")]
+    args = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--work-dir",
+        str(program_home(sandbox) / "w"),
+    ]
     server = ServerProcess(args, env)
     servers.append(server)
     return server

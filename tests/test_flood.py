@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -18,9 +17,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from test_cli import ServerProcess
-
-from conftest import PROGRAM_SETTINGS
+from test_cli import ServerProcess, plain_server
 
 FLOOD = "import sys\ni = 0\nwhile True:\n    sys.stdout.write(f'{i:09d}\\n')\n    i += 1\n"
 STALL_SECONDS = 4.0
@@ -36,10 +33,7 @@ def rss_kib(pid: int) -> int:
 
 @pytest.fixture
 def flood_server(sandbox: Path) -> Iterator[tuple[ServerProcess, str]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
-    env.update(PROGRAM_SETTINGS, FURTHER_LINK_CONFIG_DIR=str(sandbox / "cfg"))
-    args = ["--host", "127.0.0.1", "--port", "0", "--no-ssl", "--work-dir", str(sandbox / "w")]
-    server = ServerProcess(args, env)
+    server = plain_server(sandbox)
     token = (sandbox / "cfg" / "token").read_text().strip()
     yield server, f"http://127.0.0.1:{server.port}/run-py?token={token}"
     if server.proc.poll() is None:

@@ -122,7 +122,7 @@ async def test_failed_download_is_a_500_naming_the_url(
 async def test_oversized_upload_is_a_413(
     http: aiohttp.ClientSession, start_server: StartServer
 ) -> None:
-    server = await start_server(max_message_bytes=1000)
+    server = await start_server(environ={"FURTHER_LINK_MAX_MESSAGE_BYTES": "1000"})
     status, answer = await post_upload(
         http, server, {"name": "big", "files": {"a": text_file("x" * 2000)}}
     )
@@ -147,7 +147,7 @@ async def test_project_cfg_is_copied_to_the_miniscreen_projects_folder(
     assert (copy / "project.cfg").read_text() == config
     assert (copy / "print.py").read_text() == "print(1)"
     run_as = server.config.run_as
-    if run_as is not None and run_as.switch:
+    if run_as is not None and run_as.drop:
         assert {(copy / "project.cfg").stat().st_uid, (projects / "ann").stat().st_uid} == {
             run_as.uid
         }

@@ -28,7 +28,7 @@ def test_root_never_runs_programs_as_root() -> None:
 
 def test_root_switches_to_the_configured_user() -> None:
     run_as = resolve_run_as("nobody", euid=0)
-    assert run_as.switch and run_as.uid == pwd.getpwnam("nobody").pw_uid
+    assert run_as.drop and run_as.uid == pwd.getpwnam("nobody").pw_uid
 
 
 def test_unknown_user_is_a_clear_error() -> None:
@@ -43,7 +43,7 @@ def test_without_root_programs_run_as_the_server_user() -> None:
     if os.getuid() == 0:
         other = pwd.getpwnam("nobody")
         run_as = resolve_run_as(None, euid=other.pw_uid)
-        assert (run_as.name, run_as.switch) == ("nobody", False)
+        assert (run_as.name, run_as.drop) == ("nobody", False)
         with pytest.raises(ConfigError, match="only root can switch users"):
             resolve_run_as("daemon", euid=other.pw_uid)
     else:  # pragma: no cover - CI runs as root

@@ -378,8 +378,7 @@ async def test_a_lost_server_shows_retrying_and_reconnects(
 ) -> None:
     first = await start_server()
     await open_paired(page, first)
-    assert first.runner is not None
-    await first.runner.cleanup()
+    await first.stop()
     connection = page.locator("#connection")
     await expect(connection).to_contain_text(re.compile(r"Disconnected, retrying in \d+ s"))
     await expect(page.get_by_role("button", name="Retry now")).to_be_visible()
