@@ -47,7 +47,7 @@ EXIT_FAILED = 255
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 PAIR_FAILED = 1
 CONNECT_TIMEOUT = 15.0
-# The device pings every 10 s; this notices a device that vanished (Wi-Fi gone).
+# The device pings a silent client after 5 s; this notices a device that vanished.
 HEARTBEAT = 30.0
 # Seconds a second Ctrl-C waits for the websocket to close politely.
 LEAVE_GRACE = 1.0

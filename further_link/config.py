@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +21,11 @@ DEFAULT_USER = "pi"
 # The Further coding site may open websockets to devices by default; it still
 # needs the device token, obtained by pairing.
 DEFAULT_ORIGINS = ("https://further.pi-top.com",)
+# Programs run with the python3 a learner gets in a terminal, with every Debian
+# package (numpy, gpiozero, picamera2, ...), not with the server's virtualenv.
+SYSTEM_PYTHON = "/usr/bin/python3"
+# Seconds of silence from a client before it is pinged; it then has half as long to answer.
+DEFAULT_HEARTBEAT = 5.0
 
 
 @dataclass(frozen=True)
@@ -47,9 +51,9 @@ class Config:
     cert_file: Path | None = None
     key_file: Path | None = None
     run_as: RunAs | None = None
-    python: str = sys.executable
+    python: str = SYSTEM_PYTHON
     kill_grace: float = 1.0
-    heartbeat: float = 30.0
+    heartbeat: float = DEFAULT_HEARTBEAT
     max_message_bytes: int = 16 * MiB
     max_source_bytes: int = 16 * MiB
     max_upload_files: int = 1000
@@ -59,6 +63,8 @@ class Config:
     auth: bool = True
     pool_size: int = 2
     origins: tuple[str, ...] = DEFAULT_ORIGINS
+    # Where X displays' sockets are (only tests look elsewhere).
+    x11_socket_dir: Path = Path("/tmp/.X11-unix")
     program_env: Mapping[str, str] = field(default_factory=dict)
     # v5 /run (Further IDE): FURTHER_LINK_AUTH=origin lets allowed origins in without a token.
     origin_auth: bool = False
@@ -144,6 +150,15 @@ def resolve_config_dir(environ: Mapping[str, str], override: str | None = None) 
     return (Path(config_home) / "further-link").absolute()
 
 
+def resolve_python(environ: Mapping[str, str]) -> str:
+    """The interpreter programs run with: FURTHER_LINK_PYTHON, FURTHER_VENV's, or the system's."""
+    if environ.get("FURTHER_LINK_PYTHON"):
+        return environ["FURTHER_LINK_PYTHON"]
+    if environ.get("FURTHER_VENV"):
+        return str(Path(environ["FURTHER_VENV"]).expanduser().absolute() / "bin" / "python3")
+    return SYSTEM_PYTHON
+
+
 def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
     """Build the config from environment variables, then apply flag overrides."""
     env = dict(os.environ if environ is None else environ)
@@ -186,11 +201,13 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
         cert_file=Path(cert) if cert else None,
         key_file=Path(key) if key else None,
         run_as=run_as,
-        python=env.get("FURTHER_LINK_PYTHON") or sys.executable,
+        python=resolve_python(env),
         kill_grace=_number(env, "FURTHER_LINK_KILL_GRACE", 1.0, float),
-        # A ping waits behind queued output, so a slow browser under a flood
-        # answers late; 30 s (pong timeout 15 s) keeps such clients connected.
-        heartbeat=_number(env, "FURTHER_LINK_HEARTBEAT", 30.0, float),
+        # A robot must stop soon after the laptop's Wi-Fi drops: a client silent
+        # for 5 s is pinged and dropped 2.5 s later, unless it is still reading
+        # output (its pong is then only behind that output; see liveness.py).
+        heartbeat=_number(env, "FURTHER_LINK_HEARTBEAT", DEFAULT_HEARTBEAT, float),
+        x11_socket_dir=Path(env.get("FURTHER_LINK_X11_SOCKET_DIR") or "/tmp/.X11-unix"),
         max_message_bytes=_number(env, "FURTHER_LINK_MAX_MESSAGE_BYTES", 16 * MiB),
         max_source_bytes=_number(env, "FURTHER_LINK_MAX_SOURCE_BYTES", 16 * MiB),
         max_upload_files=_number(env, "FURTHER_LINK_MAX_UPLOAD_FILES", 1000),

@@ -10,39 +10,38 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .channel import SOCKET_ENV_VAR
 from .config import Config
+from .display import graphical_session
 from .errors import StartError, UnsafePathError
 from .paths import confine_path, describe_kind
 from .process import ProgramSpec
+from .project import ProjectScript, open_project_dir
 from .protocol import StartCommand
+from .upload import CACHE_DIR_NAME, STAGING_PREFIX
 
 SCRIPT_NAME = "main.py"
 SOCKET_NAME = "io.sock"
 DEFAULT_SCRIPT_CWD = Path("/tmp")
 
 
-def resolve_directory(config: Config, name: str) -> Path:
-    """The uploaded directory ``name`` inside the work dir, which must exist."""
+def open_directory(config: Config, name: str) -> tuple[Path, int]:
+    """The project ``name`` inside the work dir and a descriptor of it; created if missing."""
     try:
         directory = confine_path(config.work_dir, name, "directoryName")
     except UnsafePathError as exc:
         raise StartError(str(exc)) from None
+    work_dir_real = Path(os.path.realpath(config.work_dir))
+    parts = directory.relative_to(work_dir_real).parts
+    if parts[0] == CACHE_DIR_NAME or any(part.startswith(STAGING_PREFIX) for part in parts):
+        raise StartError(f"directoryName {name!r} is reserved by further-link")
     try:
-        mode = directory.stat().st_mode
-    except FileNotFoundError:
-        raise StartError(
-            f"directoryName {name!r} does not exist in the work dir; upload it first"
-        ) from None
+        return directory, open_project_dir(work_dir_real, directory, f"directoryName {name!r}")
     except OSError as exc:
         raise StartError(f"directoryName {name!r} cannot be used: {exc.strerror}") from None
-    if not stat.S_ISDIR(mode):
-        raise StartError(
-            f"directoryName {name!r} is {describe_kind(mode)} in the work dir, not a directory"
-        )
-    return directory
 
 
 def resolve_source_path(config: Config, raw: str) -> Path:
@@ -94,29 +93,55 @@ def program_env(
     return env
 
 
-def plan_program(
-    command: StartCommand, config: Config, library_dir: Path, run_dir: Path
-) -> ProgramSpec:
-    """Build the spec; writes an inline script into ``run_dir``."""
-    directory = (
-        None
-        if command.directory_name is None
-        else resolve_directory(config, command.directory_name)
-    )
+@dataclass
+class Plan:
+    """What to start, and the inline script in a project that the run must remove."""
+
+    spec: ProgramSpec
+    project_script: ProjectScript | None = None
+
+
+def plan_program(command: StartCommand, config: Config, library_dir: Path, run_dir: Path) -> Plan:
+    """Build the spec; writes an inline script into its project, else into ``run_dir``."""
+    directory: Path | None = None
+    dir_fd: int | None = None
+    if command.directory_name is not None:
+        directory, dir_fd = open_directory(config, command.directory_name)
+    project_script = None
     if command.source_path is not None:
+        if dir_fd is not None:
+            os.close(dir_fd)
         script = resolve_source_path(config, command.source_path)
         cwd = directory or script.parent
-        import_dir = directory
+    elif directory is not None and dir_fd is not None:
+        project_script = ProjectScript.write(dir_fd, directory, command.source_script or "")
+        script = project_script.path
+        cwd = directory
     else:
         script = run_dir / SCRIPT_NAME
         _write_new_file(script, (command.source_script or "").encode("utf-8"))
-        cwd = directory or DEFAULT_SCRIPT_CWD
-        import_dir = directory
-    return ProgramSpec(
-        argv=[config.python, "-u", str(script)],
-        cwd=cwd,
-        env=program_env(config, library_dir, run_dir, import_dir),
+        cwd = DEFAULT_SCRIPT_CWD
+    try:
+        spec = _spec(config, script, cwd, program_env(config, library_dir, run_dir, directory))
+    except BaseException:
+        if project_script is not None:
+            project_script.remove()
+        raise
+    return Plan(spec, project_script)
+
+
+def _spec(config: Config, script: Path, cwd: Path, env: dict[str, str]) -> ProgramSpec:
+    env["PWD"] = str(cwd)  # as a shell that changed into it sets it, not the server's own
+    run_as = config.run_as
+    env.update(
+        graphical_session(
+            env,
+            run_as.uid if run_as is not None else os.getuid(),
+            run_as.home if run_as is not None else None,
+            config.x11_socket_dir,
+        )
     )
+    return ProgramSpec(argv=[config.python, "-u", str(script)], cwd=cwd, env=env)
 
 
 def _write_new_file(path: Path, data: bytes) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from . import proctree
 from .channel import SOCKET_ENV_VAR
+from .display import DISPLAY_VARIABLES
 from .errors import StartError
 from .process import LaunchedProcess, ProgramSpec, cold_launch, spawn
 
@@ -37,8 +38,8 @@ BOOTSTRAP = (Path(__file__).parent / "warm_bootstrap.py").read_text(encoding="ut
 # the terminal and login variables a v5 /run start sets: Python's start-up
 # does not read them (HOME, which it does read, is not among them).
 PER_RUN_VARIABLES = frozenset(
-    {"PYTHONPATH", SOCKET_ENV_VAR, proctree.RUN_TAG_VAR}
-    | {"TERM", "SHELL", "PWD", "USER", "LOGNAME", "XDG_RUNTIME_DIR"}
+    {"PYTHONPATH", "PWD", SOCKET_ENV_VAR, proctree.RUN_TAG_VAR, *DISPLAY_VARIABLES}
+    | {"TERM", "SHELL", "USER", "LOGNAME", "XDG_RUNTIME_DIR"}
 )
 WAITING_CWD = Path("/")
 

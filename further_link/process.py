@@ -268,11 +268,18 @@ class Program:
     # ------------------------------------------------------------- stdin
 
     def write_stdin(self, text: str) -> None:
-        """Queue input for the program; raises if it can no longer take any."""
+        """Queue input for the program.
+
+        Input for a program that has closed its stdin or exited is dropped: the
+        client sent it before it could know (input crossing the program's end).
+        Raises ``StdinError`` after the client's own eof and when the program
+        has stopped reading while input piles up.
+        """
         if self._stdin_eof:
             raise StdinError("the program's input was already ended (eof)")
         if self._stdin_closed or self.exited:
-            raise StdinError("the program has finished reading input (its stdin is closed)")
+            log.debug("dropped %d characters of input: the program is ending", len(text))
+            return
         if len(self._stdin_buffer) > STDIN_BACKLOG_LIMIT:
             raise StdinError(
                 f"the program is not reading its input: {len(self._stdin_buffer)} bytes are waiting"

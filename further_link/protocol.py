@@ -236,7 +236,12 @@ def _parse_upload(data: dict[str, Any]) -> UploadCommand:
             + ("" if directory is None else f", not {_kind_of(directory)}")
         )
     name = _required_str(directory, "name", "upload", prefix="data.directory.")
-    files_in = directory.get("files", {})
+    if "files" not in directory:
+        raise ProtocolError(
+            "upload needs data.directory.files, an object of alias -> file "
+            "({} for an empty directory)"
+        )
+    files_in = directory["files"]
     if not isinstance(files_in, dict):
         raise ProtocolError(
             f"upload: data.directory.files must be an object of alias -> file, "

@@ -1,20 +1,19 @@
 """aiohttp glue for the v5 ``GET /run`` websocket (today's Further IDE).
 
-The same checks as ``/run-py`` (origin, then token, before the upgrade), one
-``RunSession`` and one ``Outbox`` per socket; what messages mean is
-protocol_run.py and run_session.py.
+The same checks as ``/run-py`` (origin, then token, before the upgrade) and
+the same message loop (server.serve_connection), with one ``RunSession`` and
+one ``Outbox`` per socket; what messages mean is protocol_run.py and
+run_session.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from .access import check_origin, check_token
 from .config import Config
@@ -28,13 +27,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Wiring:
-    """What server.py shares with this route (its app keys and helpers)."""
+    """What server.py shares with this route: its app keys, websocket class and message loop."""
 
     config: web.AppKey[Config]
     services: web.AppKey[Services]
-    connections: web.AppKey[dict[Any, Any]]
-    websocket: Callable[..., web.WebSocketResponse]
-    send_events: Callable[[web.WebSocketResponse, Outbox], Awaitable[None]]
+    websocket: Callable[..., Any]
+    serve: Callable[[web.Request, Any, RunSession, Outbox], Awaitable[None]]
 
 
 def setup_run_api(app: web.Application, wiring: Wiring) -> None:
@@ -50,29 +48,13 @@ async def _serve_run(request: web.Request, wiring: Wiring) -> web.WebSocketRespo
     app = request.app
     config = app[wiring.config]
     options = parse_options(request.query)
-    ws = wiring.websocket(max_msg_size=config.max_message_bytes, heartbeat=config.heartbeat or None)
+    ws: web.WebSocketResponse = wiring.websocket(
+        max_msg_size=config.max_message_bytes, heartbeat=config.heartbeat or None
+    )
     await ws.prepare(request)
     outbox = Outbox(
         config.output_queue_bytes, encode=lambda event: encode_run_event(event, options.client)
     )
-    session = RunSession(app[wiring.services], outbox, options)
-    app[wiring.connections][session] = ws
-    writer = asyncio.ensure_future(wiring.send_events(ws, outbox))
-    log.debug("/run client connected from %s (pty=%s)", request.remote, options.pty)
-    try:
-        async for message in ws:
-            if message.type is WSMsgType.TEXT:
-                await session.receive(message.data)
-            elif message.type is WSMsgType.BINARY:
-                session.receive_binary()
-            elif message.type is WSMsgType.ERROR:
-                log.info("closed the connection from %s: %s", request.remote, message.data)
-    finally:
-        app[wiring.connections].pop(session, None)
-        await session.close()
-        outbox.close()
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
-        log.debug("/run client from %s disconnected", request.remote)
+    log.debug("/run options: pty=%s, client id of %d characters", options.pty, len(options.client))
+    await wiring.serve(request, ws, RunSession(app[wiring.services], outbox, options), outbox)
     return ws

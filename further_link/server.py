@@ -12,6 +12,7 @@ import shutil
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -23,9 +24,12 @@ from .config import Config
 from .control import serve_control
 from .device import setup_device
 from .further_http import setup_further_http
+from .interpreter import check_interpreter
 from .launch import prepare_library_dir, program_env
+from .liveness import bytes_acked, made_progress
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
+from .project import remove_stale_scripts
 from .run_ws import Wiring, setup_run_api
 from .session import Services, Session
 from .upload import UrlCache
@@ -70,6 +74,36 @@ class RunPyWebSocket(web.WebSocketResponse):
             ).encode()
         return await super().close(code=code, message=message, drain=drain)
 
+    # aiohttp's heartbeat (its private hooks, present since 3.9): a ping is
+    # answered late when it waits behind a flood the client is still reading.
+    _acked_at_ping: int | None = None
+
+    def _send_heartbeat(self) -> None:
+        self._acked_at_ping = bytes_acked(self.get_extra_info("socket"))
+        super()._send_heartbeat()
+
+    def _pong_not_received(self) -> None:
+        if made_progress(self._acked_at_ping, bytes_acked(self.get_extra_info("socket"))):
+            log.debug("a ping is still behind output the client is reading; waiting longer")
+            self._reset_heartbeat()
+            return
+        super()._pong_not_received()
+
+    def over_the_limit(self, data: str | bytes) -> bool:
+        """Whether a received message is too big although aiohttp let it through.
+
+        aiohttp refuses an uncompressed message of ``max_msg_size`` bytes or
+        more, but a permessage-deflate one only when it inflates to more: this
+        makes the limit the same with and without compression.
+        """
+        limit = self._max_msg_size
+        if not limit or not self.compress:
+            return False
+        if isinstance(data, bytes) or len(data) >= limit:
+            return len(data) >= limit
+        # UTF-8 takes 1 to 4 bytes per character: count only when it matters.
+        return len(data) * 4 >= limit and len(data.encode("utf-8", "surrogatepass")) >= limit
+
 
 async def run_py(request: web.Request) -> web.WebSocketResponse:
     check_origin(request)
@@ -79,12 +113,34 @@ async def run_py(request: web.Request) -> web.WebSocketResponse:
     ws = RunPyWebSocket(max_msg_size=config.max_message_bytes, heartbeat=config.heartbeat or None)
     await ws.prepare(request)
     outbox = Outbox(config.output_queue_bytes)
-    session = Session(app[SERVICES], outbox)
+    await serve_connection(request, ws, Session(app[SERVICES], outbox), outbox)
+    return ws
+
+
+class Connection(Protocol):
+    """What a websocket's session is to this glue: /run-py's Session, /run's RunSession."""
+
+    async def receive(self, text: str) -> None: ...
+    def receive_binary(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+async def serve_connection(
+    request: web.Request, ws: RunPyWebSocket, session: Connection, outbox: Outbox
+) -> None:
+    """Feed the client's messages to ``session`` until the socket ends, then end it all."""
+    app = request.app
     app[CONNECTIONS][session] = ws
     writer = asyncio.ensure_future(_send_events(ws, outbox))
-    log.debug("client connected from %s", request.remote)
+    log.debug("client connected from %s to %s", request.remote, request.path)
     try:
         async for message in ws:
+            if message.type in (WSMsgType.TEXT, WSMsgType.BINARY) and ws.over_the_limit(
+                message.data
+            ):
+                log.info("closed the connection from %s: message over the limit", request.remote)
+                await ws.close(code=WSCloseCode.MESSAGE_TOO_BIG)
+                break
             if message.type is WSMsgType.TEXT:
                 await session.receive(message.data)
             elif message.type is WSMsgType.BINARY:
@@ -99,7 +155,6 @@ async def run_py(request: web.Request) -> web.WebSocketResponse:
         with contextlib.suppress(asyncio.CancelledError):
             await writer
         log.debug("client from %s disconnected", request.remote)
-    return ws
 
 
 async def _send_events(ws: web.WebSocketResponse, outbox: Outbox) -> None:
@@ -115,9 +170,11 @@ async def _send_events(ws: web.WebSocketResponse, outbox: Outbox) -> None:
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    await check_interpreter(config.python, config.run_as)
     # Orphans of programs (double-forked daemons) become ours, to kill and reap.
     proctree.become_subreaper()
     _prepare_work_dir(config)
+    remove_stale_scripts(config.work_dir)
     library_dir = prepare_library_dir()
     http = aiohttp.ClientSession()
     pool = _start_pool(config, library_dir)
@@ -253,7 +310,7 @@ def create_app(
     app.router.add_get("/status", status)
     app.router.add_get("/version", version)
     app.router.add_get("/run-py", run_py)
-    setup_run_api(app, Wiring(CONFIG, SERVICES, CONNECTIONS, RunPyWebSocket, _send_events))
+    setup_run_api(app, Wiring(CONFIG, SERVICES, RunPyWebSocket, serve_connection))
     app.router.add_post("/upload", make_upload_handler(SERVICES))
     setup_further_http(app)
     setup_webpage(app)

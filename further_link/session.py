@@ -28,10 +28,11 @@ from typing import Any
 from . import protocol
 from .config import Config
 from .errors import FurtherLinkError, ProtocolError, SessionStateError, StartError, UploadError
-from .launch import SOCKET_NAME, plan_program
+from .launch import SOCKET_NAME, Plan, plan_program
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
 from .process import Launcher, Program, cold_launch
+from .project import ProjectScript
 from .protocol import (
     Command,
     ErrorEvent,
@@ -80,7 +81,14 @@ class Run:
     program: Program
     channel: SideChannel
     run_dir: Path
+    project_script: ProjectScript | None = None
     task: asyncio.Task[None] | None = None
+
+    def remove_files(self) -> None:
+        """Remove what the run wrote: its private dir and its script in the project."""
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.project_script is not None:
+            self.project_script.remove()
 
 
 class Session:
@@ -92,6 +100,7 @@ class Session:
         self._run: Run | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._ran = False  # a program has run on this connection (late input is dropped)
 
     # ------------------------------------------------------------ inbound
 
@@ -137,10 +146,11 @@ class Session:
             run_dir = Path(tempfile.mkdtemp(prefix="further-link-run-"))
         except OSError as exc:
             raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
+        plan: Plan | None = None
         try:
-            spec = plan_program(command, self._config, self._services.library_dir, run_dir)
+            plan = plan_program(command, self._config, self._services.library_dir, run_dir)
             program = Program(
-                spec, self._deliver_output, self._config.kill_grace, self._services.launcher
+                plan.spec, self._deliver_output, self._config.kill_grace, self._services.launcher
             )
             run = Run(
                 program,
@@ -150,6 +160,7 @@ class Session:
                     self._config.max_message_bytes,
                 ),
                 run_dir,
+                plan.project_script,
             )
             await run.channel.start()
             try:
@@ -157,15 +168,17 @@ class Session:
             except BaseException:
                 await run.channel.close()
                 raise
-        except OSError as exc:
-            # E.g. another program (same account) changed the run dir under us.
+        except BaseException as exc:
             shutil.rmtree(run_dir, ignore_errors=True)
-            where = f" ({exc.filename})" if exc.filename else ""
-            raise StartError(f"could not prepare the run: {exc.strerror}{where}") from None
-        except BaseException:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            if plan is not None and plan.project_script is not None:
+                plan.project_script.remove()
+            if isinstance(exc, OSError):
+                # E.g. another program (same account) changed the run dir under us.
+                where = f" ({exc.filename})" if exc.filename else ""
+                raise StartError(f"could not prepare the run: {exc.strerror}{where}") from None
             raise
         self._run = run
+        self._ran = True
         self.state = State.RUNNING
         self.outbox.put(Started())
         run.task = asyncio.ensure_future(self._supervise(run))
@@ -176,7 +189,7 @@ class Session:
             code = await run.program.wait()
             await run.channel.close()
         finally:
-            shutil.rmtree(run.run_dir, ignore_errors=True)
+            run.remove_files()
         self._run = None
         self.state = State.IDLE
         self.outbox.put(Stopped(code))
@@ -208,6 +221,11 @@ class Session:
                 self._run.program.close_stdin()
             return
         if self._run is None:
+            if self._ran:
+                # Sent before the client saw `stopped`, as a learner typing while
+                # the program ends does; the 2020 server dropped it silently too.
+                log.debug("dropped input that arrived after the program ended")
+                return
             raise SessionStateError("no program is running to read this input")
         self._run.program.write_stdin(command.input)
         if command.eof:
@@ -251,7 +269,7 @@ class Session:
                     await run.task
             await run.program.abort()
             await run.channel.close()
-            shutil.rmtree(run.run_dir, ignore_errors=True)
+            run.remove_files()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -32,14 +32,13 @@ TIMEOUT = 30.0
 
 # CI runs the suite as root, and the server never runs programs as root: then
 # the server is the real `further-link serve`, started as root, which drops to
-# `nobody` before serving and runs programs as itself with the system's Python
-# (whose numpy and Pillow `make test` installs from Debian). As any other
-# user, the server runs in-process and programs run as that user.
+# `nobody` before serving and runs programs as itself with the default
+# interpreter, the system's /usr/bin/python3 (whose numpy and Pillow `make
+# test` installs from Debian). As any other user, the server runs in-process
+# and programs run as that user.
 AS_ROOT = os.geteuid() == 0
 PROGRAM_USER = "nobody" if AS_ROOT else pwd.getpwuid(os.geteuid()).pw_name
-PROGRAM_SETTINGS: dict[str, str] = (
-    {"FURTHER_LINK_USER": "nobody", "FURTHER_LINK_PYTHON": "/usr/bin/python3"} if AS_ROOT else {}
-)
+PROGRAM_SETTINGS: dict[str, str] = {"FURTHER_LINK_USER": "nobody"} if AS_ROOT else {}
 # Every process that serves in this test run: this one (in-process servers) and
 # the server processes, so tests can tell whether a server adopted or reaped a process.
 SERVER_PIDS: set[int] = {os.getpid()}
@@ -208,6 +207,17 @@ def program_home(sandbox: Path) -> Path:
     return home
 
 
+def give_to_program_user(path: Path) -> None:
+    """Make ``path`` and everything below it the program user's, as its own files would be.
+
+    A server that dropped root (or any server) acts as that user, so files a
+    test puts in the work dir for programs must belong to it.
+    """
+    entry = pwd.getpwnam(PROGRAM_USER)
+    for item in [path, *path.rglob("*")]:
+        os.lchown(item, entry.pw_uid, entry.pw_gid)
+
+
 def server_environ(sandbox: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment test servers start with (and programs inherit)."""
     environ = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(sandbox)}
@@ -243,6 +253,7 @@ SETTING_VARIABLES = {
     "cert_file": "FURTHER_LINK_CERT",
     "key_file": "FURTHER_LINK_KEY",
     "kill_grace": "FURTHER_LINK_KILL_GRACE",
+    "x11_socket_dir": "FURTHER_LINK_X11_SOCKET_DIR",
 }
 
 

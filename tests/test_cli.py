@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import re
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from further_link.config import DEFAULT_PORT, load_config
 from further_link.errors import ConfigError
 
-from conftest import PROGRAM_SETTINGS, alive, program_home, sleeper_script
+from conftest import AS_ROOT, PROGRAM_SETTINGS, alive, program_home, sleeper_script
 
 LISTENING = re.compile(r"listening on [^ ]+:(\d+)")
 
@@ -198,3 +199,63 @@ def test_config_rejects_bad_ports_and_hosts() -> None:
 def test_config_rejects_half_a_certificate() -> None:
     with pytest.raises(ConfigError, match="both a certificate and a key"):
         load_config(environ={"FURTHER_LINK_CERT": "/x.pem", **PROGRAM_SETTINGS})
+
+
+async def test_plain_start_runs_programs_with_the_system_python_and_its_numpy(
+    spawned: ServerProcess, sandbox: Path
+) -> None:
+    """The server runs from its virtualenv; programs get Debian's python3 and its packages."""
+    assert sys.prefix != "/usr"  # the server's own interpreter is the project's virtualenv
+    script = (
+        "import sys, numpy, further_link\n"
+        "print(sys.executable, numpy.__file__, int(numpy.arange(5).sum()))\n"
+    )
+    token = (sandbox / "config" / "further-link" / "token").read_text().strip()
+    url = f"http://127.0.0.1:{spawned.port}/run-py?token={token}"
+    output, stopped = "", None
+    async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+        await ws.send_str(json.dumps({"type": "start", "data": {"sourceScript": script}}))
+        for _ in range(100):
+            message = json.loads((await ws.receive(timeout=30)).data)
+            if message["type"] == "stopped":
+                stopped = message["data"]["exitCode"]
+                break
+            output += message["data"].get("output", "")
+    assert stopped == 0, output
+    executable, numpy_file, total = output.split()
+    assert executable == "/usr/bin/python3"
+    assert numpy_file.startswith("/usr/lib/python3/dist-packages/numpy/")
+    assert total == "10"
+
+
+def test_an_interpreter_the_program_user_cannot_run_stops_the_start(
+    sandbox: Path, server_env: dict[str, str]
+) -> None:
+    private = sandbox / "private"
+    private.mkdir(mode=0o700)
+    if AS_ROOT:
+        # A checkout under /root: the program account cannot even reach it.
+        python = private / "python3"
+        python.symlink_to("/usr/bin/python3")
+        account = "nobody"
+    else:
+        python = private / "python3"
+        python.write_text("#!/bin/sh\n")
+        python.chmod(0o644)  # not executable
+        account = pwd.getpwuid(os.getuid()).pw_name
+    env = dict(server_env, FURTHER_LINK_PYTHON=str(python), FURTHER_LINK_PORT="0")
+    env.update(FURTHER_LINK_NOSSL="1", FURTHER_LINK_WORK_DIR=str(sandbox / "w"))
+    out = subprocess.run(
+        [sys.executable, "-m", "further_link", "--host", "127.0.0.1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert "listening on" not in out.stderr
+    assert (
+        f"programs would run with {python} as {account!r}, but {account!r} cannot run it "
+        "(Permission denied); set FURTHER_LINK_PYTHON (or FURTHER_VENV)"
+    ) in out.stderr

@@ -123,6 +123,7 @@ def test_upload_with_text_and_url_files() -> None:
         ('{"type": "stdin", "data": {"input": "\\ud800"}}', "lone surrogate"),
         ('{"type": "upload", "data": {}}', "upload needs data.directory"),
         ('{"type": "upload", "data": {"directory": {"files": {}}}}', "data.directory.name"),
+        ('{"type": "upload", "data": {"directory": {"name": "x"}}}', "data.directory.files"),
         (
             '{"type": "upload", "data": {"directory": {"name": "d", "files": []}}}',
             "files must be an object",
