@@ -50,16 +50,16 @@ class ProgramAccount:
                 return cls(name, entry.pw_uid, entry.pw_gid, groups)
         raise KeyError(", ".join(names))
 
+    def spawn_arguments(self) -> dict[str, object]:
+        """What ``create_subprocess_exec`` needs to start a process as this account."""
+        return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
+
 
 async def spawn_hello(
     python: str, script: Path, cwd: Path, account: ProgramAccount | None = None
 ) -> float:
     """Seconds from spawning ``python -u script`` to its exit, output read to the end."""
-    switch = (
-        {"user": account.uid, "group": account.gid, "extra_groups": list(account.groups)}
-        if account is not None
-        else {}
-    )
+    switch = account.spawn_arguments() if account is not None else {}
     began = time.perf_counter()
     process = await asyncio.create_subprocess_exec(
         python,

@@ -107,7 +107,8 @@ async def running_server(
         work_dir = home / "work"
         config_dir = Path(scratch) / "config"
         log_path = Path(scratch) / "server.log"
-        env = {**os.environ, **settings}
+        # Every benchmark client comes from 127.0.0.1: lift the per-address connection cap.
+        env = {**os.environ, "FURTHER_LINK_MAX_CONNECTIONS_PER_ADDRESS": "1024", **settings}
         with open(log_path, "wb") as log_file:
             process = await asyncio.create_subprocess_exec(
                 python,

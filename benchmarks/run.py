@@ -35,6 +35,7 @@ from bench_concurrency import bench_concurrency
 from bench_flood import bench_flood
 from bench_footprint import bench_footprint
 from bench_latency import bench_latency
+from bench_preload import bench_preload
 from bench_run_v5 import bench_run_v5
 from bench_stdin import bench_stdin
 from bench_throughput import bench_throughput
@@ -51,6 +52,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "flood": bench_flood,
     "footprint": bench_footprint,
     "run-v5": bench_run_v5,
+    "preload": bench_preload,
 }
 # As root, programs run as another account that cannot read a virtualenv kept
 # under /root; then they get the system's interpreter, as in the test suite.

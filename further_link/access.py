@@ -7,35 +7,64 @@ turns refusals into HTTP answers *before* any websocket upgrade.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable
-from typing import Callable
+from typing import Any, Callable
 
 from aiohttp import web
 
 from .auth import (
     COOKIE_NAME,
-    PairingLimiter,
-    PairingLocked,
     TokenStore,
     code_is_valid,
     normalise_origin,
     origin_allowed,
     origin_listed,
+    pairing_code,
 )
 from .config import Config
+from .errors import excerpt, shorten
+from .hostnames import OwnNames
+from .pairing import PairingGuard, PairingSpent
 
 log = logging.getLogger(__name__)
 
 TOKENS = web.AppKey("tokens", TokenStore)
-LIMITER = web.AppKey("pairing_limiter", PairingLimiter)
+GUARD = web.AppKey("pairing_guard", PairingGuard)
+NAMES = web.AppKey("own_names", OwnNames)
 ACCESS_CONFIG = web.AppKey("access_config", Config)
+# Routes any page and any name may read: they say only that a server is here.
+OPEN_PATHS = frozenset({"/status", "/version"})
+MAX_PAIR_BODY = 4096
+
+
+@web.middleware
+async def check_host(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """421 before anything else unless ``Host`` is one of this device's own names."""
+    if request.path not in OPEN_PATHS and not request.app[NAMES].allows(request.host):
+        log.info("refused a request for host %s from %s", excerpt(request.host), request.remote)
+        raise web.HTTPMisdirectedRequest(
+            text=(
+                f"this device does not answer to the name {excerpt(request.host)}; use its own "
+                "name or address, or add the name to FURTHER_LINK_HOSTS\n"
+            )
+        )
+    return await handler(request)
 
 
 def own_origins(request: web.Request) -> list[str]:
-    """The origin(s) of pages this server itself serves."""
-    return [f"{request.scheme}://{request.host}"]
+    """The origins of pages this server itself serves: its own names, never ``Host`` as sent."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    port = sockname[1] if sockname else None
+    suffix = f":{port}" if port else ""
+    return [
+        f"{request.scheme}://{f'[{name}]' if ':' in name else name}{suffix}"
+        for name in request.app[NAMES].current()
+    ]
 
 
 def check_origin(request: web.Request) -> None:
@@ -43,9 +72,12 @@ def check_origin(request: web.Request) -> None:
     origin = request.headers.get("Origin")
     config = request.app[ACCESS_CONFIG]
     if not origin_allowed(origin, own_origins(request), config.origins):
-        log.warning("refused a request from origin %s (%s)", origin, request.remote)
+        log.warning("refused a request from origin %s (%s)", excerpt(origin), request.remote)
         raise web.HTTPForbidden(
-            text=f"origin {origin} may not use this device; add it to FURTHER_LINK_ORIGINS\n"
+            text=(
+                f"origin {shorten(origin or '')} may not use this device; "
+                "add it to FURTHER_LINK_ORIGINS\n"
+            )
         )
 
 
@@ -112,37 +144,92 @@ def preflight(methods: str, headers: str) -> Callable[[web.Request], Awaitable[w
 
 
 async def pair(request: web.Request) -> web.Response:
-    """Exchange the pairing code shown on the device for the device token."""
+    """Exchange the pairing code shown on the device (or the token itself) for the cookie.
+
+    Wrong codes spend a device-wide budget (pairing.py): a code is judged
+    only once its whole body has arrived, one at a time, whoever sends it.
+    """
     check_origin(request)
     headers = cors_headers(request)
-    limiter = request.app[LIMITER]
-    address = request.remote or "unknown"
-    try:
-        limiter.check(address)
-    except PairingLocked as locked:
-        seconds = max(1, round(locked.seconds_left))
-        headers["Retry-After"] = str(seconds)
-        return _error(429, f"too many wrong codes; try again in {seconds} s", headers)
-    try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return _error(400, 'send JSON like {"code": "123456"}', headers)
-    code = body.get("code") if isinstance(body, dict) else None
-    if isinstance(code, int):
-        code = f"{code:06d}"
-    if not isinstance(code, str) or not code.strip():
-        return _error(400, 'send JSON like {"code": "123456"}', headers)
+    body = await _read_pair_body(request, headers)
+    if isinstance(body, web.Response):
+        return body
     tokens = request.app[TOKENS]
     token = tokens.current()
-    if not code_is_valid(token, code.strip()):
-        left = limiter.wrong(address)
-        log.info("wrong pairing code from %s (%d tries left)", address, left)
-        message = "wrong pairing code" + (
-            f"; {left} tries left before a one-minute lock" if left else "; locked for a minute"
+    if "token" in body:
+        # The person at the device may always pair with `further-link token`'s token;
+        # a guess has no chance (2**192), so it spends nothing.
+        if not isinstance(body["token"], str) or not tokens.matches(body["token"].strip()):
+            log.info("wrong token sent to /pair from %s", request.remote)
+            return _error(403, "wrong token; `further-link token` on the device shows it", headers)
+        return _paired(request, token, headers)
+    code = body.get("code")
+    if isinstance(code, int) and not isinstance(code, bool) and 0 <= code < 10**9:
+        code = f"{code:09d}"
+    if not isinstance(code, str) or not code.strip():
+        return _error(400, PAIR_USAGE, headers)
+    guard = request.app[GUARD]
+    try:
+        async with guard.judging():
+            if code_is_valid(token, code, generation=guard.generation):
+                guard.succeeded()
+                return _paired(request, token, headers)
+            changed = await guard.wrong()
+    except PairingSpent as spent:
+        seconds = max(1, round(spent.seconds_left))
+        headers["Retry-After"] = str(seconds)
+        return _error(
+            429,
+            f"too many wrong codes on this device; try again in {seconds} s, or pair with the "
+            "token that `further-link token` shows on the device",
+            headers,
         )
-        return _error(403, message, headers)
-    limiter.succeeded(address)
-    log.info("paired a client at %s", address)
+    log.info("wrong pairing code from %s", request.remote)
+    if changed:
+        new = pairing_code(token, generation=guard.generation)
+        log.warning(
+            "too many wrong pairing codes: the pairing code is now %s (valid for %d s)",
+            new.shown,
+            new.seconds_left(),
+        )
+        return _error(403, "wrong pairing code; the device now shows a new code", headers)
+    return _error(403, "wrong pairing code", headers)
+
+
+PAIR_USAGE = 'send JSON like {"code": "123456789"}'
+
+
+async def _read_pair_body(
+    request: web.Request, headers: dict[str, str]
+) -> dict[str, Any] | web.Response:
+    """The parsed JSON object, or the 4xx answer for anything else (never a 500)."""
+    if request.content_length is not None and request.content_length > MAX_PAIR_BODY:
+        return _error(413, f"the body is over {MAX_PAIR_BODY} bytes; {PAIR_USAGE}", headers)
+    timeout = request.app[ACCESS_CONFIG].header_timeout
+    try:
+        # The connection's header clock stops while a request is handled: the body has its own.
+        raw = await asyncio.wait_for(request.content.read(MAX_PAIR_BODY + 1), timeout)
+    except asyncio.TimeoutError:
+        return _error(408, f"the body did not arrive within {timeout:g} s", headers)
+    except (ConnectionError, ValueError) as exc:
+        # aiohttp reports a broken chunked body or a body cut short as these.
+        return _error(
+            400, f"the body could not be read ({type(exc).__name__}); {PAIR_USAGE}", headers
+        )
+    if len(raw) > MAX_PAIR_BODY:
+        return _error(413, f"the body is over {MAX_PAIR_BODY} bytes; {PAIR_USAGE}", headers)
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        # ValueError covers bad JSON, bad UTF-8 and numbers too long to convert.
+        return _error(400, PAIR_USAGE, headers)
+    if not isinstance(body, dict):
+        return _error(400, PAIR_USAGE, headers)
+    return body
+
+
+def _paired(request: web.Request, token: str, headers: dict[str, str]) -> web.Response:
+    log.info("paired a client at %s", request.remote)
     response = web.json_response({"token": token}, headers=headers)
     response.set_cookie(
         COOKIE_NAME,
@@ -170,7 +257,9 @@ def _error(status: int, message: str, headers: dict[str, str]) -> web.Response:
 def setup_access(app: web.Application, config: Config, tokens: TokenStore) -> None:
     app[ACCESS_CONFIG] = config
     app[TOKENS] = tokens
-    app[LIMITER] = PairingLimiter()
+    app[GUARD] = PairingGuard(config.config_dir)
+    app[NAMES] = OwnNames(config.hosts)
+    app.middlewares.append(check_host)
     app.router.add_post("/pair", pair)
     app.router.add_delete("/pair", unpair)
     app.router.add_route("OPTIONS", "/pair", preflight("POST, DELETE", "Content-Type"))

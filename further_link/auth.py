@@ -2,9 +2,10 @@
 
 The token is a random secret kept in the config dir (mode 0600). A person
 proves they can see the device by typing its pairing code, which is derived
-from the token and the current 10-minute window (like a TOTP), so the server
-and ``further-link token`` agree on it without sharing state, and rotating the
-token changes every code. Wrong codes are rate-limited per client address.
+from the token, the current 10-minute window (like a TOTP) and the code's
+generation (raised when wrong codes spent a code, see pairing.py), so the
+server and ``further-link token`` agree on it, and rotating the token changes
+every code.
 Nothing here touches sockets.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 import time
 from collections.abc import Iterable
@@ -21,15 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .secretfile import write_secret
+
 log = logging.getLogger(__name__)
 
 TOKEN_FILE = "token"
 CODE_WINDOW_SECONDS = 600
-CODE_DIGITS = 6
+# Nine digits: README's pairing arithmetic needs 10**9 codes (shown as 123-456-789).
+CODE_DIGITS = 9
 # A code read just before its window ends is still accepted this long after.
 CODE_GRACE_SECONDS = 60
-MAX_WRONG_CODES = 5
-LOCK_SECONDS = 60.0
 COOKIE_NAME = "further_link_token"
 
 
@@ -82,92 +83,61 @@ class TokenStore:
         while token.startswith("-"):  # it is typed after --token on command lines
             token = secrets.token_urlsafe(24)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        partial = self.path.with_name(self.path.name + ".partial")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(token + "\n")
-        os.replace(partial, self.path)
+        write_secret(self.path, (token + "\n").encode("ascii"))
         self._cached = None
         return token
 
     def matches(self, candidate: str | None) -> bool:
         if not candidate:
             return False
-        return hmac.compare_digest(candidate.encode(), self.current().encode())
+        # "replace": a client's lone surrogate is a wrong token, not a crash.
+        return hmac.compare_digest(candidate.encode("utf-8", "replace"), self.current().encode())
 
 
 @dataclass(frozen=True)
 class PairingCode:
-    code: str
+    code: str  # CODE_DIGITS digits
     expires_at: float  # unix time
+
+    @property
+    def shown(self) -> str:
+        """The code in groups of three, as people read it: ``123-456-789``."""
+        return "-".join(self.code[i : i + 3] for i in range(0, len(self.code), 3))
 
     def seconds_left(self, now: float | None = None) -> int:
         return max(0, int(self.expires_at - (time.time() if now is None else now)))
 
 
-def pairing_code(token: str, now: float | None = None) -> PairingCode:
-    """The code for the window containing ``now``."""
+def pairing_code(token: str, now: float | None = None, generation: int = 0) -> PairingCode:
+    """The code for the window containing ``now`` (unix time) and ``generation``."""
     now = time.time() if now is None else now
     window = int(now // CODE_WINDOW_SECONDS)
-    return PairingCode(_code_for(token, window), (window + 1) * CODE_WINDOW_SECONDS)
+    return PairingCode(_code_for(token, window, generation), (window + 1) * CODE_WINDOW_SECONDS)
 
 
-def _code_for(token: str, window: int) -> str:
-    digest = hmac.new(token.encode(), window.to_bytes(8, "big"), hashlib.sha256).digest()
+def _code_for(token: str, window: int, generation: int) -> str:
+    message = window.to_bytes(8, "big") + generation.to_bytes(8, "big")
+    digest = hmac.new(token.encode(), message, hashlib.sha256).digest()
     number = int.from_bytes(digest[:8], "big") % 10**CODE_DIGITS
     return f"{number:0{CODE_DIGITS}d}"
 
 
-def code_is_valid(token: str, candidate: str, now: float | None = None) -> bool:
+def normalise_code(candidate: str) -> str:
+    """What a person typed, without the spaces and dashes they may group it with."""
+    return "".join(ch for ch in candidate if ch not in " -\t")
+
+
+def code_is_valid(
+    token: str, candidate: str, now: float | None = None, generation: int = 0
+) -> bool:
+    """True for this window's code, or the last window's within the grace period."""
     now = time.time() if now is None else now
     window = int(now // CODE_WINDOW_SECONDS)
-    valid = [_code_for(token, window)]
+    valid = [_code_for(token, window, generation)]
     if now - window * CODE_WINDOW_SECONDS < CODE_GRACE_SECONDS:
-        valid.append(_code_for(token, window - 1))
-    return any(hmac.compare_digest(candidate.encode(), code.encode()) for code in valid)
-
-
-class PairingLocked(Exception):
-    def __init__(self, seconds_left: float) -> None:
-        super().__init__(f"locked for {seconds_left:.0f} s")
-        self.seconds_left = seconds_left
-
-
-class PairingLimiter:
-    """Counts wrong codes per client address; locks an address for a minute after five."""
-
-    def __init__(
-        self, max_wrong: int = MAX_WRONG_CODES, lock_seconds: float = LOCK_SECONDS
-    ) -> None:
-        self._max_wrong = max_wrong
-        self._lock_seconds = lock_seconds
-        self._wrong: dict[str, int] = {}
-        self._locked_until: dict[str, float] = {}
-
-    def check(self, address: str, now: float | None = None) -> None:
-        """Raise ``PairingLocked`` while ``address`` is locked out."""
-        now = time.monotonic() if now is None else now
-        until = self._locked_until.get(address)
-        if until is None:
-            return
-        if now < until:
-            raise PairingLocked(until - now)
-        del self._locked_until[address]
-        self._wrong.pop(address, None)
-
-    def wrong(self, address: str, now: float | None = None) -> int:
-        """Record a wrong code; returns how many tries are left before the lock."""
-        now = time.monotonic() if now is None else now
-        count = self._wrong.get(address, 0) + 1
-        self._wrong[address] = count
-        if count >= self._max_wrong:
-            self._locked_until[address] = now + self._lock_seconds
-            log.warning("pairing locked for %s after %d wrong codes", address, count)
-            return 0
-        return self._max_wrong - count
-
-    def succeeded(self, address: str) -> None:
-        self._wrong.pop(address, None)
+        valid.append(_code_for(token, window - 1, generation))
+    typed = normalise_code(candidate).encode("utf-8", "replace")
+    return any(hmac.compare_digest(typed, code.encode()) for code in valid)
 
 
 def normalise_origin(origin: str) -> str:

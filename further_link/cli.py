@@ -18,11 +18,14 @@ from typing import Callable
 from aiohttp import web
 
 from . import PACKAGE_VERSION, __version__
+from .access import GUARD
 from .auth import TokenStore, pairing_code
 from .client import add_client_commands
 from .config import Config, load_config, resolve_config_dir
-from .control import bind_control_socket, notify_servers
+from .control import bind_control_socket, current_generation, notify_servers
 from .errors import FurtherLinkError
+from .netguard import GuardedSite, raise_fd_limit
+from .pairing import PairingGuard
 from .privsep import drop_privileges
 from .server import bind_listener, create_app
 from .service import add_service_command
@@ -54,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--key", help="TLS private key file (env FURTHER_LINK_KEY)")
     serve.add_argument("--user", help="account programs run as, when started as root")
     serve.add_argument("--config-dir", help="where the certificate and token are kept")
+    serve.add_argument(
+        "--pool-preload",
+        metavar="MODULES",
+        help="modules waiting interpreters import ahead, e.g. numpy,PIL.Image, or none "
+        "(env FURTHER_LINK_POOL_PRELOAD; default by memory)",
+    )
     serve.add_argument(
         "--no-auth",
         action="store_true",
@@ -107,6 +116,7 @@ def _serve_command(args: argparse.Namespace) -> int:
         user=args.user,
         config_dir=args.config_dir,
         no_auth=args.no_auth or None,
+        pool_preload=args.pool_preload,
     )
     try:
         asyncio.run(serve(config))
@@ -120,7 +130,7 @@ def _token_command(args: argparse.Namespace) -> int:
     config_dir = resolve_config_dir(os.environ, args.config_dir)
     store = TokenStore(config_dir)
     token = store.rotate() if args.rotate else store.load_or_create()
-    code = pairing_code(token)
+    code = pairing_code(token, generation=current_generation(config_dir))
     if args.rotate:
         print("new token created: every paired browser and client must pair again")
         # Servers that dropped root cannot re-read the file: hand it to them.
@@ -128,8 +138,8 @@ def _token_command(args: argparse.Namespace) -> int:
         if told:
             print(f"told {told} running server(s): their connections were closed")
     print(f"token: {token}")
-    print(f"pairing code: {code.code} (valid for {code.seconds_left() // 60 + 1} more minutes)")
-    print(f"connect with: ?token={token}")
+    print(f"pairing code: {code.shown} (valid for {code.seconds_left() // 60 + 1} more minutes)")
+    print("pair a browser with either: the page's pairing box takes the code or the token")
     return 0
 
 
@@ -147,6 +157,7 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     tokens = TokenStore(config.config_dir)
     ssl_context = server_ssl_context(config) if config.ssl else None
+    log.debug("open-file limit: %d", raise_fd_limit())
     listener = bind_listener(config.host, config.port)
     control = None
     run_as = config.run_as
@@ -161,7 +172,7 @@ async def serve(config: Config) -> None:
     await runner.setup()
     announcer: asyncio.Task[None] | None = None
     try:
-        site = web.SockSite(runner, listener, ssl_context=ssl_context)
+        site = GuardedSite(runner, config, ssl_context, sock=listener)
         await site.start()
         host, port = runner.addresses[0][:2]
         scheme = "https" if ssl_context else "http"
@@ -178,8 +189,9 @@ async def serve(config: Config) -> None:
         )
         _warn_about_open_doors(config)
         if config.auth:
-            log.info("connect with: %s?token=%s", url, tokens.current())
-            announcer = asyncio.ensure_future(_announce_pairing_codes(tokens))
+            # Never the token: this log is read, kept and pasted into chats.
+            log.info("pair at %s with the code below; `further-link token` shows it too", url)
+            announcer = asyncio.ensure_future(_announce_pairing_codes(tokens, app[GUARD]))
         await stop.wait()
         log.info("stopping: ending all programs")
     finally:
@@ -209,16 +221,16 @@ def _warn_about_open_doors(config: Config) -> None:
         )
 
 
-async def _announce_pairing_codes(tokens: TokenStore) -> None:
-    """Log the pairing code now and whenever it changes (new window or rotated token)."""
+async def _announce_pairing_codes(tokens: TokenStore, guard: PairingGuard) -> None:
+    """Log the pairing code now and whenever it changes (new window, rotated token, spent code)."""
     shown = ""
     while True:
         try:
-            code = pairing_code(tokens.current())
+            code = pairing_code(tokens.current(), generation=guard.generation)
         except OSError as exc:
             log.warning("cannot read the device token: %s", exc)
         else:
             if code.code != shown:
                 shown = code.code
-                log.info("pairing code: %s (valid for %d s)", code.code, code.seconds_left())
+                log.info("pairing code: %s (valid for %d s)", code.shown, code.seconds_left())
         await asyncio.sleep(PAIRING_CODE_CHECK_INTERVAL)

@@ -629,7 +629,7 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     pair = commands.add_parser(
         "pair",
         help="pair with a device using the code it shows",
-        description="Pair with a further-link device: CODE is the 6-digit pairing code "
+        description="Pair with a further-link device: CODE is the 9-digit pairing code "
         "it logs (or `further-link token` prints there). The token is kept for `run`.",
     )
     pair.add_argument("host", metavar="HOST", help="the device's name or address")

@@ -62,10 +62,24 @@ class Config:
     output_queue_bytes: int = 1 * MiB
     auth: bool = True
     pool_size: int = 2
+    # Modules waiting interpreters import ahead; a default list drops missing ones quietly.
+    pool_preload: tuple[str, ...] = ()
+    pool_preload_is_default: bool = False
     origins: tuple[str, ...] = DEFAULT_ORIGINS
     # Where X displays' sockets are (only tests look elsewhere).
     x11_socket_dir: Path = Path("/tmp/.X11-unix")
     program_env: Mapping[str, str] = field(default_factory=dict)
+    # Names besides the device's own that requests may carry in Host.
+    hosts: tuple[str, ...] = ()
+    # Hosts, addresses and CIDR networks url uploads may reach despite the policy.
+    download_allow: tuple[str, ...] = ()
+    quota_bytes: int = 1024 * MiB
+    max_connections: int = 512
+    max_connections_per_address: int = 32
+    # Seconds an unauthenticated peer may take for its TLS handshake and headers.
+    header_timeout: float = 10.0
+    # Seconds a connection's outgoing queue may stay full before the client is cut off.
+    stall_timeout: float = 60.0
     # v5 /run (Further IDE): FURTHER_LINK_AUTH=origin lets allowed origins in without a token.
     origin_auth: bool = False
     temp_dir: Path = Path("/tmp")  # default `path` of /run starts (FURTHER_LINK_TEMP_DIR)
@@ -88,6 +102,35 @@ def _flag(environ: Mapping[str, str], name: str) -> bool:
     return environ.get(name, "").strip().lower() not in _FALSE_WORDS
 
 
+# Heavy libraries learners' programs start with; preloaded only with enough memory,
+# as each waiting interpreter then holds them (numpy + Pillow: ~25 MiB each).
+DEFAULT_PRELOAD = ("numpy", "PIL.Image")
+PRELOAD_MIN_MEMORY = 1024 * MiB
+
+
+def device_memory() -> int:
+    """The machine's RAM in bytes (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+def _preload(raw: str | None) -> tuple[tuple[str, ...], bool]:
+    """``FURTHER_LINK_POOL_PRELOAD``: module names separated by commas or spaces."""
+    if raw is None:
+        default = DEFAULT_PRELOAD if device_memory() >= PRELOAD_MIN_MEMORY else ()
+        return default, True
+    names = tuple(name for name in raw.replace(",", " ").split() if name.lower() != "none")
+    for name in names:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ConfigError(
+                f"FURTHER_LINK_POOL_PRELOAD: {name[:80]!r} is not a module name "
+                "(give names such as numpy,PIL.Image)"
+            )
+    return names, False
+
+
 def _number(environ: Mapping[str, str], name: str, default: float, kind: type = int) -> Any:
     raw = environ.get(name)
     if raw is None or raw.strip() == "":
@@ -99,6 +142,10 @@ def _number(environ: Mapping[str, str], name: str, default: float, kind: type = 
     if value < 0:
         raise ConfigError(f"{name}={raw!r} must not be negative")
     return value
+
+
+def _list(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in environ.get(name, "").split(",") if item.strip())
 
 
 def resolve_run_as(requested: str | None, euid: int | None = None) -> RunAs:
@@ -188,7 +235,12 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
     if bool(cert) != bool(key):
         raise ConfigError("give both a certificate and a key (FURTHER_LINK_CERT, FURTHER_LINK_KEY)")
 
+    preload, preload_is_default = _preload(
+        overrides.pop("pool_preload", None) or env.get("FURTHER_LINK_POOL_PRELOAD")
+    )
     port = _number(env, "FURTHER_LINK_PORT", DEFAULT_PORT)
+    hosts = _list(env, "FURTHER_LINK_HOSTS")
+    download_allow = _list(env, "FURTHER_LINK_DOWNLOAD_ALLOW")
     if port > 65535:
         raise ConfigError(f"FURTHER_LINK_PORT={port} is not a port number")
 
@@ -216,8 +268,17 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
         output_queue_bytes=_number(env, "FURTHER_LINK_OUTPUT_QUEUE_BYTES", 1 * MiB),
         auth=not no_auth,
         pool_size=_number(env, "FURTHER_LINK_POOL_SIZE", 2),
+        pool_preload=preload,
+        pool_preload_is_default=preload_is_default,
         origins=origins,
         program_env=env,
+        hosts=hosts,
+        download_allow=download_allow,
+        quota_bytes=_number(env, "FURTHER_LINK_QUOTA_BYTES", 1024 * MiB),
+        max_connections=_number(env, "FURTHER_LINK_MAX_CONNECTIONS", 512),
+        max_connections_per_address=_number(env, "FURTHER_LINK_MAX_CONNECTIONS_PER_ADDRESS", 32),
+        header_timeout=_number(env, "FURTHER_LINK_HEADER_TIMEOUT", 10.0, float),
+        stall_timeout=_number(env, "FURTHER_LINK_STALL_TIMEOUT", 60.0, float),
         origin_auth=auth_mode == "origin" and not no_auth,
         temp_dir=Path(env.get("FURTHER_LINK_TEMP_DIR") or "/tmp").absolute(),
         venv=Path(venv_raw).absolute() if venv_raw else None,

@@ -11,6 +11,9 @@ the peer is root (SO_PEERCRED), so nothing else can talk to it even through
 a leaked descriptor.
 
 Wire format: the client sends ``token <TOKEN>\\n``; the server answers ``ok\\n``.
+``further-link token`` also asks ``generation\\n`` and gets ``generation <N>\\n``:
+the pairing code's generation (pairing.py), which a dropped server can no
+longer record in the root-only config dir.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Callable
 
+from .pairing import read_generation
+
 log = logging.getLogger(__name__)
 
 CONTROL_DIR = "control"
@@ -38,6 +43,7 @@ REPLY_TIMEOUT = 60.0
 TOKEN_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 TokenHandler = Callable[[str], Awaitable[None]]
+GenerationSource = Callable[[], int]
 
 
 def control_dir(config_dir: Path) -> Path:
@@ -92,8 +98,13 @@ def peer_uid(sock: socket.socket) -> int:
     return int(uid)
 
 
-async def serve_control(sock: socket.socket, on_token: TokenHandler) -> asyncio.AbstractServer:
-    """Accept rotated tokens from root on ``sock``; the returned server must be closed."""
+async def serve_control(
+    sock: socket.socket, on_token: TokenHandler, generation: GenerationSource
+) -> asyncio.AbstractServer:
+    """Accept rotated tokens from root on ``sock`` and tell it the pairing code's generation.
+
+    The returned server must be closed.
+    """
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -103,8 +114,12 @@ async def serve_control(sock: socket.socket, on_token: TokenHandler) -> asyncio.
                 return
             line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
             word, _, token = line[:MAX_LINE].decode("ascii", "replace").strip().partition(" ")
+            if word == "generation" and not token:
+                writer.write(f"generation {generation()}\n".encode("ascii"))
+                await writer.drain()
+                return
             if word != "token" or not token or not set(token) <= TOKEN_CHARACTERS:
-                writer.write(b"error: expected 'token TOKEN'\n")
+                writer.write(b"error: expected 'token TOKEN' or 'generation'\n")
                 return
             await on_token(token)
             writer.write(b"ok\n")
@@ -149,3 +164,33 @@ def notify_servers(config_dir: Path, token: str) -> int:
             if reply.strip() == b"ok":
                 told += 1
     return told
+
+
+def ask_generation(config_dir: Path) -> int | None:
+    """The highest pairing-code generation the running servers of this config dir report.
+
+    None when no server answers (then the generation file is the truth). Needs root.
+    """
+    answers: list[int] = []
+    try:
+        paths = sorted(control_dir(config_dir).glob("*.sock"))
+    except OSError:
+        return None
+    for path in paths:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(READ_TIMEOUT)
+            try:
+                sock.connect(str(path))
+                sock.sendall(b"generation\n")
+                reply = sock.recv(MAX_LINE).decode("ascii", "replace").split()
+            except OSError:
+                continue
+        if len(reply) == 2 and reply[0] == "generation" and reply[1].isdigit():
+            answers.append(int(reply[1]))
+    return max(answers) if answers else None
+
+
+def current_generation(config_dir: Path) -> int:
+    """The pairing code's generation as the device shows it: a running server's, else the file's."""
+    generation = ask_generation(config_dir)
+    return read_generation(config_dir) if generation is None else generation

@@ -24,6 +24,23 @@ caught broadly.
 
 from __future__ import annotations
 
+# Client data quoted in an answer or a log line is cut to this many characters,
+# so a 4 MiB value cannot grow every message (and the log) by 4 MiB.
+QUOTE_CHARS = 80
+
+
+def shorten(text: str) -> str:
+    """``text`` itself, or its first ``QUOTE_CHARS`` characters and ``...``."""
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "..."
+
+
+def excerpt(value: object) -> str:
+    """``repr`` of a client's value, cut to ``QUOTE_CHARS`` characters: ``'abc...'``."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= QUOTE_CHARS:
+        return repr(text) if isinstance(value, str) else text
+    return repr(text[:QUOTE_CHARS]) + f"... ({len(text)} characters)"
+
 
 class FurtherLinkError(Exception):
     """Base of all errors whose text may be shown to the client."""

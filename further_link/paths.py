@@ -2,8 +2,9 @@
 
 Checks are made on resolved real paths with ``os.path.commonpath``, never by
 comparing string prefixes, so ``work/../etc`` and symlinks that lead out are
-caught as well as plain ``..``. Every prefix of a name is checked, so a path
-that wanders out through one link and back in through another is refused too.
+caught as well as plain ``..``. Every link on the way is checked where it is
+met, so a path that wanders out through one link and back in through another
+is refused too.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import UnsafePathError
+from .errors import UnsafePathError, excerpt
 
 # Longest file name (one path component) Linux file systems accept, in bytes.
 MAX_COMPONENT_BYTES = 255
+# Longest path Linux accepts, in bytes (PATH_MAX).
+MAX_PATH_BYTES = 4096
+# Parts ("a/b/c" has three) an uploaded name may have.
+MAX_DEPTH = 64
 # Links followed on the way to a base directory before calling it a loop (as Linux does).
 MAX_LINKS = 40
 
@@ -24,27 +29,44 @@ def confine_path(base: Path, name: str, what: str, *, nested: bool = True) -> Pa
     """Return the real path of ``name`` inside ``base`` or raise ``UnsafePathError``.
 
     ``what`` names the field in the message ("upload file name"). With
-    ``nested=False`` the name must be a single path component.
+    ``nested=False`` the name must be a single path component. The walk is
+    one ``lstat`` per part (a link found on the way is resolved once), and
+    names are capped at ``MAX_DEPTH`` parts and ``MAX_PATH_BYTES`` bytes
+    before any of it, so the work grows with the name's length, not its square.
     """
     segments = _checked_segments(name, what, nested)
-    _check_links_to(base, f"{what} {name!r}")
+    _check_links_to(base, f"{what} {excerpt(name)}")
     base_real = os.path.realpath(base)
     resolved = base_real
-    for depth in range(1, len(segments) + 1):
+    for depth, segment in enumerate(segments, start=1):
+        candidate = os.path.join(resolved, segment)
+        try:
+            info = os.lstat(candidate)
+        except FileNotFoundError:
+            # Nothing below a missing directory exists yet: no link can be on the way.
+            return Path(os.path.join(resolved, *segments[depth - 1 :]))
+        except NotADirectoryError:
+            return Path(os.path.join(resolved, *segments[depth - 1 :]))
+        if not stat.S_ISLNK(info.st_mode):
+            resolved = candidate
+            continue
         prefix = "/".join(segments[:depth])
-        resolved = os.path.realpath(os.path.join(base_real, prefix))
+        resolved = os.path.realpath(candidate)
         if os.path.islink(resolved):
-            raise UnsafePathError(f"{what} {name!r} goes through {prefix!r}, a symbolic link loop")
+            raise UnsafePathError(
+                f"{what} {excerpt(name)} goes through {excerpt(prefix)}, a symbolic link loop"
+            )
         if resolved == base_real:
             raise UnsafePathError(
-                f"{what} {name!r} leads back to {base} itself: {prefix!r} is a symbolic link"
+                f"{what} {excerpt(name)} leads back to {base} itself: "
+                f"{excerpt(prefix)} is a symbolic link"
             )
         if os.path.commonpath([base_real, resolved]) != base_real:
             raise UnsafePathError(
-                f"{what} {name!r} leads outside {base}: {prefix!r} is a symbolic link "
-                "to somewhere else"
+                f"{what} {excerpt(name)} leads outside {base}: {excerpt(prefix)} is a "
+                "symbolic link to somewhere else"
             )
-    return Path(resolved)  # the whole name, resolved in the last round
+    return Path(resolved)
 
 
 def _check_links_to(base: Path, what: str) -> None:
@@ -90,26 +112,41 @@ def _checked_segments(name: str, what: str, nested: bool) -> list[str]:
     """The parts of ``name``, refusing anything that is not a plain relative name."""
     if name == "":
         raise UnsafePathError(f"{what} is empty")
+    # Caps first, in constant time: everything after is linear in what is left.
+    if len(name) > MAX_PATH_BYTES or len(name.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise UnsafePathError(
+            f"{what} {excerpt(name)} is longer than {MAX_PATH_BYTES} bytes, "
+            "which no file system accepts"
+        )
+    if name.count("/") >= MAX_DEPTH:
+        raise UnsafePathError(
+            f"{what} {excerpt(name)} has more than {MAX_DEPTH} parts; "
+            "further-link accepts folders at most that deep"
+        )
     if "\0" in name:
-        raise UnsafePathError(f"{what} {name!r} contains a NUL character")
+        raise UnsafePathError(f"{what} {excerpt(name)} contains a NUL character")
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
         raise UnsafePathError(
-            f"{what} {name!r} is not valid text (it contains a lone surrogate)"
+            f"{what} {excerpt(name)} is not valid text (it contains a lone surrogate)"
         ) from None
     if os.path.isabs(name):
-        raise UnsafePathError(f"{what} {name!r} is an absolute path; give a relative name")
+        raise UnsafePathError(f"{what} {excerpt(name)} is an absolute path; give a relative name")
     segments = name.split("/")
     if not nested and len(segments) > 1:
-        raise UnsafePathError(f"{what} {name!r} must not contain '/'")
+        raise UnsafePathError(f"{what} {excerpt(name)} must not contain '/'")
     for segment in segments:
         if segment == "..":
-            raise UnsafePathError(f"{what} {name!r} contains '..', which leaves its directory")
+            raise UnsafePathError(
+                f"{what} {excerpt(name)} contains '..', which leaves its directory"
+            )
         if segment == ".":
-            raise UnsafePathError(f"{what} {name!r} contains '.'; use a plain relative path")
+            raise UnsafePathError(f"{what} {excerpt(name)} contains '.'; use a plain relative path")
         if segment == "":
-            raise UnsafePathError(f"{what} {name!r} has an empty part ('//' or a trailing '/')")
+            raise UnsafePathError(
+                f"{what} {excerpt(name)} has an empty part ('//' or a trailing '/')"
+            )
         if len(segment.encode("utf-8")) > MAX_COMPONENT_BYTES:
             raise UnsafePathError(
                 f"{what} has a part longer than {MAX_COMPONENT_BYTES} bytes, "

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from .errors import ProtocolError
+from .errors import ProtocolError, excerpt
 
 COMMAND_TYPES = ("start", "stop", "stdin", "upload", "ping")
 
@@ -212,7 +212,7 @@ def parse_command(text: str) -> Command:
     if kind == "ping":
         return PingCommand()
     _check_text(kind, "type")
-    raise ProtocolError(f"unknown message type {kind!r}; expected one of {_known_types()}")
+    raise ProtocolError(f"unknown message type {excerpt(kind)}; expected one of {_known_types()}")
 
 
 def _parse_start(data: dict[str, Any]) -> StartCommand:
@@ -250,7 +250,7 @@ def _parse_upload(data: dict[str, Any]) -> UploadCommand:
     files: dict[str, UploadFile] = {}
     for alias, spec in files_in.items():
         _check_text(alias, "data.directory.files key")
-        where = f"data.directory.files[{alias!r}]"
+        where = f"data.directory.files[{excerpt(alias)}]"
         if not isinstance(spec, dict):
             raise ProtocolError(f"upload: {where} must be an object, not {_kind_of(spec)}")
         file_type = spec.get("type")

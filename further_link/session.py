@@ -19,7 +19,6 @@ import contextlib
 import enum
 import logging
 import shutil
-import tempfile
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 from . import protocol
 from .config import Config
 from .errors import FurtherLinkError, ProtocolError, SessionStateError, StartError, UploadError
-from .launch import SOCKET_NAME, Plan, plan_program
+from .launch import Plan, plan_program
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
 from .process import Launcher, Program, cold_launch
@@ -48,6 +47,7 @@ from .protocol import (
     Uploaded,
     Video,
 )
+from .rundirs import RunPlace, RunPlaces, make_run_place
 from .streams import SideChannel
 from .upload import UploadLimits, UrlCache, materialise_upload
 
@@ -68,10 +68,17 @@ class Services:
     cache: UrlCache
     library_dir: Path  # holds the `further_link` client package; on every program's import path
     pool: WarmPool | None = None  # pre-started interpreters, when the pool is on
+    run_places: RunPlaces | None = None  # run directories made ahead
 
     @property
     def launcher(self) -> Launcher:
         return self.pool.launch if self.pool is not None else cold_launch
+
+    def take_run_place(self) -> RunPlace:
+        """A directory (and side-channel socket) for a new run; raises ``OSError``."""
+        if self.run_places is not None:
+            return self.run_places.take()
+        return make_run_place()
 
 
 @dataclass
@@ -113,6 +120,11 @@ class Session:
         except FurtherLinkError as exc:
             log.info("refused: %s", exc.message)
             self.outbox.put(ErrorEvent(exc.message))
+        except OSError as exc:
+            # The device itself is short of something (descriptors, memory, disk):
+            # the client hears why and the connection stays usable.
+            log.warning("could not carry out a command: %s", exc)
+            self.outbox.put(ErrorEvent(f"the device could not do this now: {exc.strerror or exc}"))
 
     def receive_binary(self) -> None:
         self.outbox.put(
@@ -143,9 +155,10 @@ class Session:
         if self.state is not State.IDLE:
             raise SessionStateError("a program is already running; send stop first")
         try:
-            run_dir = Path(tempfile.mkdtemp(prefix="further-link-run-"))
+            place = self._services.take_run_place()
         except OSError as exc:
             raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
+        run_dir = place.directory
         plan: Plan | None = None
         try:
             plan = plan_program(command, self._config, self._services.library_dir, run_dir)
@@ -155,9 +168,10 @@ class Session:
             run = Run(
                 program,
                 SideChannel(
-                    run_dir / SOCKET_NAME,
+                    place.socket_path,
                     lambda kind, payload: self._deliver_frame(program, payload),
                     self._config.max_message_bytes,
+                    listener=place.listener,
                 ),
                 run_dir,
                 plan.project_script,
@@ -169,7 +183,7 @@ class Session:
                 await run.channel.close()
                 raise
         except BaseException as exc:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            place.discard()
             if plan is not None and plan.project_script is not None:
                 plan.project_script.remove()
             if isinstance(exc, OSError):
@@ -235,11 +249,7 @@ class Session:
 
     async def _upload(self, command: UploadCommand) -> None:
         config = self._config
-        limits = UploadLimits(
-            max_files=config.max_upload_files,
-            max_bytes=config.max_upload_bytes,
-            max_download_bytes=config.max_download_bytes,
-        )
+        limits = UploadLimits.from_config(config)
         try:
             await materialise_upload(command, config.work_dir, self._services.cache, limits)
         except OSError as exc:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Callable
@@ -42,8 +43,18 @@ __all__ = ["KIND_KEYLISTEN", "SideChannel"]
 
 
 class SideChannel:
-    def __init__(self, path: Path, on_frame: FrameHandler, max_frame_bytes: int) -> None:
+    """Listens at ``path``; ``listener``, when given, is a socket already bound
+    and listening there, with its owner and mode set (see rundirs.py)."""
+
+    def __init__(
+        self,
+        path: Path,
+        on_frame: FrameHandler,
+        max_frame_bytes: int,
+        listener: socket.socket | None = None,
+    ) -> None:
         self.path = path
+        self._listener = listener
         self._on_frame = on_frame
         self._max_frame_bytes = max_frame_bytes
         self._server: asyncio.AbstractServer | None = None
@@ -51,6 +62,9 @@ class SideChannel:
         self._key_listeners: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
+        if self._listener is not None:
+            self._server = await asyncio.start_unix_server(self._accept, sock=self._listener)
+            return
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.path))
         try:
             os.chmod(self.path, 0o600)

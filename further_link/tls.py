@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
-import os
 import socket
 import ssl
 from collections.abc import Iterable
@@ -24,6 +23,8 @@ from pathlib import Path
 
 from .config import Config
 from .errors import ConfigError
+from .hostnames import further_host_name, local_addresses, reachable_ipv4
+from .secretfile import write_secret
 
 log = logging.getLogger(__name__)
 
@@ -33,28 +34,12 @@ VALIDITY = datetime.timedelta(days=3650)
 # The addresses the certificate names, one a line, so that a start need not
 # load cryptography to see whether they are still this device's.
 ADDRESSES_NAME = "cert-addresses.txt"
-FURTHER_DOMAIN = "further-link.pi-top.com"
 MAX_ADDRESSES = 32
 
 
-def further_host_name(address: str) -> str:
-    """``192.168.1.20`` -> ``192-168-1-20.further-link.pi-top.com``, the name Further uses."""
-    return f"{address.replace('.', '-')}.{FURTHER_DOMAIN}"
-
-
 def device_addresses() -> list[str]:
-    """This device's IPv4 addresses that other machines can reach (no loopback or link-local)."""
-    import psutil
-
-    found: set[str] = set()
-    for addresses in psutil.net_if_addrs().values():
-        for entry in addresses:
-            if entry.family != socket.AF_INET:
-                continue
-            address = ipaddress.ip_address(entry.address)
-            if not (address.is_loopback or address.is_link_local or address.is_unspecified):
-                found.add(str(address))
-    return sorted(found)
+    """This device's IPv4 addresses that other machines can reach."""
+    return reachable_ipv4(local_addresses())
 
 
 def _recorded_addresses(path: Path) -> list[str]:
@@ -123,19 +108,11 @@ def ensure_self_signed(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_private(key_path, key_bytes)
-    _write_private(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
-    _write_private(addresses_path, "".join(f"{a}\n" for a in named).encode("ascii"))
+    write_secret(key_path, key_bytes)
+    write_secret(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
+    write_secret(addresses_path, "".join(f"{a}\n" for a in named).encode("ascii"))
     log.info("created a self-signed certificate for %s in %s", hostname, config_dir)
     return cert_path, key_path
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(partial, path)
 
 
 def server_ssl_context(config: Config) -> ssl.SSLContext:

@@ -124,14 +124,6 @@ def _run_as_names(config: Config) -> list[str]:
     return [config.run_as.name] if config.run_as is not None else []
 
 
-def _limits(config: Config) -> UploadLimits:
-    return UploadLimits(
-        max_files=config.max_upload_files,
-        max_bytes=config.max_upload_bytes,
-        max_download_bytes=config.max_download_bytes,
-    )
-
-
 async def upload_skipping_offline(
     services: Services, command: UploadCommand, work_dir: Path
 ) -> bool:
@@ -141,7 +133,7 @@ async def upload_skipping_offline(
     once: the upload is retried without it, so caps and atomic replacement
     hold as for any upload.
     """
-    limits = _limits(services.config)
+    limits = UploadLimits.from_config(services.config)
     skipped: set[str] = set()
     while True:
         files = {

@@ -24,8 +24,16 @@ from aiohttp import web
 
 from further_link.auth import TokenStore
 from further_link.config import Config, load_config
+from further_link.netguard import GuardedSite
 from further_link.server import create_app
 from further_link.tls import server_ssl_context
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "loopback_downloads: the test's servers may download from 127.0.0.1"
+    )
+
 
 # Generous: tests must pass on a slow, busy machine.
 TIMEOUT = 30.0
@@ -222,6 +230,8 @@ def server_environ(sandbox: Path, extra: dict[str, str] | None = None) -> dict[s
     """The environment test servers start with (and programs inherit)."""
     environ = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(sandbox)}
     environ["FURTHER_LINK_POOL_SIZE"] = POOL_SIZE
+    # Preloading (tests/test_pool.py covers it) would import numpy in every test's pool.
+    environ["FURTHER_LINK_POOL_PRELOAD"] = "none"
     environ.update(PROGRAM_SETTINGS)
     environ.update(extra or {})
     return environ
@@ -331,7 +341,7 @@ async def start_server_in_process(sandbox: Path, **overrides: Any) -> RunningSer
     runner = web.AppRunner(create_app(config, tokens), handle_signals=False)
     await runner.setup()
     ssl_context = server_ssl_context(config) if config.ssl else None
-    site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
+    site = GuardedSite(runner, config, ssl_context)
     try:
         await site.start()
     except BaseException:
@@ -348,15 +358,24 @@ async def start_server_in_process(sandbox: Path, **overrides: Any) -> RunningSer
 
 @pytest.fixture
 async def start_server(
-    sandbox: Path,
+    sandbox: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
     """Factory: ``await start_server(no_ssl=False, kill_grace=0.5, environ={...})``.
 
     As root, each is a real server process that drops to the program user.
+    A test that uses ``file_server`` (on loopback) or is marked
+    ``loopback_downloads`` gets servers that may download from 127.0.0.1,
+    which the download policy otherwise refuses.
     """
     servers: list[RunningServer] = []
+    allow_loopback = "file_server" in request.fixturenames or bool(
+        request.node.get_closest_marker("loopback_downloads")
+    )
 
     async def start(**overrides: Any) -> RunningServer:
+        if allow_loopback:
+            environ = {"FURTHER_LINK_DOWNLOAD_ALLOW": "127.0.0.1", **overrides.get("environ", {})}
+            overrides["environ"] = environ
         starter = start_server_process if AS_ROOT else start_server_in_process
         server = await starter(sandbox, **overrides)
         servers.append(server)

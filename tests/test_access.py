@@ -16,14 +16,14 @@ from test_cli import plain_server
 
 from further_link.auth import (
     CODE_WINDOW_SECONDS,
-    PairingLimiter,
-    PairingLocked,
     TokenStore,
     code_is_valid,
     normalise_origin,
     origin_allowed,
     pairing_code,
 )
+from further_link.control import current_generation
+from further_link.pairing import WRONG_PER_CODE
 
 from conftest import AS_ROOT, Client, RunningServer
 
@@ -41,7 +41,8 @@ async def handshake_status(http: aiohttp.ClientSession, url: str, **kwargs: obje
 
 
 async def current_code(server: RunningServer) -> str:
-    return pairing_code(server.token).code
+    # As `further-link token` shows it: asked from the running server, else from the file.
+    return pairing_code(server.token, generation=current_generation(server.config.config_dir)).code
 
 
 # ---------------------------------------------------------------- tokens
@@ -171,25 +172,40 @@ async def test_pairing_code_gives_token_and_cookie(
             assert (await ws.receive_json(timeout=30))["type"] == "pong"
 
 
-async def test_wrong_codes_are_rate_limited(
+async def test_wrong_codes_change_the_code(
     server: RunningServer, http: aiohttp.ClientSession
 ) -> None:
     good = await current_code(server)
-    bad = f"{(int(good) + 1) % 1_000_000:06d}"
-    for left in (4, 3, 2, 1):
+    bad = f"{(int(good) + 1) % 10**9:09d}"
+    for _ in range(WRONG_PER_CODE - 1):
         async with http.post(server.base_url + "/pair", json={"code": bad}) as response:
             assert response.status == 403
-            assert (await response.json())["error"] == (
-                f"wrong pairing code; {left} tries left before a one-minute lock"
-            )
+            assert (await response.json())["error"] == "wrong pairing code"
     async with http.post(server.base_url + "/pair", json={"code": bad}) as response:
         assert response.status == 403
-        assert (await response.json())["error"] == "wrong pairing code; locked for a minute"
-    # Locked: even the right code is refused now.
+        assert (await response.json())["error"] == (
+            "wrong pairing code; the device now shows a new code"
+        )
+    # The old code is spent; the new one (as `further-link token` shows it) pairs.
     async with http.post(server.base_url + "/pair", json={"code": good}) as response:
-        assert response.status == 429
-        assert 0 < int(response.headers["Retry-After"]) <= 60
-        assert "too many wrong codes" in (await response.json())["error"]
+        assert response.status == 403
+    fresh = await current_code(server)
+    assert fresh != good
+    async with http.post(
+        server.base_url + "/pair", json={"code": fresh[:3] + "-" + fresh[3:]}
+    ) as response:
+        assert response.status == 200
+
+
+async def test_the_token_itself_pairs_a_browser(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
+    async with http.post(server.base_url + "/pair", json={"token": "guess"}) as response:
+        assert response.status == 403
+        assert "further-link token" in (await response.json())["error"]
+    async with http.post(server.base_url + "/pair", json={"token": server.token}) as response:
+        assert response.status == 200
+        assert response.cookies["further_link_token"].value == server.token
 
 
 @pytest.mark.parametrize("body", ["not json", '["123456"]', '{"code": ""}', '{"code": null}', "{}"])
@@ -200,7 +216,7 @@ async def test_malformed_pair_requests_say_what_to_send(
         server.base_url + "/pair", data=body, headers={"Content-Type": "application/json"}
     ) as response:
         assert response.status == 400
-        assert (await response.json())["error"] == 'send JSON like {"code": "123456"}'
+        assert (await response.json())["error"] == 'send JSON like {"code": "123456789"}'
 
 
 async def test_pairing_from_an_allowed_site_uses_cors(
@@ -230,28 +246,22 @@ def test_codes_change_every_window_and_with_the_token() -> None:
     token = "device-token"
     start = 1_800_000_000 - (1_800_000_000 % CODE_WINDOW_SECONDS)
     first = pairing_code(token, start + 5)
-    assert len(first.code) == 6 and first.code.isdigit()
+    assert len(first.code) == 9 and first.code.isdigit()
+    assert first.shown == f"{first.code[:3]}-{first.code[3:6]}-{first.code[6:]}"
     assert first.expires_at == start + CODE_WINDOW_SECONDS
     assert pairing_code(token, start + CODE_WINDOW_SECONDS - 1).code == first.code
     later = pairing_code(token, start + CODE_WINDOW_SECONDS + 5)
     assert later.code != first.code  # fixed token and times: deterministic
     assert pairing_code("other-token", start + 5).code != first.code
     assert code_is_valid(token, first.code, start + 5)
-    assert not code_is_valid(token, "000000" if first.code != "000000" else "111111", start + 5)
+    assert code_is_valid(token, first.shown, start + 5)
+    assert not code_is_valid(token, "0" * 9 if first.code != "0" * 9 else "1" * 9, start + 5)
+    # A spent code's successor differs, and the spent one no longer pairs.
+    assert pairing_code(token, start + 5, generation=1).code != first.code
+    assert not code_is_valid(token, first.code, start + 5, generation=1)
     # The old code stays valid for a short grace after its window ends, then not.
     assert code_is_valid(token, first.code, start + CODE_WINDOW_SECONDS + 30)
     assert not code_is_valid(token, first.code, start + CODE_WINDOW_SECONDS + 120)
-
-
-def test_limiter_unlocks_after_a_minute() -> None:
-    limiter = PairingLimiter(max_wrong=2, lock_seconds=60)
-    assert limiter.wrong("a", now=0) == 1
-    assert limiter.wrong("a", now=1) == 0
-    with pytest.raises(PairingLocked):
-        limiter.check("a", now=30)
-    limiter.check("b", now=30)  # other addresses are unaffected
-    limiter.check("a", now=62)
-    assert limiter.wrong("a", now=63) == 1
 
 
 def test_token_file_is_private_and_rotation_replaces_it(tmp_path: Path) -> None:
@@ -282,7 +292,7 @@ def test_token_command_prints_token_and_code(tmp_path: Path) -> None:
     lines = token_command()
     token = (tmp_path / "cfg" / "token").read_text().strip()
     assert lines[0] == f"token: {token}"
-    assert lines[1].startswith(f"pairing code: {pairing_code(token).code} (valid for ")
+    assert lines[1].startswith(f"pairing code: {pairing_code(token).shown} (valid for ")
     rotated = token_command("--rotate")
     new_token = (tmp_path / "cfg" / "token").read_text().strip()
     assert new_token != token
@@ -322,20 +332,21 @@ async def test_rotating_the_token_locks_out_the_old_one(
     assert await handshake_status(http, f"{base}?token={new}") == 101
     if AS_ROOT:  # the server logs the new pairing code
         for _ in range(100):
-            if f"pairing code: {pairing_code(new).code}" in server.log():
+            if f"pairing code: {pairing_code(new).shown}" in server.log():
                 break
             await asyncio.sleep(0.1)
-        assert f"pairing code: {pairing_code(new).code}" in server.log()
+        assert f"pairing code: {pairing_code(new).shown}" in server.log()
 
 
-def test_startup_log_shows_connect_url_and_pairing_code(sandbox: Path) -> None:
+def test_startup_log_shows_pairing_code_never_the_token(sandbox: Path) -> None:
     server = plain_server(sandbox)
     try:
         token = (sandbox / "cfg" / "token").read_text().strip()
-        server.read_until("pairing code")
+        server.read_until("pairing code:")
         log = "".join(server.log)
-        assert f"connect with: http://127.0.0.1:{server.port}/?token={token}" in log
-        assert f"pairing code: {pairing_code(token).code} (valid for " in log
+        assert f"pair at http://127.0.0.1:{server.port}/ with the code below" in log
+        assert f"pairing code: {pairing_code(token).shown} (valid for " in log
+        assert token not in log
         assert "pairing is OFF" not in log
     finally:
         assert server.stop() == 0

@@ -240,3 +240,17 @@ def test_origin_auth_warns_at_start(sandbox: Path, caplog: pytest.LogCaptureFixt
         _warn_about_open_doors(config)
     assert "FURTHER_LINK_AUTH=origin" in caplog.text
     assert "any program on the network can claim" in caplog.text
+
+
+async def test_the_further_name_of_the_device_passes_the_host_check(
+    http: aiohttp.ClientSession, server: RunningServer
+) -> None:
+    """Further reaches the device as <a-b-c-d>.further-link.pi-top.com (here: loopback's)."""
+    url = server.base_url + "/version/apt/python3"
+    for host, status in (
+        ("127-0-0-1.further-link.pi-top.com:8028", 200),
+        ("10-9-8-7.further-link.pi-top.com", 421),  # not one of this device's addresses
+        ("further-link.pi-top.com.evil.example", 421),
+    ):
+        async with http.get(url, headers={"Host": host, "Origin": FURTHER}) as r:
+            assert r.status == status, host

@@ -14,6 +14,7 @@ import contextlib
 import gzip
 import json
 import os
+import shutil
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable
@@ -37,8 +38,11 @@ MiB = 1024 * 1024
 async def client_with(
     start_server: ServerFactory, connect: ClientFactory, **settings: str
 ) -> tuple[RunningServer, Client]:
-    """A server started with ``settings`` as environment variables, and a client of it."""
-    server = await start_server(environ=settings)
+    """A server started with ``settings`` as environment variables, and a client of it.
+
+    It may download from loopback, where this module's file servers listen.
+    """
+    server = await start_server(environ={"FURTHER_LINK_DOWNLOAD_ALLOW": "127.0.0.1", **settings})
     return server, await connect(server)
 
 
@@ -678,7 +682,7 @@ async def test_cache_links_out_are_refused(
     (cache / "files" / "a.csv").unlink()
     (cache / "files").rmdir()
     (cache / "bucket").unlink()
-    cache.rmdir()
+    shutil.rmtree(cache)
     cache.symlink_to(outside)
     reply = await upload(client, "proj", {"a.csv": url_file(url, "bucket", "a.csv")})
     assert reply["data"]["message"] == (
@@ -871,6 +875,7 @@ async def test_failed_download_leaves_no_cache_entry_and_no_partial_file(
     await assert_usable(client)
 
 
+@pytest.mark.loopback_downloads
 async def test_compressed_download_is_stored_decoded(client: Client, server: RunningServer) -> None:
     body = b"name,calories\n" + b"corn flakes,100\n" * 500
 

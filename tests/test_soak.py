@@ -25,6 +25,8 @@ from typing import Callable
 
 import pytest
 
+from further_link import rundirs
+
 from conftest import PROGRAM_USER, Client, RunningServer, program_home
 
 ClientFactory = Callable[..., Awaitable[Client]]
@@ -214,6 +216,6 @@ async def test_thousand_runs_leave_no_fds_threads_processes_or_memory(
     assert after.threads <= baseline.threads + (0 if server.process is None else POOL_LIMIT)
     assert after.pool_threads <= POOL_LIMIT
     assert after.children <= baseline.children
-    assert after.run_dirs == 0
+    assert after.run_dirs <= rundirs.STOCK  # only the ones made ahead for the next runs
     assert private_tmp.stat().st_mtime_ns != untouched  # the runs did make their dirs there
     assert growth <= RSS_GROWTH_LIMIT

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from conftest import Client, FileServer, RunningServer
 
 
@@ -107,6 +109,7 @@ async def test_failed_download_keeps_previous_upload(
     assert leftovers == []
 
 
+@pytest.mark.loopback_downloads
 async def test_unreachable_url_is_a_clear_error(client: Client) -> None:
     reply = await upload(client, "p", {"a": url_file("http://127.0.0.1:9/x", "b", "a")})
     assert reply["type"] == "error"

@@ -3,8 +3,12 @@
 
 import { createEditor } from "./editor.js";
 
+// The device token never lives in this page's storage or in a URL: pairing
+// sets an HttpOnly cookie that only the device can read. The page remembers
+// only that it paired.
 const KEYS = {
-  token: "further-link:token",
+  paired: "further-link:paired",
+  oldToken: "further-link:token", // kept by older versions; removed on load
   program: "further-link:program",
   uploadDir: "further-link:upload-dir",
   textSize: "further-link:text-size",
@@ -48,16 +52,12 @@ const storage = {
   },
 };
 
-// A token in the address (from the server's "connect with:" log line) is
-// kept and taken out of the address bar, history and bookmarks.
-function takeTokenFromAddress() {
+// Older versions kept the token in storage and in addresses: forget both
+// (an old bookmark's ?token= leaves the address bar and history).
+function forgetStoredToken() {
+  storage.set(KEYS.oldToken, null);
   const url = new URL(window.location.href);
-  const token = url.searchParams.get("token");
-  if (token === null) return;
-  if (token) {
-    storage.set(KEYS.token, token);
-    storage.set(KEYS.unpaired, null);
-  }
+  if (url.searchParams.get("token") === null) return;
   url.searchParams.delete("token");
   window.history.replaceState(window.history.state, "", url.pathname + url.search + url.hash);
 }
@@ -338,9 +338,12 @@ let pairLockTimer = null;
 
 async function pair(event) {
   event.preventDefault();
-  const code = ui.pairCode.value.replace(/\s+/g, "");
-  if (!/^\d{6}$/.test(code)) {
-    pairMessage("error", "The pairing code is 6 digits: type the number the device shows.");
+  const typed = ui.pairCode.value.trim();
+  const code = typed.replace(/[\s-]+/g, "");
+  // The person at the device may paste the token `further-link token` prints.
+  const isToken = code.length >= 20 && !/^\d+$/.test(code);
+  if (!isToken && !/^\d{9}$/.test(code)) {
+    pairMessage("error", "The pairing code is 9 digits: type the number the device shows.");
     return;
   }
   ui.pairButton.disabled = true;
@@ -351,7 +354,7 @@ async function pair(event) {
     response = await fetch("/pair", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ code }),
+      body: JSON.stringify(isToken ? { token: typed } : { code }),
       cache: "no-store",
     });
     body = await response.json().catch(() => ({}));
@@ -361,8 +364,8 @@ async function pair(event) {
     return;
   }
   ui.pairButton.disabled = false;
-  if (response.ok && body.token) {
-    storage.set(KEYS.token, body.token);
+  if (response.ok) {
+    storage.set(KEYS.paired, "yes");
     storage.set(KEYS.unpaired, null);
     ui.pairCode.value = "";
     pairMessage("", "");
@@ -403,7 +406,7 @@ function lockPairing(seconds) {
   pairLockTimer = setInterval(tick, 1000);
 }
 
-// "wrong pairing code; 4 tries left" -> "Wrong pairing code; 4 tries left."
+// "wrong pairing code" -> "Wrong pairing code."
 function sentence(text) {
   if (!text) return text;
   const capital = text[0].toUpperCase() + text.slice(1);
@@ -414,9 +417,7 @@ function sentence(text) {
 
 function socketUrl() {
   const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
-  const token = storage.get(KEYS.token);
-  const query = token ? `?token=${encodeURIComponent(token)}` : "";
-  return `${scheme}//${window.location.host}/run-py${query}`;
+  return `${scheme}//${window.location.host}/run-py`;
 }
 
 function connect() {
@@ -529,10 +530,10 @@ async function explainRefusal() {
   const status = await accessStatus();
   if (link.socket) return; // "Retry now" was pressed meanwhile
   if (status === 401) {
-    const hadToken = Boolean(storage.get(KEYS.token));
-    storage.set(KEYS.token, null);
+    const hadPaired = Boolean(storage.get(KEYS.paired));
+    storage.set(KEYS.paired, null);
     showPairing(
-      hadToken
+      hadPaired
         ? "This device no longer accepts the pairing saved in this browser. " +
             "Type the code the device shows now to pair again."
         : "",
@@ -897,7 +898,7 @@ const editor = createEditor($("editor"), {
 ui.pairForm.addEventListener("submit", pair);
 ui.retryNow.addEventListener("click", connect);
 ui.unpair.addEventListener("click", () => {
-  storage.set(KEYS.token, null);
+  storage.set(KEYS.paired, null);
   storage.set(KEYS.unpaired, "yes");
   // The pairing cookie is HttpOnly: ask the device to clear it.
   fetch("/pair", { method: "DELETE" }).catch(() => {});
@@ -933,8 +934,8 @@ ui.deviceName.textContent = window.location.host;
 applyTextSize(Number(storage.get(KEYS.textSize)) || DEFAULT_TEXT_SIZE);
 setUpDropping();
 renderFiles();
-takeTokenFromAddress();
-if (storage.get(KEYS.token)) {
+forgetStoredToken();
+if (storage.get(KEYS.paired)) {
   connect();
 } else if (storage.get(KEYS.unpaired)) {
   showPairing();
