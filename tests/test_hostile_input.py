@@ -26,7 +26,16 @@ import pytest
 from aiohttp import web
 from test_upload import text_file, upload, url_file
 
-from conftest import AS_ROOT, TIMEOUT, Client, FileServer, RunningServer, alive, sleeper_script
+from conftest import (
+    AS_ROOT,
+    TIMEOUT,
+    Client,
+    FileServer,
+    RunningServer,
+    alive,
+    give_to_program_user,
+    sleeper_script,
+)
 
 ServerFactory = Callable[..., Awaitable[RunningServer]]
 ClientFactory = Callable[..., Awaitable[Client]]
@@ -671,6 +680,7 @@ async def test_cache_links_out_are_refused(
     (cache / "bucket").symlink_to(outside)
     (cache / "files").mkdir()
     (cache / "files" / "a.csv").symlink_to(outside / "precious.txt")
+    give_to_program_user(cache)  # the server (the program user) keeps url records in it
     cases = {
         ("bucket", "a.csv"): f"bucketName 'bucket' leads outside {cache}: 'bucket' is a",
         ("files", "a.csv"): f"fileName 'a.csv' leads outside {cache / 'files'}: 'a.csv' is a",

@@ -18,6 +18,7 @@ from conftest import (
     TIMEOUT,
     RunningServer,
     alive,
+    give_to_program_user,
     sleeper_script,
     write_pid_code,
 )
@@ -101,10 +102,7 @@ def make_project(server: RunningServer) -> Path:
     project = server.config.work_dir / "proj1"
     (project / "sub").mkdir(parents=True)
     (project / "a.py").write_text("print(1)\n")
-    run_as = server.config.run_as
-    if run_as is not None and run_as.drop:
-        for path in (project, project / "sub", project / "a.py"):
-            os.chown(path, run_as.uid, run_as.gid)
+    give_to_program_user(project)
     return project
 
 
