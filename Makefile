@@ -13,7 +13,7 @@ RUN_STAMP := $(VENV)/.installed-run
 # tests/test_display.py opens tkinter windows on a real Xvfb display, seen with xwininfo.
 DEBIAN_TEST_PACKAGES := python3-numpy python3-pil chromium systemd xvfb python3-tk x11-utils
 
-.PHONY: run test lint format bench clean system-deps
+.PHONY: run test lint format bench clean system-deps deb
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -55,14 +55,48 @@ system-deps:
 	  fi; \
 	fi
 
+# The Debian package, built from the checkout's files (tracked and new, not ignored ones)
+# with Debian's own tools, then checked by lintian: dist/further-link_<version>_all.deb.
+DEB_BUILD_TOOLS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+  dpkg-dev lintian
+DEB_BUILD_DIR := build/deb
+VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' further_link/__init__.py)
+
+deb:
+	@missing=$$(for p in $(DEB_BUILD_TOOLS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing $$missing from Debian to build the package"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends $$missing >/dev/null; \
+	  else echo "building the package needs: sudo apt-get install $$missing"; exit 1; fi; \
+	fi
+	@test "$$(dpkg-parsechangelog -S Version)" = "$(VERSION)" || { \
+	  echo "debian/changelog's version is not $(VERSION) (further_link/__init__.py): add an entry"; \
+	  exit 1; }
+	rm -rf $(DEB_BUILD_DIR) && mkdir -p $(DEB_BUILD_DIR)/further-link dist
+	git ls-files -z --cached --others --exclude-standard | \
+	  xargs -0 cp --parents --no-dereference -t $(DEB_BUILD_DIR)/further-link
+	# Debian's python3 and setuptools, whatever python3 comes first in PATH (e.g. pyenv).
+	cd $(DEB_BUILD_DIR)/further-link && PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -b -us -uc >../build.log 2>&1 || \
+	  { tail -40 ../build.log; exit 1; }
+	mv $(DEB_BUILD_DIR)/further-link_$(VERSION)_all.deb dist/
+	lintian --fail-on error,warning --info dist/further-link_$(VERSION)_all.deb
+	@echo "built dist/further-link_$(VERSION)_all.deb"
+
 # The whole suite runs twice: with the warm interpreter pool (the default) and without.
+# As root on Debian the package is built once first; tests/test_deb.py installs,
+# uses, removes and purges it.
+TEST_DEB := $(CURDIR)/dist/further-link_$(VERSION)_all.deb
 test: lint system-deps
-	FURTHER_LINK_TEST_POOL_SIZE=2 $(BIN)/python -m pytest $(PYTEST_ARGS)
-	FURTHER_LINK_TEST_POOL_SIZE=0 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  $(MAKE) --no-print-directory deb; fi
+	FURTHER_LINK_TEST_DEB=$(TEST_DEB) FURTHER_LINK_TEST_POOL_SIZE=2 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	FURTHER_LINK_TEST_DEB=$(TEST_DEB) FURTHER_LINK_TEST_POOL_SIZE=0 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Figures, not pass/fail: see benchmarks/run.py --help. BENCH_ARGS=--quick for a smoke run.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

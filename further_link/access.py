@@ -24,6 +24,7 @@ from .auth import (
     origin_listed,
     pairing_code,
 )
+from .compat import app_key
 from .config import Config
 from .errors import excerpt, shorten
 from .hostnames import OwnNames
@@ -31,10 +32,10 @@ from .pairing import PairingGuard, PairingSpent
 
 log = logging.getLogger(__name__)
 
-TOKENS = web.AppKey("tokens", TokenStore)
-GUARD = web.AppKey("pairing_guard", PairingGuard)
-NAMES = web.AppKey("own_names", OwnNames)
-ACCESS_CONFIG = web.AppKey("access_config", Config)
+TOKENS = app_key("tokens", TokenStore)
+GUARD = app_key("pairing_guard", PairingGuard)
+NAMES = app_key("own_names", OwnNames)
+ACCESS_CONFIG = app_key("access_config", Config)
 # Routes any page and any name may read: they say only that a server is here.
 OPEN_PATHS = frozenset({"/status", "/version"})
 MAX_PAIR_BODY = 4096

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 from typing import Callable
 
@@ -19,11 +18,13 @@ from aiohttp import web
 
 from . import PACKAGE_VERSION, __version__
 from .access import GUARD
+from .addresses import server_urls
 from .auth import TokenStore, pairing_code
 from .client import add_client_commands
-from .config import Config, load_config, resolve_config_dir
+from .config import Config, listen_address, load_config, resolve_config_dir, uses_tls
 from .control import bind_control_socket, current_generation, notify_servers
 from .errors import FurtherLinkError
+from .firstrun import add_setup_command
 from .netguard import GuardedSite, raise_fd_limit
 from .pairing import PairingGuard
 from .privsep import drop_privileges
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_client_commands(commands)
     add_service_command(commands)
+    add_setup_command(commands)
     return parser
 
 
@@ -127,7 +129,7 @@ def _serve_command(args: argparse.Namespace) -> int:
 
 
 def _token_command(args: argparse.Namespace) -> int:
-    config_dir = resolve_config_dir(os.environ, args.config_dir)
+    config_dir = resolve_config_dir(os.environ, args.config_dir, server=True)
     store = TokenStore(config_dir)
     token = store.rotate() if args.rotate else store.load_or_create()
     code = pairing_code(token, generation=current_generation(config_dir))
@@ -140,6 +142,9 @@ def _token_command(args: argparse.Namespace) -> int:
     print(f"token: {token}")
     print(f"pairing code: {code.shown} (valid for {code.seconds_left() // 60 + 1} more minutes)")
     print("pair a browser with either: the page's pairing box takes the code or the token")
+    host, port = listen_address(os.environ)
+    for url in server_urls("https" if uses_tls(os.environ) else "http", host, port):
+        print(f"open: {url}")
     return 0
 
 
@@ -176,21 +181,23 @@ async def serve(config: Config) -> None:
         await site.start()
         host, port = runner.addresses[0][:2]
         scheme = "https" if ssl_context else "http"
-        shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
-        url = f"{scheme}://{shown}:{port}/"
+        urls = server_urls(scheme, config.host, port)
         log.info(
-            "further-link %s serving %s (listening on %s:%d, work dir %s, programs run as %s)",
+            "further-link %s serving %s (listening on %s:%d, work dir %s)",
             PACKAGE_VERSION,
-            url,
+            urls[0],
             host,
             port,
             config.work_dir,
-            config.run_as.name if config.run_as else "this user",
         )
+        for url in urls[1:]:
+            log.info("also at %s", url)
+        if config.run_as is not None:
+            log.info("programs run as %r: %s", config.run_as.name, config.run_as.reason)
         _warn_about_open_doors(config)
         if config.auth:
             # Never the token: this log is read, kept and pasted into chats.
-            log.info("pair at %s with the code below; `further-link token` shows it too", url)
+            log.info("pair at %s with the code below; `further-link token` shows it too", urls[0])
             announcer = asyncio.ensure_future(_announce_pairing_codes(tokens, app[GUARD]))
         await stop.wait()
         log.info("stopping: ending all programs")

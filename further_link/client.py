@@ -570,9 +570,11 @@ async def _connect_and_run(
             raise ClientError(describe_refusal(device, exc.status, request.token_from)) from None
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             raise ClientError(describe_connect_failure(device, exc)) from None
-        async with ws:
+        try:  # not ``async with ws``: aiohttp 3.8 (Debian 12) lacks it
             session = RunSession(ws, terminal, device)
             return await session.run(request.script, request.project, interrupts)
+        finally:
+            await ws.close()
 
 
 # -------------------------------------------------------------------- pair

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .accounts import AccountBook, choose_account
 from .errors import ConfigError
 
 MiB = 1024 * 1024
 DEFAULT_PORT = 8028
-DEFAULT_USER = "pi"
 # The Further coding site may open websockets to devices by default; it still
 # needs the device token, obtained by pairing.
 DEFAULT_ORIGINS = ("https://further.pi-top.com",)
@@ -39,6 +39,7 @@ class RunAs:
     # True when the server was started as root: it drops to this account for
     # good before serving (privsep.py), and then runs programs as itself.
     drop: bool
+    reason: str = "it is the server's own account"  # why, in words for the start-up log
 
 
 @dataclass(frozen=True)
@@ -148,13 +149,16 @@ def _list(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in environ.get(name, "").split(",") if item.strip())
 
 
-def resolve_run_as(requested: str | None, euid: int | None = None) -> RunAs:
+def resolve_run_as(
+    requested: str | None, euid: int | None = None, book: AccountBook | None = None
+) -> RunAs:
     """Pick the account programs run as; never root.
 
-    Started as root, programs run as ``requested`` (FURTHER_LINK_USER / --user)
-    or else ``pi``; with neither the server refuses to start rather than run
-    a learner's code as root. Started as anyone else, programs run as that
-    same user.
+    Started as root, programs run as ``requested`` (FURTHER_LINK_USER / --user),
+    or else as ``accounts.choose_account`` finds (``pi``, the auto-login
+    account, the first regular account, else the dedicated system account,
+    created then). Started as anyone else, programs run as that same user.
+    Raises ConfigError for an unknown account, root, or a switch only root can make.
     """
     euid = os.geteuid() if euid is None else euid
     me = pwd.getpwuid(euid)
@@ -165,19 +169,18 @@ def resolve_run_as(requested: str | None, euid: int | None = None) -> RunAs:
                 f"(the server runs as {me.pw_name!r})"
             )
         return RunAs(me.pw_name, me.pw_uid, me.pw_gid, Path(me.pw_dir), drop=False)
-    name = requested or (DEFAULT_USER if user_exists(DEFAULT_USER) else None)
-    if name is None:
-        raise ConfigError(
-            "further-link was started as root, but programs never run as root and there is no "
-            f"{DEFAULT_USER!r} user: set FURTHER_LINK_USER (or --user) to an unprivileged account"
-        )
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        raise ConfigError(f"user {name!r} to run programs as does not exist") from None
-    if entry.pw_uid == 0:
-        raise ConfigError(f"programs never run as root, and user {name!r} is root")
-    return RunAs(name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir), drop=True)
+    book = book or AccountBook()
+    if requested:
+        account = book.find(requested)
+        if account is None:
+            raise ConfigError(f"user {requested!r} to run programs as does not exist")
+        reason = "FURTHER_LINK_USER / --user names it"
+    else:
+        choice = choose_account(book)
+        account, reason = choice.account, choice.reason
+    if account.uid == 0:
+        raise ConfigError(f"programs never run as root, and user {account.name!r} is root")
+    return RunAs(account.name, account.uid, account.gid, account.home, drop=True, reason=reason)
 
 
 def user_exists(name: str) -> bool:
@@ -188,13 +191,48 @@ def user_exists(name: str) -> bool:
     return True
 
 
-def resolve_config_dir(environ: Mapping[str, str], override: str | None = None) -> Path:
-    """Where the certificate and device token live (no other setting needed)."""
+# The Debian package's service keeps its certificate and token here (root only).
+SYSTEM_CONFIG_DIR = Path("/etc/further-link")
+
+
+def resolve_config_dir(
+    environ: Mapping[str, str],
+    override: str | None = None,
+    server: bool = False,
+    euid: int | None = None,
+) -> Path:
+    """Where the certificate and device token live (no other setting needed).
+
+    ``server``: for the server and ``further-link token``, root with no
+    FURTHER_LINK_CONFIG_DIR or XDG_CONFIG_HOME uses the package's
+    /etc/further-link when it exists, so ``sudo further-link token`` shows the
+    token the installed service uses.
+    """
     raw = override or environ.get("FURTHER_LINK_CONFIG_DIR")
     if raw:
         return Path(raw).expanduser().absolute()
-    config_home = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    euid = os.geteuid() if euid is None else euid
+    config_home = environ.get("XDG_CONFIG_HOME")
+    if server and euid == 0 and not config_home and SYSTEM_CONFIG_DIR.is_dir():
+        return SYSTEM_CONFIG_DIR
+    config_home = config_home or str(Path.home() / ".config")
     return (Path(config_home) / "further-link").absolute()
+
+
+def listen_address(environ: Mapping[str, str]) -> tuple[str, int]:
+    """(host, port) the server listens on, from FURTHER_LINK_HOST and FURTHER_LINK_PORT.
+
+    Raises ConfigError for a port that is not a number from 0 to 65535.
+    """
+    port = _number(environ, "FURTHER_LINK_PORT", DEFAULT_PORT)
+    if port > 65535:
+        raise ConfigError(f"FURTHER_LINK_PORT={port} is not a port number")
+    return environ.get("FURTHER_LINK_HOST") or "0.0.0.0", int(port)
+
+
+def uses_tls(environ: Mapping[str, str]) -> bool:
+    """False when FURTHER_LINK_NOSSL asks for plain HTTP."""
+    return not _flag(environ, "FURTHER_LINK_NOSSL")
 
 
 def resolve_python(environ: Mapping[str, str]) -> str:
@@ -206,17 +244,33 @@ def resolve_python(environ: Mapping[str, str]) -> str:
     return SYSTEM_PYTHON
 
 
-def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
-    """Build the config from environment variables, then apply flag overrides."""
+def load_config(
+    environ: Mapping[str, str] | None = None,
+    accounts: AccountBook | None = None,
+    **overrides: Any,
+) -> Config:
+    """Build the config from environment variables, then apply flag overrides.
+
+    ``accounts`` is where the program account is looked up (the system's by default).
+    Raises ConfigError for any setting that cannot work.
+    """
     env = dict(os.environ if environ is None else environ)
-    run_as = resolve_run_as(overrides.pop("user", None) or env.get("FURTHER_LINK_USER") or None)
+    run_as = resolve_run_as(
+        overrides.pop("user", None) or env.get("FURTHER_LINK_USER") or None, book=accounts
+    )
 
     work_dir_raw = overrides.pop("work_dir", None) or env.get("FURTHER_LINK_WORK_DIR")
+    if not work_dir_raw and not run_as.home.is_dir():
+        # Root would otherwise create the missing home (e.g. nobody's /nonexistent).
+        raise ConfigError(
+            f"programs run as {run_as.name!r}, whose home {run_as.home} does not exist: "
+            "set FURTHER_LINK_WORK_DIR (or --work-dir) to a directory for their files"
+        )
     work_dir = Path(work_dir_raw).expanduser() if work_dir_raw else run_as.home / "further"
 
-    config_dir = resolve_config_dir(env, overrides.pop("config_dir", None))
+    config_dir = resolve_config_dir(env, overrides.pop("config_dir", None), server=True)
 
-    no_ssl = overrides.pop("no_ssl", False) or _flag(env, "FURTHER_LINK_NOSSL")
+    no_ssl = overrides.pop("no_ssl", False) or not uses_tls(env)
     no_auth = overrides.pop("no_auth", False) or env.get(
         "FURTHER_LINK_AUTH", "on"
     ).strip().lower() in _FALSE_WORDS - {""}
@@ -238,14 +292,12 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> C
     preload, preload_is_default = _preload(
         overrides.pop("pool_preload", None) or env.get("FURTHER_LINK_POOL_PRELOAD")
     )
-    port = _number(env, "FURTHER_LINK_PORT", DEFAULT_PORT)
+    host, port = listen_address(env)
     hosts = _list(env, "FURTHER_LINK_HOSTS")
     download_allow = _list(env, "FURTHER_LINK_DOWNLOAD_ALLOW")
-    if port > 65535:
-        raise ConfigError(f"FURTHER_LINK_PORT={port} is not a port number")
 
     config = Config(
-        host=env.get("FURTHER_LINK_HOST") or "0.0.0.0",
+        host=host,
         port=port,
         work_dir=work_dir.absolute(),
         config_dir=config_dir,

@@ -16,9 +16,10 @@ import socket
 from collections.abc import Iterable
 from typing import Union
 
-from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import DefaultResolver
 
+from .compat import ResolveResult
 from .errors import ConfigError
 
 # Runtime aliases: Union, not "|", which Python 3.9 cannot evaluate.

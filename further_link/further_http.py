@@ -20,6 +20,7 @@ from aiohttp import web
 
 from .access import ACCESS_CONFIG, check_origin, own_origins
 from .auth import origin_allowed
+from .compat import app_key
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ APT_TIMEOUT = 5.0
 # Debian package names (policy 5.6.7), optionally with an architecture.
 PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]{0,127}(:[a-z0-9-]{1,32})?")
 INSTALLED = re.compile(r"^\s*Installed: (.*)$", re.MULTILINE)
-APT_CONCURRENCY = web.AppKey("apt_concurrency", asyncio.Semaphore)
+APT_CONCURRENCY = app_key("apt_concurrency", asyncio.Semaphore)
 
 
 def _is_further_path(path: str) -> bool:

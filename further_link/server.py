@@ -11,7 +11,7 @@ import shutil
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -19,6 +19,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from . import PACKAGE_VERSION, __version__, proctree
 from .access import GUARD, TOKENS, check_origin, check_token, setup_access
 from .auth import TokenStore
+from .compat import app_key
 from .config import Config
 from .control import serve_control
 from .device import setup_device
@@ -40,10 +41,10 @@ from .webpage import setup_webpage
 
 log = logging.getLogger(__name__)
 
-CONFIG = web.AppKey("config", Config)
-SERVICES = web.AppKey("services", Services)
-CONNECTIONS = web.AppKey("connections", dict)
-CONTROL = web.AppKey("control", socket.socket)
+CONFIG = app_key("config", Config)
+SERVICES = app_key("services", Services)
+CONNECTIONS = app_key("connections", dict)
+CONTROL = app_key("control", socket.socket)
 
 OPEN_CORS = {"Access-Control-Allow-Origin": "*"}
 
@@ -67,14 +68,15 @@ class RunPyWebSocket(web.WebSocketResponse):
     """
 
     async def close(
-        self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True
+        self, *, code: int = WSCloseCode.OK, message: bytes = b"", **options: Any
     ) -> bool:
+        # ``options``: ``drain`` on aiohttp >= 3.9; aiohttp 3.8 (Debian 12) has none.
         if code == WSCloseCode.MESSAGE_TOO_BIG and not message:
             message = (
                 f"message over the limit of {self._max_msg_size} bytes "
                 "(FURTHER_LINK_MAX_MESSAGE_BYTES)"
             ).encode()
-        return await super().close(code=code, message=message, drain=drain)
+        return await super().close(code=code, message=message, **options)
 
     # aiohttp's heartbeat (its private hooks, present since 3.9): a ping is
     # answered late when it waits behind a flood the client is still reading.

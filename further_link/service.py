@@ -3,11 +3,12 @@
 The unit starts the server as root on purpose, so that the device token and
 TLS key stay in a root-only config dir: the server reads them, binds its
 sockets, hands its cgroup subtree (``Delegate=yes``) to the program user
-(``pi`` or ``--user``), then drops to that user for good before serving
-(privsep.py). The bounding set keeps only what that short root phase needs;
-``NoNewPrivileges`` only stops gaining privileges through ``exec`` (setuid
-binaries such as ``sudo``), never giving them up. Programs keep their camera,
-GPIO, I2C, ``/sys``, X display and home directory.
+(``--user``, else the account config.resolve_run_as chooses), then drops to
+that user for good before serving (privsep.py). The bounding set keeps only
+what that short root phase needs; ``NoNewPrivileges`` only stops gaining
+privileges through ``exec`` (setuid binaries such as ``sudo``), never giving
+them up. Programs keep their camera, GPIO, I2C, ``/sys``, X display and home
+directory.
 
 Since the unit runs an interpreter as root, install-service refuses one that
 anyone but root could change (a user's virtualenv, anything under /tmp, an
@@ -367,7 +368,11 @@ def add_service_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
     parser.add_argument(
         "--root", metavar="DIR", help="write the unit under DIR and leave systemd alone"
     )
-    parser.add_argument("--user", help="account programs run as (default pi)")
+    parser.add_argument(
+        "--user",
+        help="account programs run as (default: pi, the auto-login account, the first "
+        "regular account, else the system account further-link)",
+    )
     parser.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     parser.add_argument("--port", type=int, help="port (default 8028)")
     parser.add_argument("--work-dir", help="where uploads go (default ~USER/further)")

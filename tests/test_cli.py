@@ -21,6 +21,9 @@ from further_link.errors import ConfigError
 
 from conftest import AS_ROOT, PROGRAM_SETTINGS, alive, program_home, sleeper_script
 
+# Settings for load_config alone, which creates nothing: nobody's home does not
+# exist, so root's config needs a work dir (see test_accounts.py).
+SETTINGS = {**PROGRAM_SETTINGS, "FURTHER_LINK_WORK_DIR": "/srv/further-link-test-unused"}
 LISTENING = re.compile(r"listening on [^ ]+:(\d+)")
 
 
@@ -80,6 +83,8 @@ def server_env(sandbox: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
     env["XDG_CONFIG_HOME"] = str(sandbox / "config")
     env.update(PROGRAM_SETTINGS)
+    # nobody's home does not exist, so the server needs a work dir (see test_accounts.py).
+    env["FURTHER_LINK_WORK_DIR"] = str(program_home(sandbox) / "w")
     return env
 
 
@@ -163,7 +168,9 @@ def test_bad_port_is_reported_not_a_traceback(server_env: dict[str, str]) -> Non
 
 
 def test_config_defaults_follow_the_seed(tmp_path: Path) -> None:
-    config = load_config(environ={"HOME": str(tmp_path), **PROGRAM_SETTINGS})
+    # As root: an account with a home (nobody's does not exist, see test_accounts.py).
+    user = {"FURTHER_LINK_USER": "daemon"} if os.geteuid() == 0 else {}
+    config = load_config(environ={"HOME": str(tmp_path), **PROGRAM_SETTINGS, **user})
     assert config.port == DEFAULT_PORT == 8028
     assert config.ssl is True
     assert config.work_dir.name == "further"
@@ -174,31 +181,31 @@ def test_config_defaults_follow_the_seed(tmp_path: Path) -> None:
 def test_config_env_vars(tmp_path: Path) -> None:
     config = load_config(
         environ={
-            **PROGRAM_SETTINGS,
+            **SETTINGS,
             "FURTHER_LINK_PORT": "9000",
             "FURTHER_LINK_WORK_DIR": str(tmp_path / "wd"),
             "FURTHER_LINK_NOSSL": "true",
         }
     )
     assert (config.port, config.work_dir, config.ssl) == (9000, tmp_path / "wd", False)
-    assert load_config(environ={"FURTHER_LINK_NOSSL": "0", **PROGRAM_SETTINGS}).ssl is True
+    assert load_config(environ={"FURTHER_LINK_NOSSL": "0", **SETTINGS}).ssl is True
 
 
 def test_flags_override_env() -> None:
-    config = load_config(environ={"FURTHER_LINK_PORT": "9000", **PROGRAM_SETTINGS}, port=9100)
+    config = load_config(environ={"FURTHER_LINK_PORT": "9000", **SETTINGS}, port=9100)
     assert config.port == 9100
 
 
 def test_config_rejects_bad_ports_and_hosts() -> None:
     with pytest.raises(ConfigError, match="port 99999 is not a port number"):
-        load_config(environ=dict(PROGRAM_SETTINGS), port=99999)
+        load_config(environ=dict(SETTINGS), port=99999)
     with pytest.raises(ConfigError, match="is not an address"):
-        load_config(environ=dict(PROGRAM_SETTINGS), host="a\nExecStartPre=/bin/evil")
+        load_config(environ=dict(SETTINGS), host="a\nExecStartPre=/bin/evil")
 
 
 def test_config_rejects_half_a_certificate() -> None:
     with pytest.raises(ConfigError, match="both a certificate and a key"):
-        load_config(environ={"FURTHER_LINK_CERT": "/x.pem", **PROGRAM_SETTINGS})
+        load_config(environ={"FURTHER_LINK_CERT": "/x.pem", **SETTINGS})
 
 
 async def test_plain_start_runs_programs_with_the_system_python_and_its_numpy(
