@@ -31,6 +31,7 @@ from _client import BenchClientError
 from _context import FULL, QUICK, BenchContext
 from _report import BenchResult, render_table, write_json
 from _server import ServerError
+from bench_cgroup import bench_cgroup
 from bench_concurrency import bench_concurrency
 from bench_flood import bench_flood
 from bench_footprint import bench_footprint
@@ -53,6 +54,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "footprint": bench_footprint,
     "run-v5": bench_run_v5,
     "preload": bench_preload,
+    "cgroup": bench_cgroup,
 }
 # As root, programs run as another account that cannot read a virtualenv kept
 # under /root; then they get the system's interpreter, as in the test suite.
@@ -127,6 +129,10 @@ def program_settings() -> tuple[str, ProgramAccount | None, dict[str, str]]:
     spawns switch to the same account.
     """
     settings = {"FURTHER_LINK_AUTH": "off"}  # the benchmark measures runs, not logins
+    # FURTHER_LINK_CONTAINMENT=best-effort compares the figures without cgroups.
+    containment = os.environ.get("FURTHER_LINK_CONTAINMENT")
+    if containment:
+        settings["FURTHER_LINK_CONTAINMENT"] = containment
     python = os.environ.get("FURTHER_LINK_PYTHON") or None
     account = None
     if os.geteuid() == 0:

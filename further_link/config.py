@@ -66,6 +66,10 @@ class Config:
     # Modules waiting interpreters import ahead; a default list drops missing ones quietly.
     pool_preload: tuple[str, ...] = ()
     pool_preload_is_default: bool = False
+    containment: str = "auto"  # "auto" (cgroups when the machine offers them) or "best-effort"
+    max_memory_bytes: int = 0  # per run; 0 = no limit (load_config defaults to half the RAM)
+    max_tasks: int = 256  # processes and threads per run; 0 = no limit
+    cpu_weight: int = 100  # per run, cgroup v2 scale 1..10000
     origins: tuple[str, ...] = DEFAULT_ORIGINS
     # Where X displays' sockets are (only tests look elsewhere).
     x11_socket_dir: Path = Path("/tmp/.X11-unix")
@@ -97,6 +101,27 @@ class Config:
 
 
 _FALSE_WORDS = {"", "0", "false", "no", "off"}
+CONTAINMENT_MODES = ("auto", "best-effort")
+_SIZE_SUFFIXES = {"": 1, "K": 1024, "M": MiB, "G": 1024 * MiB}
+
+
+def _size(environ: Mapping[str, str], name: str, default: int) -> int:
+    """Bytes, with an optional K, M or G suffix (powers of 1024)."""
+    raw = environ.get(name, "").strip().upper().removesuffix("B").removesuffix("I")
+    if not raw:
+        return default
+    digits, suffix = (raw[:-1], raw[-1]) if raw[-1] in _SIZE_SUFFIXES else (raw, "")
+    try:
+        value = int(digits) * _SIZE_SUFFIXES[suffix]
+    except ValueError:
+        raise ConfigError(f"{name}={environ[name]!r} is not a size such as 512M or 2G") from None
+    if value < 0:
+        raise ConfigError(f"{name}={environ[name]!r} must not be negative")
+    return value
+
+
+def _half_the_ram() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
 def _flag(environ: Mapping[str, str], name: str) -> bool:
@@ -322,6 +347,10 @@ def load_config(
         pool_size=_number(env, "FURTHER_LINK_POOL_SIZE", 2),
         pool_preload=preload,
         pool_preload_is_default=preload_is_default,
+        containment=(env.get("FURTHER_LINK_CONTAINMENT") or "auto").strip().lower(),
+        max_memory_bytes=_size(env, "FURTHER_LINK_MAX_MEMORY", _half_the_ram()),
+        max_tasks=_number(env, "FURTHER_LINK_MAX_TASKS", 256),
+        cpu_weight=_number(env, "FURTHER_LINK_CPU_WEIGHT", 100),
         origins=origins,
         program_env=env,
         hosts=hosts,
@@ -343,6 +372,13 @@ def load_config(
     config = config.with_overrides(**overrides)
     if not 0 <= config.port <= 65535:
         raise ConfigError(f"port {config.port} is not a port number (0 to 65535)")
+    if config.containment not in CONTAINMENT_MODES:
+        raise ConfigError(
+            f"FURTHER_LINK_CONTAINMENT={config.containment!r}: use one of "
+            + ", ".join(CONTAINMENT_MODES)
+        )
+    if not 0 <= config.cpu_weight <= 10000:
+        raise ConfigError(f"FURTHER_LINK_CPU_WEIGHT={config.cpu_weight} is not in 1..10000")
     if any(ch in config.host for ch in "\r\n\0 "):
         raise ConfigError(f"host {config.host!r} is not an address")
     return config

@@ -159,6 +159,7 @@ class DeviceStatus:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._python_version: str | None = None
+        self.containment: str | None = None  # "cgroup" or "best-effort", once the server runs
 
     async def python_version(self) -> str | None:
         """The version of the Python that runs programs (FURTHER_LINK_PYTHON)."""
@@ -199,6 +200,8 @@ class DeviceStatus:
         python = await self.python_version()
         if python:
             status["python"] = python
+        if self.containment is not None:
+            status["containment"] = self.containment
         return status
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from . import proctree
 from .channel import SOCKET_ENV_VAR
+from .containment import Containment
 from .display import DISPLAY_VARIABLES
 from .errors import StartError
 from .process import LaunchedProcess, ProgramSpec, cold_launch, spawn
@@ -77,8 +78,10 @@ class WarmPool:
         base_env: Mapping[str, str],
         preload: Sequence[str] = (),
         quiet_missing: bool = False,
+        containment: Containment | None = None,
     ):
         self.size = size
+        self._containment = containment
         self._python = python
         self._base_env = {k: v for k, v in base_env.items() if k not in PER_RUN_VARIABLES}
         self.preload = list(preload)
@@ -123,6 +126,7 @@ class WarmPool:
         return await cold_launch(spec)
 
     def _hand_over(self, launched: LaunchedProcess, channel: int, spec: ProgramSpec) -> bool:
+        """Move the interpreter into the run's cgroup, then give it the program."""
         env = dict(spec.env)
         env[proctree.RUN_TAG_VAR] = launched.tag
         fields = [str(spec.cwd), spec.argv[2], str(len(spec.argv) - 3), *spec.argv[3:]]
@@ -131,6 +135,9 @@ class WarmPool:
         try:
             if launched.process.returncode is not None:
                 raise BrokenPipeError
+            if spec.group is not None:
+                # Still blocked on the channel, so it has no children to leave behind.
+                spec.group.add(launched.process.pid)
             view = memoryview(message)
             while view:
                 view = view[os.write(channel, view) :]
@@ -166,6 +173,7 @@ class WarmPool:
     async def _fill(self) -> None:
         while not self._closed and len(self._waiting) < self.size:
             read_end, write_end = os.pipe()
+            containment = self._containment
             preload = [] if self._behind else self.preload
             status_read, status_write = os.pipe() if preload else (-1, -1)
             passed = [fd for fd in (read_end, status_write) if fd >= 0]
@@ -179,6 +187,8 @@ class WarmPool:
                     self._base_env,
                     uuid.uuid4().hex,
                     pass_fds=passed,
+                    group=containment.pool if containment is not None else None,
+                    rlimits=containment.rlimits if containment is not None else None,
                 )
             except (StartError, OSError) as exc:
                 os.close(write_end)

@@ -22,6 +22,7 @@ import os
 from typing import Callable
 
 from .config import RunAs
+from .containment import prepare_delegation
 from .errors import PrivilegeError
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,17 @@ log = logging.getLogger(__name__)
 # ``containment.prepare_delegation`` here: it creates the server's cgroup
 # subtree and hands it to the program user.
 RootStep = Callable[[int, int], None]
-ROOT_SETUP_STEPS: list[RootStep] = []
+
+
+def _delegate_cgroups(uid: int, gid: int) -> None:
+    """Hand the server a cgroup subtree the program user can manage (containment.py)."""
+    try:
+        prepare_delegation(uid, gid)
+    except OSError as exc:
+        log.warning("cannot hand a cgroup subtree to the program user (%s)", exc)
+
+
+ROOT_SETUP_STEPS: list[RootStep] = [_delegate_cgroups]
 
 # Modules the server imports lazily (at a request, an upload, a probe). After
 # the drop the server's own installation may be unreadable (e.g. under

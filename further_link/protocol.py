@@ -88,6 +88,7 @@ class Started:
 @dataclass(frozen=True)
 class Stopped:
     exit_code: int
+    signal: int | None = None  # the signal that actually ended the program, if one did
     process: str | None = None
 
 
@@ -149,6 +150,8 @@ def encode_event(event: Event) -> str:
         return f'{{"type": "{kind}", "data": {{"output": {encoded}}}}}'
     if isinstance(event, Stopped):
         kind, data = "stopped", {"exitCode": event.exit_code}
+        if event.signal is not None:
+            data["signal"] = event.signal
     elif isinstance(event, ErrorEvent):
         kind, data = "error", {"message": event.message}
     elif isinstance(event, Started):

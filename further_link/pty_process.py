@@ -20,10 +20,12 @@ import fcntl
 import logging
 import os
 import struct
+import subprocess
 import termios
 import uuid
 
 from . import proctree
+from .containment import child_setup
 from .errors import StartError
 from .process import LaunchedProcess, ProgramSpec
 
@@ -95,10 +97,16 @@ class PtyLauncher:
         tag = uuid.uuid4().hex
         env = dict(spec.env)
         env[proctree.RUN_TAG_VAR] = tag
+        group = spec.group
+        try:
+            join_fds = group.open_join_fds() if group is not None else []
+        except OSError as exc:
+            raise StartError(f"could not put the program in its cgroup: {exc.strerror}") from None
         try:
             with proctree.MANAGED_CHILDREN.starting():
                 # Not start_new_session: setsid(1) makes the session itself, so that the
-                # pty becomes its controlling terminal; the pid stays the program's.
+                # pty becomes its controlling terminal; the pid stays the program's. The
+                # child joins its cgroups before that exec, as process.spawn's children do.
                 process = await asyncio.create_subprocess_exec(
                     SETSID,
                     "--ctty",
@@ -108,10 +116,16 @@ class PtyLauncher:
                     stderr=slave,
                     cwd=str(spec.cwd),
                     env=env,
+                    preexec_fn=child_setup(join_fds, spec.rlimits),
                 )
                 proctree.MANAGED_CHILDREN.add(process.pid)
         except OSError as exc:
             raise StartError(f"could not start {spec.argv[0]!r}: {exc.strerror}") from None
+        except subprocess.SubprocessError as exc:  # the child's set-up step (its cgroup)
+            raise StartError(f"could not start {spec.argv[0]!r}: {exc}") from None
+        finally:
+            for fd in join_fds:
+                os.close(fd)
         return LaunchedProcess(process, output_fd, stderr_fd, tag)
 
     def resize(self, rows: int, cols: int) -> None:

@@ -18,16 +18,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import enum
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .containment import RunGroup
 from .errors import FurtherLinkError, ProcessMessageError, SessionStateError, StartError
-from .launch import SOCKET_NAME
 from .outbox import Outbox, OutboxClosed
 from .process import Program
 from .protocol import ErrorEvent, KeyListen, Output, Pong, Started, Stopped, Video
@@ -44,7 +44,7 @@ from .protocol_run import (
 )
 from .pty_process import PtyLauncher
 from .runners import ScriptFile, plan_run
-from .session import Services
+from .session import Services, contain_run, remove_group
 from .streams import KIND_KEYLISTEN, SideChannel
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class Process:
     run_dir: Path
     script: ScriptFile | None
     terminal: PtyLauncher | None
+    group: RunGroup | None = None  # the process's cgroups (containment), when there are any
     state: ProcessState = ProcessState.RUNNING
     task: asyncio.Task[None] | None = None
 
@@ -156,24 +157,28 @@ class RunSession:
             )
         self._check_user()
         try:
-            run_dir = Path(tempfile.mkdtemp(prefix="further-link-run-"))
+            place = self._services.take_run_place()
         except OSError as exc:
             raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
         script: ScriptFile | None = None
+        group: RunGroup | None = None
         terminal = PtyLauncher() if self.options.pty else None
         try:
-            planned = plan_run(command, self._config, self._services.library_dir, run_dir)
+            planned = plan_run(command, self._config, self._services.library_dir, place.directory)
             script = planned.script
+            group, rlimits = contain_run(self._services)
             program = Program(
-                planned.spec,
+                dataclasses.replace(planned.spec, group=group, rlimits=rlimits),
                 lambda stream, text: self._deliver_output(process_id, stream, text),
                 self._config.kill_grace,
                 terminal or self._services.launcher,
             )
             channel = SideChannel(
-                run_dir / SOCKET_NAME,
+                place.socket_path,
                 lambda kind, payload: self._deliver_frame(process_id, program, kind, payload),
                 self._config.max_message_bytes,
+                listener=place.listener,
+                peer_group=group,
             )
             await channel.start()
             try:
@@ -181,14 +186,22 @@ class RunSession:
             except BaseException:
                 await channel.close()
                 raise
-        except BaseException:
+        except BaseException as exc:
+            place.discard()
+            if group is not None:
+                group.kill()
+                group.remove()
             if script is not None:
                 script.remove()
             if terminal is not None:
                 terminal.close()
-            shutil.rmtree(run_dir, ignore_errors=True)
+            if isinstance(exc, OSError):
+                where = f" ({exc.filename})" if exc.filename else ""
+                raise StartError(f"could not prepare the run: {exc.strerror}{where}") from None
             raise
-        process = Process(process_id, program, channel, run_dir, script, terminal)
+        process = Process(
+            process_id, program, channel, place.directory, script, terminal, group=group
+        )
         self._processes[process_id] = process
         self.outbox.put(Started(process=process_id))
         process.task = asyncio.ensure_future(self._supervise(process))
@@ -210,8 +223,10 @@ class RunSession:
             await process.channel.close()
         finally:
             process.release()
+        # Not in ``finally``: when cancelled, ``close`` removes it after ending the run.
+        await remove_group(process.group)
         self._processes.pop(process.process_id, None)
-        self.outbox.put(Stopped(code, process=process.process_id))
+        self.outbox.put(Stopped(code, process.program.ending_signal, process=process.process_id))
 
     async def _deliver_output(self, process_id: str, stream: str, text: str) -> None:
         with contextlib.suppress(OutboxClosed):
@@ -270,6 +285,7 @@ class RunSession:
             await process.channel.close()
         finally:
             process.release()
+        await remove_group(process.group)
 
     async def __aenter__(self) -> RunSession:
         return self

@@ -21,8 +21,9 @@ from .access import GUARD, TOKENS, check_origin, check_token, setup_access
 from .auth import TokenStore
 from .compat import app_key
 from .config import Config
+from .containment import Containment, Limits
 from .control import serve_control
-from .device import setup_device
+from .device import DEVICE_STATUS, setup_device
 from .egress import DownloadPolicy, PolicyResolver
 from .further_http import setup_further_http
 from .interpreter import check_interpreter
@@ -208,10 +209,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     proctree.become_subreaper()
     _prepare_work_dir(config)
     remove_stale_scripts(config.work_dir)
+    containment = _start_containment(config)
+    app[DEVICE_STATUS].containment = containment.mode
     library_dir = prepare_library_dir()
     policy = DownloadPolicy(config.download_allow)
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=PolicyResolver(policy)))
-    pool = _start_pool(config, library_dir)
+    pool = _start_pool(config, library_dir, containment)
     run_places = RunPlaces()
     run_places.start()
     app[SERVICES] = Services(
@@ -220,6 +223,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         library_dir=library_dir,
         pool=pool,
         run_places=run_places,
+        containment=containment,
     )
     watcher = asyncio.ensure_future(_watch_token(app)) if config.auth else None
     control = await _serve_control(app) if CONTROL in app else None
@@ -234,11 +238,19 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         if pool is not None:
             await pool.close()
         run_places.close()
+        containment.close()
         await http.close()
         shutil.rmtree(library_dir, ignore_errors=True)
 
 
-def _start_pool(config: Config, library_dir: Path) -> WarmPool | None:
+def _start_containment(config: Config) -> Containment:
+    limits = Limits(config.max_memory_bytes, config.max_tasks, config.cpu_weight)
+    containment = Containment.start(limits, force_best_effort=config.containment == "best-effort")
+    log.info("containment of programs: %s", containment.description)
+    return containment
+
+
+def _start_pool(config: Config, library_dir: Path, containment: Containment) -> WarmPool | None:
     if config.pool_size <= 0:
         return None
     # The environment every program shares; per-run variables are applied at launch.
@@ -249,6 +261,7 @@ def _start_pool(config: Config, library_dir: Path) -> WarmPool | None:
         base_env,
         preload=config.pool_preload,
         quiet_missing=config.pool_preload_is_default,
+        containment=containment,
     )
     pool.start()
     return pool

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import enum
 import logging
 import shutil
@@ -26,6 +27,7 @@ from typing import Any
 
 from . import protocol
 from .config import Config
+from .containment import BEST_EFFORT, Containment, Limits, RunGroup
 from .errors import FurtherLinkError, ProtocolError, SessionStateError, StartError, UploadError
 from .launch import Plan, plan_program
 from .outbox import Outbox, OutboxClosed
@@ -69,6 +71,7 @@ class Services:
     library_dir: Path  # holds the `further_link` client package; on every program's import path
     pool: WarmPool | None = None  # pre-started interpreters, when the pool is on
     run_places: RunPlaces | None = None  # run directories made ahead
+    containment: Containment | None = None  # per-run cgroups; None: best-effort tracking
 
     @property
     def launcher(self) -> Launcher:
@@ -89,6 +92,7 @@ class Run:
     channel: SideChannel
     run_dir: Path
     project_script: ProjectScript | None = None
+    group: RunGroup | None = None
     task: asyncio.Task[None] | None = None
 
     def remove_files(self) -> None:
@@ -160,10 +164,13 @@ class Session:
             raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
         run_dir = place.directory
         plan: Plan | None = None
+        group: RunGroup | None = None
         try:
             plan = plan_program(command, self._config, self._services.library_dir, run_dir)
+            group, rlimits = contain_run(self._services)
+            spec = dataclasses.replace(plan.spec, group=group, rlimits=rlimits)
             program = Program(
-                plan.spec, self._deliver_output, self._config.kill_grace, self._services.launcher
+                spec, self._deliver_output, self._config.kill_grace, self._services.launcher
             )
             run = Run(
                 program,
@@ -172,9 +179,11 @@ class Session:
                     lambda kind, payload: self._deliver_frame(program, payload),
                     self._config.max_message_bytes,
                     listener=place.listener,
+                    peer_group=group,
                 ),
                 run_dir,
                 plan.project_script,
+                group,
             )
             await run.channel.start()
             try:
@@ -184,6 +193,9 @@ class Session:
                 raise
         except BaseException as exc:
             place.discard()
+            if group is not None:
+                group.kill()
+                group.remove()
             if plan is not None and plan.project_script is not None:
                 plan.project_script.remove()
             if isinstance(exc, OSError):
@@ -204,9 +216,11 @@ class Session:
             await run.channel.close()
         finally:
             run.remove_files()
+        # Not in ``finally``: when cancelled, ``close`` removes it after ending the run.
+        await remove_group(run.group)
         self._run = None
         self.state = State.IDLE
-        self.outbox.put(Stopped(code))
+        self.outbox.put(Stopped(code, run.program.ending_signal))
 
     async def _deliver_output(self, stream: str, text: str) -> None:
         with contextlib.suppress(OutboxClosed):
@@ -280,6 +294,7 @@ class Session:
             await run.program.abort()
             await run.channel.close()
             run.remove_files()
+            await remove_group(run.group)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -290,3 +305,25 @@ class Session:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def contain_run(services: Services) -> tuple[RunGroup | None, Limits | None]:
+    """A new run's own cgroup, or the limits to set as rlimits (best-effort).
+
+    Raises ``StartError`` when the cgroup cannot be made. Shared by /run-py and /run.
+    """
+    containment = services.containment
+    if containment is None:
+        return None, None
+    if containment.mode == BEST_EFFORT:
+        return None, containment.rlimits
+    try:
+        return containment.new_run(), None
+    except OSError as exc:
+        raise StartError(f"could not create the program's cgroup: {exc.strerror}") from None
+
+
+async def remove_group(group: RunGroup | None) -> None:
+    if group is not None:
+        # Waits (briefly) for the kernel to finish tearing the processes down.
+        await asyncio.get_running_loop().run_in_executor(None, group.remove)

@@ -6,6 +6,11 @@ passed to an async callback before it is acknowledged, so a program that sent
 a frame knows it is queued ahead of anything it prints next. A connection
 that subscribes to key events (``KeyboardButton``) then receives them as
 frames from the server.
+
+With a run cgroup (``peer_group``), a connection is served only when the
+connecting process is in it (SO_PEERCRED's pid, checked against the cgroup's
+member list): a program of another run under the same account can find the
+socket, but cannot feed frames into a connection it does not belong to.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Callable
@@ -29,6 +35,7 @@ from .channel import (
     encode_frame,
     encode_key_event,
 )
+from .containment import RunGroup
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +47,17 @@ CLOSE_DRAIN_TIMEOUT = 1.0
 KEY_BACKLOG_BYTES = 64 * 1024
 PROGRAM_KINDS = (KIND_JPEG, KIND_KEYLISTEN, KIND_KEY_SUBSCRIBE)
 __all__ = ["KIND_KEYLISTEN", "SideChannel"]
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_pid(writer: asyncio.StreamWriter) -> int | None:
+    """The pid of the process that connected a unix socket (SO_PEERCRED)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, _, _ = _PEERCRED.unpack(raw)
+    return int(pid) if pid > 0 else None
 
 
 class SideChannel:
@@ -52,9 +70,11 @@ class SideChannel:
         on_frame: FrameHandler,
         max_frame_bytes: int,
         listener: socket.socket | None = None,
+        peer_group: RunGroup | None = None,
     ) -> None:
         self.path = path
         self._listener = listener
+        self._peer_group = peer_group
         self._on_frame = on_frame
         self._max_frame_bytes = max_frame_bytes
         self._server: asyncio.AbstractServer | None = None
@@ -78,6 +98,8 @@ class SideChannel:
         assert task is not None
         self._handlers.add(task)
         try:
+            if not self._peer_allowed(writer):
+                return
             await self._serve(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             log.debug("side channel connection ended mid-frame")
@@ -85,6 +107,15 @@ class SideChannel:
             self._handlers.discard(task)
             self._key_listeners.discard(writer)
             writer.close()
+
+    def _peer_allowed(self, writer: asyncio.StreamWriter) -> bool:
+        if self._peer_group is None:
+            return True
+        pid = peer_pid(writer)
+        if pid is not None and pid in self._peer_group.pids():
+            return True
+        log.warning("side channel: refused a connection from pid %s, not of this run", pid)
+        return False
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:

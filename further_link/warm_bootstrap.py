@@ -18,6 +18,12 @@ holds nothing of ours. The channel message is NUL-separated: cwd, script,
 argument count, arguments, then ``KEY=VALUE`` environment entries. Status lines
 are ``begin NAME``, ``ok NAME``, ``missing NAME``, ``fail NAME: WHY`` and finally
 ``ready``.
+
+While it waits, the interpreter is not dumpable (PR_SET_DUMPABLE 0): no other
+process of the account may ptrace it or read its memory and so take over the
+next learner's run. It gives up if something attached before that took
+effect, and becomes dumpable again, as a fresh interpreter is, once it has
+its program.
 """
 
 
@@ -62,6 +68,13 @@ def _further_link_warm_start() -> None:
         ctypes.c_ulong,
         ctypes.c_ulong,
     ]
+    # Not dumpable while waiting: no process of the account may ptrace this
+    # interpreter or read its memory, and so take over the next learner's run.
+    libc.prctl(4, 0, None, 0, 0)  # PR_SET_DUMPABLE
+    with open("/proc/self/status") as proc_status:
+        for line in proc_status:
+            if line.startswith("TracerPid:") and line.split()[1] != "0":
+                os._exit(1)  # attached before that took effect
 
     # (Annotations in quotes: this also runs on Python 3.9, which cannot evaluate `X | None`.)
     def recursion_counter(limit: int) -> "tuple[ctypes.c_int, int] | None":
@@ -146,6 +159,7 @@ def _further_link_warm_start() -> None:
     os.close(channel)
     if not chunks:  # the server retired this interpreter unused
         os._exit(0)
+    libc.prctl(4, 1, None, 0, 0)  # dumpable again, as a fresh interpreter is
     fields = [os.fsdecode(field) for field in b"".join(chunks).split(b"\0")]
     cwd, script, count = fields[0], fields[1], int(fields[2])
     arguments = fields[3 : 3 + count]

@@ -490,3 +490,25 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+async def rotate_token(config_dir: Path) -> str:
+    """Run `further-link token --rotate` as a person at the device would; returns its output.
+
+    As root (as in CI) it also hands the new token to the running servers that
+    dropped root, which cannot read the token file themselves.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
+    env["FURTHER_LINK_CONFIG_DIR"] = str(config_dir)
+    rotated = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "further_link",
+        "token",
+        "--rotate",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(rotated.communicate(), 60)
+    assert rotated.returncode == 0, out
+    return out.decode()

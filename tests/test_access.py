@@ -25,7 +25,7 @@ from further_link.auth import (
 from further_link.control import current_generation
 from further_link.pairing import WRONG_PER_CODE
 
-from conftest import AS_ROOT, Client, RunningServer
+from conftest import AS_ROOT, Client, RunningServer, rotate_token
 
 StartServer = Callable[..., Awaitable[RunningServer]]
 
@@ -307,22 +307,11 @@ async def test_rotating_the_token_locks_out_the_old_one(
     await connected.send_json({"type": "start", "data": {"sourceScript": "input()"}})
     assert (await connected.receive_json(timeout=30))["type"] == "started"
     # As on a device: `further-link token --rotate`, run as the server's starter (root in CI).
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FURTHER_LINK_")}
-    env["FURTHER_LINK_CONFIG_DIR"] = str(server.config.config_dir)
-    rotated = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "further_link",
-        "token",
-        "--rotate",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    out, _ = await asyncio.wait_for(rotated.communicate(), 60)
+    out = await rotate_token(server.config.config_dir)
     new = TokenStore(server.config.config_dir).current()
-    assert f"token: {new}" in out.decode()
+    assert f"token: {new}" in out
     if AS_ROOT:  # the dropped server cannot read the file: the command told it
-        assert "told 1 running server(s)" in out.decode()
+        assert "told 1 running server(s)" in out
     # The connection made with the old token is closed, and its program ended.
     closed = await connected.receive(timeout=30)
     assert (closed.type, closed.data) == (aiohttp.WSMsgType.CLOSE, 4001)

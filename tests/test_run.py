@@ -63,8 +63,11 @@ async def test_stop_reports_minus_15(client: Client) -> None:
     await client.receive_type("started")
     await client.read_output("up\n")
     await client.send("stop")
-    stopped = await client.receive()
-    assert stopped == {"type": "stopped", "data": {"exitCode": -15}}
+    result = await client.collect()
+    # Stop is a terminal's Ctrl-C: Python reports KeyboardInterrupt, then
+    # ends by SIGINT (2); clients still read -15, "stopped by user".
+    assert result.stderr.endswith("KeyboardInterrupt\n")
+    assert result.messages[-1] == {"type": "stopped", "data": {"exitCode": -15, "signal": 2}}
 
 
 async def test_stop_ends_children_and_grandchildren(client: Client, shared: Path) -> None:
@@ -179,6 +182,7 @@ async def test_missing_source_path_is_an_error(client: Client, server: RunningSe
 async def test_start_while_stopping_says_to_wait(client: Client, shared: Path) -> None:
     script = (
         "import signal, time\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
         "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
         "print('up')\n"
         "time.sleep(60)"
@@ -190,7 +194,7 @@ async def test_start_while_stopping_says_to_wait(client: Client, shared: Path) -
     await client.send("start", {"sourceScript": "print(1)"})
     error = await client.receive_type("error")
     assert error["data"]["message"] == "the program is still stopping; start again after 'stopped'"
-    assert (await client.receive_type("stopped"))["data"]["exitCode"] == -9
+    assert (await client.receive_type("stopped"))["data"] == {"exitCode": -15, "signal": 9}
 
 
 async def test_script_runs_in_tmp_without_directory(client: Client) -> None:

@@ -450,3 +450,41 @@ async def test_a_link_to_a_directory_the_user_cannot_write_gets_no_script(
     error = await client.expect("sh", "error")
     assert "cannot create" in error["data"]["message"]
     assert os.listdir(protected) == []
+
+
+@pytest.mark.parametrize("query", ["", "pty=true"], ids=["pipes", "pty"])
+async def test_each_process_has_its_own_cgroup_removed_after_it(
+    connect_run: V5Connect, server: RunningServer, query: str
+) -> None:
+    """Containment applies to /run processes, terminals included (when cgroups can be made)."""
+    from test_containment import require_cgroup
+
+    from further_link.containment import detect
+
+    await require_cgroup(server)
+    client = await connect_run(query)
+    code = "print(open('/proc/self/cgroup').read())\ninput()"
+    for process in ("a", "b"):
+        await client.send("start", process, {"runner": "python3", "code": code})
+    groups = {}
+    for process in ("a", "b"):
+        await client.expect(process, "started")
+        text, own = "", None
+        while own is None:
+            text += (await client.expect(process, "stdout"))["data"]["output"]
+            lines = text.splitlines(keepends=True)
+            own = next((x.strip() for x in lines if x.startswith("0::") and x.endswith("\n")), None)
+        assert "/run-" in own, own
+        with open("/proc/self/mountinfo") as mountinfo:
+            groups[process] = detect(mountinfo.read(), own).unified
+    assert groups["a"] != groups["b"], "each process is contained on its own"
+    for process in ("a", "b"):
+        await client.send("stdin", process, {"input": "\n" if not query else "\r"})
+        await client.collect(process)
+        directory = groups[process]
+        assert directory is not None
+        for _ in range(int(TIMEOUT / 0.05)):
+            if not directory.exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not directory.exists()
