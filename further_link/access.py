@@ -255,10 +255,14 @@ def _error(status: int, message: str, headers: dict[str, str]) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
-def setup_access(app: web.Application, config: Config, tokens: TokenStore) -> None:
+def setup_access(
+    app: web.Application, config: Config, tokens: TokenStore, dropped: bool = False
+) -> None:
+    """Host, origin and token checks, and /pair; ``dropped``: the server gave up root
+    and cannot write the config dir, so the pairing generation stays in memory."""
     app[ACCESS_CONFIG] = config
     app[TOKENS] = tokens
-    app[GUARD] = PairingGuard(config.config_dir)
+    app[GUARD] = PairingGuard(None if dropped else config.config_dir)
     app[NAMES] = OwnNames(config.hosts)
     app.middlewares.append(check_host)
     app.router.add_post("/pair", pair)

@@ -68,14 +68,19 @@ def read_generation(config_dir: Path) -> int:
 class PairingGuard:
     """The device-wide budget of wrong codes; use ``judging()`` around each judgement."""
 
-    def __init__(self, config_dir: Path, policy: PairingPolicy | None = None) -> None:
+    def __init__(self, config_dir: Path | None, policy: PairingPolicy | None = None) -> None:
+        """``config_dir``: where the generation is kept; None keeps it in memory only.
+
+        A server that dropped root passes None: the config dir is root's alone
+        (`further-link token` asks that server over the control socket instead).
+        """
         self.policy = policy or PairingPolicy()
         self._config_dir = config_dir
         self._lock = asyncio.Lock()
         self._tokens = float(self.policy.burst)
         self._updated = time.monotonic()
         self._wrong_this_code = 0
-        self.generation = read_generation(config_dir)
+        self.generation = 0 if config_dir is None else read_generation(config_dir)
 
     @contextlib.asynccontextmanager
     async def judging(self) -> AsyncIterator[None]:
@@ -102,14 +107,17 @@ class PairingGuard:
             self._wrong_this_code = 0
             self.generation += 1
             changed = True
-            try:
-                write_secret(self._config_dir / GENERATION_FILE, f"{self.generation}\n".encode())
-            except OSError as exc:
-                # A server that dropped root cannot write the root-only config dir;
-                # `further-link token` then asks it over the control socket.
-                log.info(
-                    "pairing code generation %d kept in memory: %s", self.generation, exc.strerror
-                )
+            if self._config_dir is not None:
+                try:
+                    write_secret(
+                        self._config_dir / GENERATION_FILE, f"{self.generation}\n".encode()
+                    )
+                except OSError as exc:
+                    log.warning(
+                        "pairing code generation %d kept in memory only: %s",
+                        self.generation,
+                        exc.strerror,
+                    )
         # Held while judging: wrong codes are judged one at a time, this far apart.
         await asyncio.sleep(self.policy.hold_seconds)
         return changed

@@ -208,6 +208,12 @@ class WarmPool:
                 self._discard(launched)
                 return
             self._waiting.append((launched, write_end))
+            # Tests of a server process (and a curious admin) see the pool fill from the log.
+            log.debug(
+                "an interpreter waits (pid %d, preloading %s)",
+                launched.process.pid,
+                ",".join(self.preload) or "nothing",
+            )
             self._filled.set()
         if len(self._waiting) >= self.size:
             self._behind = False  # caught up: preload again from the next refill

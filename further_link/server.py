@@ -363,7 +363,7 @@ def create_app(
     if tokens is None:
         tokens = TokenStore(config.config_dir)
         tokens.load_or_create()
-    setup_access(app, config, tokens)
+    setup_access(app, config, tokens, dropped=control is not None)
     app[CONNECTIONS] = {}
     app.router.add_get("/status", status)
     app.router.add_get("/version", version)

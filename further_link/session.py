@@ -18,6 +18,7 @@ import base64
 import contextlib
 import dataclasses
 import enum
+import errno
 import logging
 import shutil
 from collections.abc import Coroutine
@@ -54,6 +55,11 @@ from .streams import SideChannel
 from .upload import UploadLimits, UrlCache, materialise_upload
 
 log = logging.getLogger(__name__)
+
+# The device itself is short of something: receive() says so, not "could not prepare the run".
+SHORTAGES = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC, errno.EDQUOT, errno.ENOBUFS}
+)
 
 
 class State(enum.Enum):
@@ -161,6 +167,8 @@ class Session:
         try:
             place = self._services.take_run_place()
         except OSError as exc:
+            if exc.errno in SHORTAGES:
+                raise
             raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
         run_dir = place.directory
         plan: Plan | None = None
@@ -198,7 +206,7 @@ class Session:
                 group.remove()
             if plan is not None and plan.project_script is not None:
                 plan.project_script.remove()
-            if isinstance(exc, OSError):
+            if isinstance(exc, OSError) and exc.errno not in SHORTAGES:
                 # E.g. another program (same account) changed the run dir under us.
                 where = f" ({exc.filename})" if exc.filename else ""
                 raise StartError(f"could not prepare the run: {exc.strerror}{where}") from None

@@ -14,6 +14,7 @@ import contextlib
 import gzip
 import json
 import os
+import pwd
 import shutil
 import socket
 import struct
@@ -28,6 +29,7 @@ from test_upload import text_file, upload, url_file
 
 from conftest import (
     AS_ROOT,
+    PROGRAM_USER,
     TIMEOUT,
     Client,
     FileServer,
@@ -685,7 +687,9 @@ async def test_cache_links_out_are_refused(
     (cache / "bucket").symlink_to(outside)
     (cache / "files").mkdir()
     (cache / "files" / "a.csv").symlink_to(outside / "precious.txt")
-    give_to_program_user(cache)  # the server (the program user) keeps url records in it
+    # Planted as the program user would: the server acts as that user, so what
+    # refuses these must be the confinement, not a missing right to write here.
+    give_to_program_user(cache)
     cases = {
         ("bucket", "a.csv"): f"bucketName 'bucket' leads outside {cache}: 'bucket' is a",
         ("files", "a.csv"): f"fileName 'a.csv' leads outside {cache / 'files'}: 'a.csv' is a",
@@ -699,6 +703,8 @@ async def test_cache_links_out_are_refused(
     (cache / "bucket").unlink()
     shutil.rmtree(cache)
     cache.symlink_to(outside)
+    program_user = pwd.getpwnam(PROGRAM_USER)
+    os.lchown(cache, program_user.pw_uid, program_user.pw_gid)  # the link, not where it leads
     reply = await upload(client, "proj", {"a.csv": url_file(url, "bucket", "a.csv")})
     assert reply["data"]["message"] == (
         f"url cache directory '.flcache' leads outside {work}: "
