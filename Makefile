@@ -60,7 +60,7 @@ system-deps:
 DEB_BUILD_TOOLS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
   dpkg-dev lintian
 DEB_BUILD_DIR := build/deb
-VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' further_link/__init__.py)
+VERSION = $(shell sed -n 's/^PACKAGE_VERSION = "\(.*\)"/\1/p' further_link/__init__.py)
 
 deb:
 	@missing=$$(for p in $(DEB_BUILD_TOOLS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

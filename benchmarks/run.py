@@ -37,6 +37,7 @@ from bench_flood import bench_flood
 from bench_footprint import bench_footprint
 from bench_latency import bench_latency
 from bench_preload import bench_preload
+from bench_run_v5 import bench_run_v5
 from bench_stdin import bench_stdin
 from bench_throughput import bench_throughput
 
@@ -51,6 +52,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "concurrency": bench_concurrency,
     "flood": bench_flood,
     "footprint": bench_footprint,
+    "run-v5": bench_run_v5,
     "preload": bench_preload,
     "cgroup": bench_cgroup,
 }

@@ -6,6 +6,12 @@ imports only the standard library so that the import stays fast.
 """
 
 from .channel import ChannelError, send_image
+from .keyboard import KeyboardButton
 
-__version__ = "0.1.0"
-__all__ = ["ChannelError", "__version__", "send_image"]
+# further-link's own release: the package version, `further-link --version`.
+PACKAGE_VERSION = "0.1.0"
+# The Further-Link API level this release speaks (upstream 5.11.2's /run, keys and
+# upload): what GET /version reports, so that Further's minimum-version checks pass,
+# and what programs written for upstream compare.
+__version__ = "5.11.2"
+__all__ = ["PACKAGE_VERSION", "ChannelError", "KeyboardButton", "__version__", "send_image"]

@@ -21,6 +21,7 @@ from .auth import (
     code_is_valid,
     normalise_origin,
     origin_allowed,
+    origin_listed,
     pairing_code,
 )
 from .compat import app_key
@@ -93,8 +94,15 @@ def presented_token(request: web.Request) -> str | None:
 
 
 def check_token(request: web.Request) -> None:
-    """HTTP 401 unless the request carries the device token (when auth is on)."""
-    if not request.app[ACCESS_CONFIG].auth:
+    """HTTP 401 unless the request carries the device token (when auth is on).
+
+    With ``FURTHER_LINK_AUTH=origin``, a request whose Origin is listed in
+    FURTHER_LINK_ORIGINS needs no token (the unmodified Further site cannot send one).
+    """
+    config = request.app[ACCESS_CONFIG]
+    if not config.auth:
+        return
+    if config.origin_auth and origin_listed(request.headers.get("Origin"), config.origins):
         return
     if not request.app[TOKENS].matches(presented_token(request)):
         log.info("refused a connection without a valid token from %s", request.remote)

@@ -155,6 +155,13 @@ def normalise_origin(origin: str) -> str:
     return f"{scheme}://{host}" if port in (None, default) else f"{scheme}://{host}:{port}"
 
 
+def origin_listed(origin: str | None, listed: Iterable[str]) -> bool:
+    """Whether a browser Origin is named in ``listed`` itself (``*`` names nobody)."""
+    if not origin:
+        return False
+    return normalise_origin(origin) in {normalise_origin(o) for o in listed if o != "*"}
+
+
 def origin_allowed(origin: str | None, own_origins: Iterable[str], allowed: Iterable[str]) -> bool:
     """Non-browser clients send no Origin; browsers must come from a known page."""
     if origin is None:

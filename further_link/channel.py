@@ -12,6 +12,7 @@ are imported only when an image needs converting.
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import struct
@@ -19,7 +20,10 @@ import threading
 from typing import Any
 
 SOCKET_ENV_VAR = "FURTHER_LINK_IO_SOCKET"
-KIND_JPEG = b"J"
+KIND_JPEG = b"J"  # program -> server: one JPEG frame
+KIND_KEYLISTEN = b"K"  # program -> server: the program listens for this key (UTF-8)
+KIND_KEY_SUBSCRIBE = b"S"  # program -> server: send key events on this connection
+KIND_KEY_EVENT = b"E"  # server -> program: JSON [key, event]
 ACK = b"\x06"
 HEADER = struct.Struct("!cI")
 JPEG_MAGIC = b"\xff\xd8"
@@ -33,8 +37,19 @@ def encode_frame(kind: bytes, payload: bytes) -> bytes:
     return HEADER.pack(kind, len(payload)) + payload
 
 
+def encode_key_event(key: str, event: str) -> bytes:
+    """A key event as the server sends it: any key, the space bar included, survives."""
+    return json.dumps([key, event]).encode("utf-8")
+
+
+def decode_key_event(payload: bytes) -> tuple[str, str]:
+    key, event = json.loads(payload.decode("utf-8"))
+    return str(key), str(event)
+
+
 def to_jpeg(image: Any, quality: int = 80) -> bytes:
-    """Accept JPEG bytes, a Pillow image or an HxWx3 uint8 RGB numpy array."""
+    """Accept JPEG (or other image) bytes, a Pillow image, or a numpy array as OpenCV
+    gives it: HxWx3 BGR, HxWx4 BGRA or HxW greyscale, uint8."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         if data.startswith(JPEG_MAGIC):
@@ -45,12 +60,38 @@ def to_jpeg(image: Any, quality: int = 80) -> bytes:
     elif not hasattr(image, "save"):
         from PIL import Image
 
-        image = Image.fromarray(image)
+        image = Image.fromarray(_opencv_to_rgb(image))
     if image.mode != "RGB":
         image = image.convert("RGB")
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def _opencv_to_rgb(array: Any) -> Any:
+    """OpenCV orders colour channels blue, green, red; Pillow expects red first."""
+    if getattr(array, "ndim", 0) == 3 and array.shape[2] == 3:
+        return array[:, :, ::-1].copy()
+    if getattr(array, "ndim", 0) == 3 and array.shape[2] == 4:
+        return array[:, :, [2, 1, 0, 3]]
+    return array
+
+
+def connect_channel() -> socket.socket:
+    """A new connection to this run's side channel; raises ``ChannelError``."""
+    path = os.environ.get(SOCKET_ENV_VAR)
+    if not path:
+        raise ChannelError(
+            "send_image and KeyboardButton: this works only in a program started by further-link "
+            f"({SOCKET_ENV_VAR} is not set)"
+        )
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise ChannelError(f"cannot reach further-link at {path}: {exc.strerror}") from None
+    return sock
 
 
 class _Connection:
@@ -60,33 +101,18 @@ class _Connection:
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
 
-    def _connect(self) -> socket.socket:
-        path = os.environ.get(SOCKET_ENV_VAR)
-        if not path:
-            raise ChannelError(
-                "send_image works only in a program started by further-link "
-                f"({SOCKET_ENV_VAR} is not set)"
-            )
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            sock.close()
-            raise ChannelError(f"cannot reach further-link at {path}: {exc.strerror}") from None
-        return sock
-
     def send(self, kind: bytes, payload: bytes) -> None:
         with self._lock:
             if self._sock is None:
-                self._sock = self._connect()
+                self._sock = connect_channel()
             try:
                 self._sock.sendall(encode_frame(kind, payload))
                 if self._sock.recv(1) != ACK:
-                    raise ChannelError("further-link closed the image channel")
+                    raise ChannelError("further-link closed the side channel")
             except OSError as exc:
                 self._sock.close()
                 self._sock = None
-                raise ChannelError(f"further-link image channel failed: {exc}") from None
+                raise ChannelError(f"further-link side channel failed: {exc}") from None
 
 
 _connection = _Connection()

@@ -16,7 +16,7 @@ from typing import Callable
 
 from aiohttp import web
 
-from . import __version__
+from . import PACKAGE_VERSION, __version__
 from .access import GUARD
 from .addresses import server_urls
 from .auth import TokenStore, pairing_code
@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="further-link",
         description="Run learners' Python programs on this device from a browser.",
     )
-    parser.add_argument("--version", action="version", version=f"further-link {__version__}")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"further-link {PACKAGE_VERSION} (Further-Link API {__version__})",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the server (the default command)")
@@ -180,7 +184,7 @@ async def serve(config: Config) -> None:
         urls = server_urls(scheme, config.host, port)
         log.info(
             "further-link %s serving %s (listening on %s:%d, work dir %s)",
-            __version__,
+            PACKAGE_VERSION,
             urls[0],
             host,
             port,
@@ -209,6 +213,13 @@ def _warn_about_open_doors(config: Config) -> None:
         log.warning(
             "pairing is OFF (FURTHER_LINK_AUTH=off / --no-auth): anyone who can reach this "
             "port can run code on this device; use this only on a trusted network"
+        )
+    if config.auth and config.origin_auth:
+        log.warning(
+            "pairing by ORIGIN (FURTHER_LINK_AUTH=origin): connections claiming an origin in "
+            "FURTHER_LINK_ORIGINS (%s) need no token; any program on the network can claim one, "
+            "so use this only on a network you trust",
+            ", ".join(config.origins),
         )
     if "*" in config.origins:
         log.warning(

@@ -85,6 +85,11 @@ class Config:
     header_timeout: float = 10.0
     # Seconds a connection's outgoing queue may stay full before the client is cut off.
     stall_timeout: float = 60.0
+    # v5 /run (Further IDE): FURTHER_LINK_AUTH=origin lets allowed origins in without a token.
+    origin_auth: bool = False
+    temp_dir: Path = Path("/tmp")  # default `path` of /run starts (FURTHER_LINK_TEMP_DIR)
+    venv: Path | None = None  # FURTHER_VENV: the python3 runner's virtualenv
+    miniscreen_projects_dir: Path | None = None  # FURTHER_LINK_MINISCREEN_PROJECTS_DIR
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with some fields replaced (``None`` values are ignored)."""
@@ -294,6 +299,10 @@ def load_config(
     no_auth = overrides.pop("no_auth", False) or env.get(
         "FURTHER_LINK_AUTH", "on"
     ).strip().lower() in _FALSE_WORDS - {""}
+    # Anything but off/origin keeps the token: a typo never opens the device.
+    auth_mode = env.get("FURTHER_LINK_AUTH", "on").strip().lower()
+    venv_raw = env.get("FURTHER_VENV")
+    miniscreen_raw = env.get("FURTHER_LINK_MINISCREEN_PROJECTS_DIR")
     origins_raw = env.get("FURTHER_LINK_ORIGINS")
     origins = (
         DEFAULT_ORIGINS
@@ -351,6 +360,14 @@ def load_config(
         max_connections_per_address=_number(env, "FURTHER_LINK_MAX_CONNECTIONS_PER_ADDRESS", 32),
         header_timeout=_number(env, "FURTHER_LINK_HEADER_TIMEOUT", 10.0, float),
         stall_timeout=_number(env, "FURTHER_LINK_STALL_TIMEOUT", 60.0, float),
+        origin_auth=auth_mode == "origin" and not no_auth,
+        temp_dir=Path(env.get("FURTHER_LINK_TEMP_DIR") or "/tmp").absolute(),
+        venv=Path(venv_raw).absolute() if venv_raw else None,
+        miniscreen_projects_dir=(
+            Path(miniscreen_raw).expanduser().absolute()
+            if miniscreen_raw
+            else run_as.home / "Desktop" / "Projects" / "Further"
+        ),
     )
     config = config.with_overrides(**overrides)
     if not 0 <= config.port <= 65535:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import psutil
 from aiohttp import web
 
-from . import __version__, proctree
+from . import PACKAGE_VERSION, proctree
 from .access import check_origin, check_token, cors_headers, preflight
 from .compat import app_key
 from .config import Config
@@ -116,7 +116,7 @@ def _psutil_sensor(name: str) -> Any:
 
 def collect_status(work_dir: Path) -> dict[str, Any]:
     """The blocking part: every reading, fields the system lacks left out."""
-    status: dict[str, Any] = {"hostname": socket.gethostname(), "version": __version__}
+    status: dict[str, Any] = {"hostname": socket.gethostname(), "version": PACKAGE_VERSION}
     pretty_name = os_pretty_name()
     if pretty_name:
         status["os"] = pretty_name

@@ -2,6 +2,7 @@
 
     FurtherLinkError            base: message is meant for the person at the browser
      +-- ProtocolError          the client's message is malformed or not allowed
+     |    +-- ProcessMessageError  ... on /run, naming the process it concerns
      +-- SessionStateError      the command does not fit now ("no program is running")
      +-- StartError             a program could not be started (missing file, bad dir)
      +-- StdinError             input could not be handed to the program
@@ -9,6 +10,7 @@
      |    +-- UnsafePathError   a client-supplied name would leave its directory
      |    +-- LimitExceededError a configured cap (files, bytes) was exceeded
      |    +-- DownloadError     a url file could not be fetched completely
+     |         +-- UnreachableError  ... because its host refused or could not be reached
      +-- ConfigError            the server's own configuration is unusable
      +-- ClientError            `further-link run` / `pair` cannot go on (not paired,
      |                          refused, certificate changed, files it cannot send)
@@ -52,6 +54,14 @@ class ProtocolError(FurtherLinkError):
     """The client sent something that is not a valid command."""
 
 
+class ProcessMessageError(ProtocolError):
+    """A /run message was refused; ``process`` is its process id when it had a usable one."""
+
+    def __init__(self, message: str, process: str | None = None) -> None:
+        super().__init__(message)
+        self.process = process
+
+
 class SessionStateError(FurtherLinkError):
     """The command is valid but does not fit the session's current state."""
 
@@ -78,6 +88,14 @@ class LimitExceededError(UploadError):
 
 class DownloadError(UploadError):
     """A url file could not be downloaded completely."""
+
+
+class UnreachableError(DownloadError):
+    """A url file's host refused the connection or could not be reached (offline)."""
+
+    def __init__(self, url: str, message: str) -> None:
+        super().__init__(message)
+        self.url = url
 
 
 class ConfigError(FurtherLinkError):

@@ -2,8 +2,9 @@
 
 A web page can point a name it owns at the device (DNS rebinding) and then
 send that name as ``Host`` and ``Origin``; only names the device knows as its
-own are trusted. Later name schemes (such as a per-address public name) are
-added in ``own_names``. Nothing here touches a request.
+own are trusted, among them the public name Further gives each IPv4 address
+(``192-168-1-20.further-link.pi-top.com``, which its DNS points at that
+address). Nothing here touches a request.
 """
 
 from __future__ import annotations
@@ -18,6 +19,27 @@ import psutil
 # Addresses change (DHCP, a new network); the list is rebuilt this often.
 REFRESH_SECONDS = 30.0
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+FURTHER_DOMAIN = "further-link.pi-top.com"
+
+
+def further_host_name(address: str) -> str:
+    """``192.168.1.20`` -> ``192-168-1-20.further-link.pi-top.com``, the name Further uses."""
+    return f"{address.replace('.', '-')}.{FURTHER_DOMAIN}"
+
+
+def reachable_ipv4(addresses: Iterable[str]) -> list[str]:
+    """The IPv4 addresses other machines can reach (no loopback or link-local), sorted."""
+    found = set()
+    for raw in addresses:
+        try:
+            address = ipaddress.ip_address(raw)
+        except ValueError:
+            continue
+        if address.version == 4 and not (
+            address.is_loopback or address.is_link_local or address.is_unspecified
+        ):
+            found.add(str(address))
+    return sorted(found)
 
 
 def own_names(hostname: str, addresses: Iterable[str], extra: Iterable[str]) -> frozenset[str]:
@@ -26,7 +48,9 @@ def own_names(hostname: str, addresses: Iterable[str], extra: Iterable[str]) -> 
     if hostname:
         short = hostname.lower().rstrip(".")
         names.update({short, f"{short}.local", f"{short.split('.')[0]}.local"})
+    addresses = list(addresses)
     names.update(normalise_host(address) for address in addresses)
+    names.update(further_host_name(a) for a in addresses if "." in a and ":" not in a)
     names.discard("")
     return frozenset(names)
 

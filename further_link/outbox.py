@@ -13,8 +13,10 @@ merged into fewer, larger messages; when it keeps up, each chunk goes out as soo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import deque
+from typing import Callable
 
 from .protocol import ErrorEvent, Event, Output, Video, encode_event
 
@@ -28,8 +30,9 @@ class OutboxClosed(Exception):
 
 
 class Outbox:
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, encode: Callable[[Event], str] = encode_event) -> None:
         self._limit = max(1, limit_bytes)
+        self._encode = encode
         self._events: deque[tuple[Event, int]] = deque()
         self._queued_bytes = 0
         self._readable = asyncio.Event()
@@ -91,15 +94,19 @@ class Outbox:
             parts = [event.output]
             while self._events and size < MERGE_LIMIT:
                 following, following_size = self._events[0]
-                if not (isinstance(following, Output) and following.stream == event.stream):
+                if not (
+                    isinstance(following, Output)
+                    and following.stream == event.stream
+                    and following.process == event.process
+                ):
                     break
                 self._events.popleft()
                 parts.append(following.output)
                 size += following_size
             if len(parts) > 1:
-                event = Output(event.stream, "".join(parts))
+                event = dataclasses.replace(event, output="".join(parts))
         self._release(size)
-        return encode_event(event)
+        return self._encode(event)
 
     def _release(self, size: int) -> None:
         self._queued_bytes -= size

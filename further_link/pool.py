@@ -44,9 +44,12 @@ from .process import LaunchedProcess, ProgramSpec, cold_launch, spawn
 log = logging.getLogger(__name__)
 
 BOOTSTRAP = (Path(__file__).parent / "warm_bootstrap.py").read_text(encoding="utf-8")
-# Set per run by the bootstrap rather than at interpreter start.
+# Set per run by the bootstrap rather than at interpreter start. Besides ours,
+# the terminal and login variables a v5 /run start sets: Python's start-up
+# does not read them (HOME, which it does read, is not among them).
 PER_RUN_VARIABLES = frozenset(
     {"PYTHONPATH", "PWD", SOCKET_ENV_VAR, proctree.RUN_TAG_VAR, *DISPLAY_VARIABLES}
+    | {"TERM", "SHELL", "USER", "LOGNAME", "XDG_RUNTIME_DIR"}
 )
 WAITING_CWD = Path("/")
 # Generous: numpy takes 1-2 s to import on a Raspberry Pi 4, more when it is busy.

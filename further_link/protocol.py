@@ -77,17 +77,19 @@ Command = Union[StartCommand, StopCommand, StdinCommand, PingCommand, UploadComm
 
 
 # ------------------------------------------------------------------ events
+# Shared by both wire APIs: ``process`` is the v5 /run process id (None on /run-py).
 
 
 @dataclass(frozen=True)
 class Started:
-    pass
+    process: str | None = None
 
 
 @dataclass(frozen=True)
 class Stopped:
     exit_code: int
     signal: int | None = None  # the signal that actually ended the program, if one did
+    process: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class Output:
 
     stream: str
     output: str
+    process: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,15 @@ class Video:
     """One JPEG frame, base64-encoded, sent by ``further_link.send_image``."""
 
     output: str
+    process: str | None = None
+
+
+@dataclass(frozen=True)
+class KeyListen:
+    """The program wants browser key events for ``key`` (v5 /run only)."""
+
+    key: str
+    process: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,13 +130,14 @@ class Pong:
 @dataclass(frozen=True)
 class ErrorEvent:
     message: str
+    process: str | None = None
 
 
-Event = Union[Started, Stopped, Output, Video, Uploaded, Pong, ErrorEvent]
+Event = Union[Started, Stopped, Output, Video, KeyListen, Uploaded, Pong, ErrorEvent]
 
 
 def encode_event(event: Event) -> str:
-    """Serialise an event as the JSON text frame clients expect."""
+    """Serialise an event as the JSON text frame /run-py clients expect."""
     kind: str
     data: dict[str, Any]
     if isinstance(event, (Output, Video)):
@@ -147,8 +160,8 @@ def encode_event(event: Event) -> str:
         kind, data = "uploaded", {}
     elif isinstance(event, Pong):
         kind, data = "pong", {}
-    else:  # pragma: no cover - the Union above is exhaustive
-        raise TypeError(f"not an event: {event!r}")
+    else:  # pragma: no cover - KeyListen exists only on /run
+        raise TypeError(f"not a /run-py event: {event!r}")
     return json.dumps({"type": kind, "data": data}, ensure_ascii=False)
 
 

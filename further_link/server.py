@@ -11,12 +11,12 @@ import shutil
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import __version__, proctree
+from . import PACKAGE_VERSION, __version__, proctree
 from .access import GUARD, TOKENS, check_origin, check_token, setup_access
 from .auth import TokenStore
 from .compat import app_key
@@ -25,6 +25,7 @@ from .containment import Containment, Limits
 from .control import serve_control
 from .device import DEVICE_STATUS, setup_device
 from .egress import DownloadPolicy, PolicyResolver
+from .further_http import setup_further_http
 from .interpreter import check_interpreter
 from .launch import prepare_library_dir, program_env
 from .liveness import bytes_acked, made_progress
@@ -32,9 +33,11 @@ from .netguard import hold_clock
 from .outbox import Outbox, OutboxClosed
 from .pool import WarmPool
 from .project import remove_stale_scripts
+from .run_ws import Wiring, setup_run_api
 from .rundirs import RunPlaces
 from .session import Services, Session
 from .upload import UrlCache
+from .upload_http import make_upload_handler
 from .webpage import setup_webpage
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,10 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def version(request: web.Request) -> web.Response:
-    return web.json_response({"version": __version__}, headers=OPEN_CORS)
+    """``version`` is the Further-Link API level Further checks; ``package`` is our release."""
+    return web.json_response(
+        {"version": __version__, "package": f"further-link {PACKAGE_VERSION}"}, headers=OPEN_CORS
+    )
 
 
 class RunPyWebSocket(web.WebSocketResponse):
@@ -112,11 +118,29 @@ async def run_py(request: web.Request) -> web.WebSocketResponse:
     ws = RunPyWebSocket(max_msg_size=config.max_message_bytes, heartbeat=config.heartbeat or None)
     await ws.prepare(request)
     outbox = Outbox(config.output_queue_bytes)
-    session = Session(app[SERVICES], outbox)
+    await serve_connection(request, ws, Session(app[SERVICES], outbox), outbox)
+    return ws
+
+
+class Connection(Protocol):
+    """What a websocket's session is to this glue: /run-py's Session, /run's RunSession."""
+
+    async def receive(self, text: str) -> None: ...
+    def receive_binary(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+async def serve_connection(
+    request: web.Request, ws: RunPyWebSocket, session: Connection, outbox: Outbox
+) -> None:
+    """Feed the client's messages to ``session`` until the socket ends, then end it all."""
+    app = request.app
     app[CONNECTIONS][session] = ws
     writer = asyncio.ensure_future(_send_events(ws, outbox))
-    watchdog = asyncio.ensure_future(_cut_off_when_stalled(request, outbox, config.stall_timeout))
-    log.debug("client connected from %s", request.remote)
+    watchdog = asyncio.ensure_future(
+        _cut_off_when_stalled(request, outbox, app[CONFIG].stall_timeout)
+    )
+    log.debug("client connected from %s to %s", request.remote, request.path)
     try:
         async for message in ws:
             if message.type in (WSMsgType.TEXT, WSMsgType.BINARY) and ws.over_the_limit(
@@ -143,7 +167,6 @@ async def run_py(request: web.Request) -> web.WebSocketResponse:
         watchdog.cancel()
         await asyncio.gather(writer, watchdog, return_exceptions=True)
         log.debug("client from %s disconnected", request.remote)
-    return ws
 
 
 STALL_CHECK_INTERVAL = 1.0
@@ -345,6 +368,9 @@ def create_app(
     app.router.add_get("/status", status)
     app.router.add_get("/version", version)
     app.router.add_get("/run-py", run_py)
+    setup_run_api(app, Wiring(CONFIG, SERVICES, RunPyWebSocket, serve_connection))
+    app.router.add_post("/upload", make_upload_handler(SERVICES))
+    setup_further_http(app)
     setup_webpage(app)
     setup_device(app, config)
     app.cleanup_ctx.append(_services)

@@ -175,7 +175,7 @@ class Session:
         group: RunGroup | None = None
         try:
             plan = plan_program(command, self._config, self._services.library_dir, run_dir)
-            group, rlimits = self._contain()
+            group, rlimits = contain_run(self._services)
             spec = dataclasses.replace(plan.spec, group=group, rlimits=rlimits)
             program = Program(
                 spec, self._deliver_output, self._config.kill_grace, self._services.launcher
@@ -217,18 +217,6 @@ class Session:
         self.outbox.put(Started())
         run.task = asyncio.ensure_future(self._supervise(run))
 
-    def _contain(self) -> tuple[RunGroup | None, Limits | None]:
-        """The run's own cgroup, or the limits to set as rlimits (best-effort)."""
-        containment = self._services.containment
-        if containment is None:
-            return None, None
-        if containment.mode == BEST_EFFORT:
-            return None, containment.rlimits
-        try:
-            return containment.new_run(), None
-        except OSError as exc:
-            raise StartError(f"could not create the program's cgroup: {exc.strerror}") from None
-
     async def _supervise(self, run: Run) -> None:
         """Wait for the program to end, then release what the run owns."""
         try:
@@ -237,7 +225,7 @@ class Session:
         finally:
             run.remove_files()
         # Not in ``finally``: when cancelled, ``close`` removes it after ending the run.
-        await _remove_group(run.group)
+        await remove_group(run.group)
         self._run = None
         self.state = State.IDLE
         self.outbox.put(Stopped(code, run.program.ending_signal))
@@ -283,12 +271,7 @@ class Session:
 
     async def _upload(self, command: UploadCommand) -> None:
         config = self._config
-        limits = UploadLimits(
-            max_files=config.max_upload_files,
-            max_bytes=config.max_upload_bytes,
-            max_download_bytes=config.max_download_bytes,
-            quota_bytes=config.quota_bytes,
-        )
+        limits = UploadLimits.from_config(config)
         try:
             await materialise_upload(command, config.work_dir, self._services.cache, limits)
         except OSError as exc:
@@ -319,7 +302,7 @@ class Session:
             await run.program.abort()
             await run.channel.close()
             run.remove_files()
-            await _remove_group(run.group)
+            await remove_group(run.group)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -332,7 +315,23 @@ class Session:
         await self.close()
 
 
-async def _remove_group(group: RunGroup | None) -> None:
+def contain_run(services: Services) -> tuple[RunGroup | None, Limits | None]:
+    """A new run's own cgroup, or the limits to set as rlimits (best-effort).
+
+    Raises ``StartError`` when the cgroup cannot be made. Shared by /run-py and /run.
+    """
+    containment = services.containment
+    if containment is None:
+        return None, None
+    if containment.mode == BEST_EFFORT:
+        return None, containment.rlimits
+    try:
+        return containment.new_run(), None
+    except OSError as exc:
+        raise StartError(f"could not create the program's cgroup: {exc.strerror}") from None
+
+
+async def remove_group(group: RunGroup | None) -> None:
     if group is not None:
         # Waits (briefly) for the kernel to finish tearing the processes down.
         await asyncio.get_running_loop().run_in_executor(None, group.remove)

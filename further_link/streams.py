@@ -1,9 +1,11 @@
-"""Server side of a run's side channel: a unix socket that carries images.
+"""Server side of a run's side channel: a unix socket that carries images and keys.
 
 One ``SideChannel`` per run. It owns its socket file and the connection
 handlers; ``close`` ends them and removes the file. Each received frame is
 passed to an async callback before it is acknowledged, so a program that sent
-a frame knows it is queued ahead of anything it prints next.
+a frame knows it is queued ahead of anything it prints next. A connection
+that subscribes to key events (``KeyboardButton``) then receives them as
+frames from the server.
 
 With a run cgroup (``peer_group``), a connection is served only when the
 connecting process is in it (SO_PEERCRED's pid, checked against the cgroup's
@@ -23,7 +25,16 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Callable
 
-from .channel import ACK, HEADER, KIND_JPEG
+from .channel import (
+    ACK,
+    HEADER,
+    KIND_JPEG,
+    KIND_KEY_EVENT,
+    KIND_KEY_SUBSCRIBE,
+    KIND_KEYLISTEN,
+    encode_frame,
+    encode_key_event,
+)
 from .containment import RunGroup
 
 log = logging.getLogger(__name__)
@@ -31,6 +42,11 @@ log = logging.getLogger(__name__)
 FrameHandler = Callable[[bytes, bytes], Awaitable[None]]
 # Frames already written by a program that has exited are read for this long.
 CLOSE_DRAIN_TIMEOUT = 1.0
+# Key events a program has not read yet; beyond this it is not listening, and
+# events are dropped rather than let it hold up its connection's messages.
+KEY_BACKLOG_BYTES = 64 * 1024
+PROGRAM_KINDS = (KIND_JPEG, KIND_KEYLISTEN, KIND_KEY_SUBSCRIBE)
+__all__ = ["KIND_KEYLISTEN", "SideChannel"]
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -63,6 +79,7 @@ class SideChannel:
         self._max_frame_bytes = max_frame_bytes
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._key_listeners: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
         if self._listener is not None:
@@ -88,6 +105,7 @@ class SideChannel:
             log.debug("side channel connection ended mid-frame")
         finally:
             self._handlers.discard(task)
+            self._key_listeners.discard(writer)
             writer.close()
 
     def _peer_allowed(self, writer: asyncio.StreamWriter) -> bool:
@@ -108,13 +126,25 @@ class SideChannel:
                     log.warning("side channel closed inside a frame header")
                 return
             kind, length = HEADER.unpack(header)
-            if kind != KIND_JPEG or length > self._max_frame_bytes:
+            if kind not in PROGRAM_KINDS or length > self._max_frame_bytes:
                 log.warning("side channel: refusing frame kind=%r length=%d", kind, length)
                 return
             payload = await reader.readexactly(length)
-            await self._on_frame(kind, payload)
+            if kind == KIND_KEY_SUBSCRIBE:
+                self._key_listeners.add(writer)
+            else:
+                await self._on_frame(kind, payload)
             writer.write(ACK)
             await writer.drain()
+
+    def push_key(self, key: str, event: str) -> None:
+        """Send a browser key event to the program's key listeners (none: ignored)."""
+        frame = encode_frame(KIND_KEY_EVENT, encode_key_event(key, event))
+        for writer in list(self._key_listeners):
+            if writer.transport.get_write_buffer_size() > KEY_BACKLOG_BYTES:
+                log.warning("a program is not reading its key events; dropping one")
+                continue
+            writer.write(frame)
 
     async def close(self) -> None:
         """Stop listening, let pending frames through briefly, then end."""

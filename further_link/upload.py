@@ -23,8 +23,16 @@ from urllib.parse import urlsplit
 import aiohttp
 from yarl import URL
 
+from .config import Config
 from .egress import DestinationRefused, DownloadPolicy
-from .errors import DownloadError, LimitExceededError, UploadError, excerpt, shorten
+from .errors import (
+    DownloadError,
+    LimitExceededError,
+    UnreachableError,
+    UploadError,
+    excerpt,
+    shorten,
+)
 from .paths import confine_path, describe_kind
 from .protocol import TextFile, UploadCommand, UrlFile
 from .quota import disk_usage, evict_least_recent, record_name
@@ -48,6 +56,15 @@ class UploadLimits:
     max_bytes: int
     max_download_bytes: int
     quota_bytes: int | None = None  # the whole work dir: uploads and url cache
+
+    @classmethod
+    def from_config(cls, config: Config) -> UploadLimits:
+        return cls(
+            max_files=config.max_upload_files,
+            max_bytes=config.max_upload_bytes,
+            max_download_bytes=config.max_download_bytes,
+            quota_bytes=config.quota_bytes,
+        )
 
 
 class UrlCache:
@@ -207,8 +224,9 @@ class UrlCache:
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, DestinationRefused):
                 raise DownloadError(f"downloading {shorten(url)} refused: {exc.os_error}") from None
-            raise DownloadError(
-                f"downloading {shorten(url)} failed: {_describe_client_error(exc)}"
+            # The host refused or could not be reached: offline, for POST /upload.
+            raise UnreachableError(
+                url, f"downloading {shorten(url)} failed: {_describe_client_error(exc)}"
             ) from None
         except aiohttp.ClientError as exc:
             raise DownloadError(

@@ -145,7 +145,7 @@ def test_tls_is_on_by_default(sandbox: Path, server_env: dict[str, str]) -> None
 
 
 def test_version_flag(server_env: dict[str, str]) -> None:
-    from further_link import __version__
+    from further_link import PACKAGE_VERSION, __version__
 
     out = subprocess.run(
         [sys.executable, "-m", "further_link", "--version"],
@@ -154,7 +154,7 @@ def test_version_flag(server_env: dict[str, str]) -> None:
         text=True,
         check=True,
     )
-    assert out.stdout.strip() == f"further-link {__version__}"
+    assert out.stdout.strip() == f"further-link {PACKAGE_VERSION} (Further-Link API {__version__})"
 
 
 def test_bad_port_is_reported_not_a_traceback(server_env: dict[str, str]) -> None:

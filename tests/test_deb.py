@@ -28,7 +28,7 @@ import aiohttp
 import psutil
 import pytest
 
-from further_link import __version__
+from further_link import PACKAGE_VERSION
 from further_link.accounts import SYSTEM_ACCOUNT
 
 from conftest import AS_ROOT, TIMEOUT
@@ -74,7 +74,7 @@ def deb() -> Path:
     if given:
         return Path(given)
     sh("make", "-C", str(REPO), "--no-print-directory", "deb")
-    return REPO / "dist" / f"further-link_{__version__}_all.deb"
+    return REPO / "dist" / f"further-link_{PACKAGE_VERSION}_all.deb"
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def service_command(unit_text: str, overrides: dict[str, str]) -> tuple[list[str
 async def test_package_installs_serves_runs_a_program_and_is_removed_and_purged(
     deb: Path, clean_machine: None, sandbox: Path
 ) -> None:
-    assert deb.name == f"further-link_{__version__}_all.deb" and deb.is_file()
+    assert deb.name == f"further-link_{PACKAGE_VERSION}_all.deb" and deb.is_file()
     out = sh(*APT, "install", "-y", str(deb))
     # postinst: the account choice, the config dir, token and certificate, and where to pair.
     chosen = re.search(r"programs run as '([^']+)': ", out)
@@ -199,7 +199,7 @@ async def test_package_installs_serves_runs_a_program_and_is_removed_and_purged(
 
 # --------------------------------------------- a booted throw-away Debian with systemd
 
-ROOTFS = Path("/var/cache/further-link-test") / f"{__version__}-rootfs"
+ROOTFS = Path("/var/cache/further-link-test") / f"{PACKAGE_VERSION}-rootfs"
 ROOTFS_PACKAGES = "systemd,systemd-sysv,dbus,adduser,python3-aiohttp,python3-cryptography,"
 ROOTFS_PACKAGES += "python3-psutil,python3-pil"
 BOOT_TIMEOUT = 120

@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple
 import aiohttp
 import psutil
 
-from further_link import __version__
+from further_link import PACKAGE_VERSION
 from further_link.device import battery_status, cpu_temperature, os_pretty_name, uptime_seconds
 
 from conftest import RunningServer
@@ -52,7 +52,7 @@ async def test_device_reports_this_machine(
     assert status == 200
     assert headers["Cache-Control"] == "no-store"
     assert body["hostname"] == socket.gethostname()
-    assert body["version"] == __version__
+    assert body["version"] == PACKAGE_VERSION
     assert body.get("os") == os_pretty_name()
     if Path("/etc/os-release").exists():
         assert body["os"]

@@ -34,19 +34,24 @@ async def test_version_inside_program_matches_server(
 
 
 async def test_send_numpy_frame_end_to_end(client: Client) -> None:
+    """Arrays are read as OpenCV gives them: blue, green, red; or 2-D greyscale."""
     script = (
         "import numpy as np, further_link\n"
         "frame = np.zeros((48, 64, 3), dtype=np.uint8)\n"
-        "frame[:, :, 0] = 255\n"
+        "frame[:, :, 2] = 255\n"
         "further_link.send_image(frame)\n"
+        "further_link.send_image(np.full((10, 20), 200, dtype=np.uint8))\n"
     )
     result = await client.run({"sourceScript": script})
     assert result.exit_code == 0, result.stderr
-    assert len(result.frames) == 1
+    assert len(result.frames) == 2
     image = decode_frame(result.frames[0])
     assert image.size == (64, 48)
     red, green, blue = image.getpixel((32, 24))
     assert red > 200 and green < 60 and blue < 60
+    grey = decode_frame(result.frames[1]).convert("RGB")
+    assert grey.size == (20, 10)
+    assert all(190 < value < 210 for value in grey.getpixel((10, 5)))
 
 
 async def test_send_pillow_image_and_jpeg_bytes(client: Client) -> None:
