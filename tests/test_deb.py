@@ -275,6 +275,20 @@ def debian_root() -> Path:
     return ROOTFS
 
 
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.Error:
+        return ""
+
+
 class Container:
     """A booted throw-away copy of ``root`` (no network but its own loopback)."""
 
@@ -299,8 +313,10 @@ class Container:
         self.init = 0
         deadline = time.monotonic() + BOOT_TIMEOUT
         while time.monotonic() < deadline and self.init == 0:
-            children = psutil.Process(self.nspawn.pid).children()
-            self.init = children[0].pid if children else 0
+            # The container's init, not nspawn's own helper child that comes first.
+            self.init = next(
+                (p.pid for p in _descendants(self.nspawn.pid) if _name(p) == "systemd"), 0
+            )
             time.sleep(0.2)
         state = ""
         while time.monotonic() < deadline and state not in ("running", "degraded"):
