@@ -55,38 +55,43 @@ def content_security_policy(host: str) -> str:
     )
 
 
-def static_files(web_dir: Path = WEB_DIR) -> dict[str, Path]:
+def static_files(web_dir: Path = WEB_DIR) -> dict[str, bytes]:
     """The files ``/static/`` may serve, by name: a fixed list, no path lookups.
 
     The page itself is only served at ``/``, with its Content-Security-Policy.
     """
     return {
-        path.name: path
+        path.name: path.read_bytes()
         for path in sorted(web_dir.iterdir())
         if path.is_file() and path.suffix in CONTENT_TYPES and path.suffix != ".html"
     }
 
 
-def _file_response(path: Path) -> web.FileResponse:
-    headers = {"Content-Type": CONTENT_TYPES[path.suffix], **COMMON_HEADERS}
-    return web.FileResponse(path, headers=headers)
+# Read at import: a server that drops root (privsep.py) may not read its own
+# installation afterwards (e.g. a checkout under /root).
+STATIC_FILES = static_files()
+INDEX_HTML = (WEB_DIR / "index.html").read_bytes()
 
 
-async def index(request: web.Request) -> web.FileResponse:
-    response = _file_response(WEB_DIR / "index.html")
+def _file_response(name: str, body: bytes) -> web.Response:
+    headers = {"Content-Type": CONTENT_TYPES[Path(name).suffix], **COMMON_HEADERS}
+    return web.Response(body=body, headers=headers)
+
+
+async def index(request: web.Request) -> web.Response:
+    response = _file_response("index.html", INDEX_HTML)
     response.headers["Content-Security-Policy"] = content_security_policy(request.host)
     response.headers["X-Frame-Options"] = "DENY"
     return response
 
 
 def setup_webpage(app: web.Application) -> None:
-    files = static_files()
-
-    async def static(request: web.Request) -> web.FileResponse:
-        path = files.get(request.match_info["name"])
-        if path is None:
+    async def static(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        body = STATIC_FILES.get(name)
+        if body is None:
             raise web.HTTPNotFound(text="no such file in further-link's web page\n")
-        return _file_response(path)
+        return _file_response(name, body)
 
     app.router.add_get("/", index)
     app.router.add_get("/static/{name}", static)
