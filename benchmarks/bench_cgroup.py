@@ -38,7 +38,7 @@ from _programs import HELLO_SOURCE
 from _report import BenchResult, Target, summarise
 from _server import running_server
 
-from further_link.containment import CGROUP, Containment, Limits
+from further_link.runs.containment import CGROUP, Containment, Limits
 
 TARGET_MS = 2.0
 COUNT = {True: 100, False: 1000}  # quick, full

@@ -5,8 +5,8 @@ helpers for richer output, e.g. ``further_link.send_image(frame)``. This module
 imports only the standard library so that the import stays fast.
 """
 
-from .channel import ChannelError, send_image
-from .keyboard import KeyboardButton
+from further_link.channel import ChannelError, send_image
+from further_link.keyboard import KeyboardButton
 
 # further-link's own release: the package version, `further-link --version`.
 PACKAGE_VERSION = "0.1.0"

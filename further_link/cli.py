@@ -16,21 +16,21 @@ from typing import Callable
 
 from aiohttp import web
 
-from . import PACKAGE_VERSION, __version__
-from .access import GUARD
-from .addresses import server_urls
-from .auth import TokenStore, pairing_code
-from .client import add_client_commands
-from .config import Config, listen_address, load_config, resolve_config_dir, uses_tls
-from .control import bind_control_socket, current_generation, notify_servers
-from .errors import FurtherLinkError
-from .firstrun import add_setup_command
-from .netguard import GuardedSite, raise_fd_limit
-from .pairing import PairingGuard
-from .privsep import drop_privileges
-from .server import bind_listener, create_app
-from .service import add_service_command
-from .tls import server_ssl_context
+from further_link import PACKAGE_VERSION, __version__
+from further_link.client.commands import add_client_commands
+from further_link.config import Config, listen_address, load_config, resolve_config_dir, uses_tls
+from further_link.errors import FurtherLinkError
+from further_link.server.access import GUARD
+from further_link.server.app import bind_listener, create_app
+from further_link.server.netguard import GuardedSite, raise_fd_limit
+from further_link.system.addresses import server_urls
+from further_link.system.firstrun import add_setup_command
+from further_link.system.privsep import drop_privileges
+from further_link.system.service import add_service_command
+from further_link.trust.auth import TokenStore, pairing_code
+from further_link.trust.control import bind_control_socket, current_generation, notify_servers
+from further_link.trust.pairing import PairingGuard
+from further_link.trust.tls import server_ssl_context
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .accounts import AccountBook, choose_account
-from .errors import ConfigError
+from further_link.errors import ConfigError
+from further_link.system.accounts import AccountBook, choose_account
 
 MiB = 1024 * 1024
 DEFAULT_PORT = 8028

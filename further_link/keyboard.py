@@ -14,7 +14,7 @@ import sys
 import threading
 from typing import Callable, Optional
 
-from .channel import (
+from further_link.channel import (
     ACK,
     HEADER,
     KIND_KEY_EVENT,

@@ -22,11 +22,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from further_link.auth import TokenStore
 from further_link.config import Config, load_config
-from further_link.netguard import GuardedSite
-from further_link.server import create_app
-from further_link.tls import server_ssl_context
+from further_link.server.app import create_app
+from further_link.server.netguard import GuardedSite
+from further_link.trust.auth import TokenStore
+from further_link.trust.tls import server_ssl_context
 
 
 def pytest_configure(config: pytest.Config) -> None:

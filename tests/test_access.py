@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from test_cli import plain_server
 
-from further_link.auth import (
+from further_link.trust.auth import (
     CODE_WINDOW_SECONDS,
     TokenStore,
     code_is_valid,
@@ -22,8 +22,8 @@ from further_link.auth import (
     origin_allowed,
     pairing_code,
 )
-from further_link.control import current_generation
-from further_link.pairing import WRONG_PER_CODE
+from further_link.trust.control import current_generation
+from further_link.trust.pairing import WRONG_PER_CODE
 
 from conftest import AS_ROOT, Client, RunningServer, rotate_token
 

@@ -22,9 +22,9 @@ from typing import Callable
 import aiohttp
 import pytest
 
-from further_link.accounts import SYSTEM_ACCOUNT, AccountBook, choose_account
 from further_link.config import load_config, resolve_run_as
 from further_link.errors import ConfigError
+from further_link.system.accounts import SYSTEM_ACCOUNT, AccountBook, choose_account
 
 from conftest import AS_ROOT, TIMEOUT, Client, RunningServer
 

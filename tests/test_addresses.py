@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from further_link.addresses import server_urls
+from further_link.system.addresses import server_urls
 
 
 def machine_addresses() -> set[str]:

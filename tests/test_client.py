@@ -24,10 +24,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from test_cli import ServerProcess
 
-from further_link.auth import pairing_code
-from further_link.client import Device, Project, describe_refusal, exit_status, read_project
+from further_link.client.commands import (
+    Device,
+    Project,
+    describe_refusal,
+    exit_status,
+    read_project,
+)
+from further_link.client.hosts import HostStore, certificate_fingerprint
 from further_link.errors import ClientError
-from further_link.hosts import HostStore, certificate_fingerprint
+from further_link.trust.auth import pairing_code
 
 from conftest import (
     PROGRAM_SETTINGS,

@@ -28,10 +28,10 @@ import aiohttp
 import pytest
 from test_process_tree import all_gone, left_behind, marked_pids, program, start_program
 
-from further_link import containment
-from further_link.containment import CGROUP, detect
-from further_link.server import SERVICES
-from further_link.session import Services
+from further_link.runs import containment
+from further_link.runs.containment import CGROUP, detect
+from further_link.runs.session import Services
+from further_link.server.app import SERVICES
 
 from conftest import AS_ROOT, POOL_SIZE, TIMEOUT, Client, RunningServer
 
@@ -385,7 +385,7 @@ def test_detect_reads_hybrid_and_pure_v2_layouts(tmp_path: Path) -> None:
 
 NOBODY_SIDE = """
 import os, signal, subprocess, sys, time
-from further_link.containment import Containment, Limits, child_setup
+from further_link.runs.containment import Containment, Limits, child_setup
 contained = Containment.start(Limits(0, 50, 100))
 print("mode", contained.mode, flush=True)
 group = contained.new_run()
@@ -415,7 +415,7 @@ contained.close()
 # print them, and become that account for good.
 PREPARED = """
 import os, pwd, sys
-from further_link.containment import prepare_delegation
+from further_link.runs.containment import prepare_delegation
 entry = pwd.getpwnam(sys.argv[1])
 for subtree in prepare_delegation(entry.pw_uid, entry.pw_gid):
     print(subtree, flush=True)
@@ -425,7 +425,7 @@ for subtree in prepare_delegation(entry.pw_uid, entry.pw_gid):
 # (a cgroup of its own, owned by it, the process inside), then the same.
 DELEGATED_BY_SYSTEMD = """
 import os, pwd, secrets, sys
-from further_link.containment import detect_here
+from further_link.runs.containment import detect_here
 entry = pwd.getpwnam(sys.argv[1])
 layout = detect_here()
 name = f"test-delegated-{os.getpid()}-{secrets.token_hex(4)}"

@@ -29,7 +29,7 @@ import psutil
 import pytest
 
 from further_link import PACKAGE_VERSION
-from further_link.accounts import SYSTEM_ACCOUNT
+from further_link.system.accounts import SYSTEM_ACCOUNT
 
 from conftest import AS_ROOT, TIMEOUT
 

@@ -13,7 +13,12 @@ import aiohttp
 import psutil
 
 from further_link import PACKAGE_VERSION
-from further_link.device import battery_status, cpu_temperature, os_pretty_name, uptime_seconds
+from further_link.server.device import (
+    battery_status,
+    cpu_temperature,
+    os_pretty_name,
+    uptime_seconds,
+)
 
 from conftest import RunningServer
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 import pytest
 
-from further_link.display import graphical_session
+from further_link.runs.display import graphical_session
 
 from conftest import Client, RunningServer
 

@@ -21,7 +21,7 @@ import pytest
 from test_hostile_input import open_raw_websocket
 
 from further_link.errors import ConfigError
-from further_link.project import SCRIPT_PATTERN
+from further_link.files.project import SCRIPT_PATTERN
 
 from conftest import (
     Client,

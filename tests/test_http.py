@@ -12,7 +12,7 @@ import aiohttp
 from cryptography import x509
 
 import further_link
-from further_link.tls import ensure_self_signed
+from further_link.trust.tls import ensure_self_signed
 
 from conftest import RunningServer
 
@@ -112,8 +112,8 @@ def test_certificate_names_further_host_names_and_follows_new_addresses(tmp_path
 async def test_tls_handshake_under_the_further_name_of_this_device(
     start_server: StartServer, http: aiohttp.ClientSession
 ) -> None:
-    from further_link.hostnames import further_host_name
-    from further_link.tls import device_addresses
+    from further_link.server.hostnames import further_host_name
+    from further_link.trust.tls import device_addresses
 
     server = await start_server(no_ssl=False)
     names = [further_host_name(address) for address in device_addresses()]

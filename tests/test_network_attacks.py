@@ -27,11 +27,11 @@ from aiohttp import web
 from test_cli import ServerProcess
 from test_upload import text_file, upload, url_file
 
-from further_link.auth import TokenStore, pairing_code
-from further_link.control import current_generation
-from further_link.netguard import raise_fd_limit
-from further_link.pairing import BURST, HOLD_SECONDS, WRONG_PER_CODE
-from further_link.tls import ensure_self_signed
+from further_link.server.netguard import raise_fd_limit
+from further_link.trust.auth import TokenStore, pairing_code
+from further_link.trust.control import current_generation
+from further_link.trust.pairing import BURST, HOLD_SECONDS, WRONG_PER_CODE
+from further_link.trust.tls import ensure_self_signed
 
 from conftest import (
     PROGRAM_SETTINGS,

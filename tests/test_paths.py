@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from further_link.errors import UnsafePathError
-from further_link.paths import confine_path, describe_kind
+from further_link.files.paths import confine_path, describe_kind
 
 
 @pytest.fixture

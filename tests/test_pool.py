@@ -6,7 +6,7 @@ import re
 from collections.abc import Awaitable
 from typing import Any, Callable
 
-from further_link.server import SERVICES
+from further_link.server.app import SERVICES
 
 from conftest import Client, RunningServer, RunResult
 

@@ -23,9 +23,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from further_link.pool import WarmPool
-from further_link.process import ProgramSpec, cold_launch
-from further_link.server import SERVICES
+from further_link.runs.pool import WarmPool
+from further_link.runs.process import ProgramSpec, cold_launch
+from further_link.server.app import SERVICES
 
 from conftest import Client, RunningServer, alive, make_config
 

@@ -28,7 +28,7 @@ from test_upload import text_file, upload, url_file
 
 from further_link.config import RunAs
 from further_link.errors import PrivilegeError
-from further_link.privsep import drop_privileges
+from further_link.system.privsep import drop_privileges
 
 from conftest import AS_ROOT, PROGRAM_USER, TIMEOUT, Client, RunningServer, program_home
 

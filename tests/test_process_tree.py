@@ -26,11 +26,11 @@ import aiohttp
 import pytest
 from test_cli import ServerProcess
 
-from further_link import proctree
-from further_link.launch import prepare_library_dir
-from further_link.outbox import Outbox
-from further_link.session import Services, Session
-from further_link.upload import UrlCache
+from further_link.files.upload import UrlCache
+from further_link.runs import proctree
+from further_link.runs.launch import prepare_library_dir
+from further_link.runs.session import Services, Session
+from further_link.server.outbox import Outbox
 
 from conftest import (
     PROGRAM_SETTINGS,
@@ -302,7 +302,7 @@ async def test_daemon_holding_stdout_does_not_hold_up_stopped(
         wait_for("holder")
         print("parent done")
     """
-    caplog.set_level(logging.WARNING, logger="further_link.process")
+    caplog.set_level(logging.WARNING, logger="further_link.runs.process")
     result = await client.run({"sourceScript": program(shared, body)})
     assert (result.stdout, result.exit_code) == ("parent done\n", 0)
     (holder,) = await marked_pids(shared, "holder")

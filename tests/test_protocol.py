@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from further_link.errors import ProtocolError
-from further_link.protocol import (
+from further_link.protocol.runpy import (
     ErrorEvent,
     Output,
     PingCommand,

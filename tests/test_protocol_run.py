@@ -10,8 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from further_link.errors import ProcessMessageError
-from further_link.protocol import ErrorEvent, KeyListen, Output, Pong, Started, Stopped, Video
-from further_link.protocol_run import (
+from further_link.protocol.run import (
     NovncOptions,
     RunKeyEvent,
     RunOptions,
@@ -24,6 +23,7 @@ from further_link.protocol_run import (
     parse_options,
     parse_run_command,
 )
+from further_link.protocol.runpy import ErrorEvent, KeyListen, Output, Pong, Started, Stopped, Video
 
 
 def parse(message: Any) -> Any:

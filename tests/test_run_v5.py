@@ -459,7 +459,7 @@ async def test_each_process_has_its_own_cgroup_removed_after_it(
     """Containment applies to /run processes, terminals included (when cgroups can be made)."""
     from test_containment import require_cgroup
 
-    from further_link.containment import detect
+    from further_link.runs.containment import detect
 
     await require_cgroup(server)
     client = await connect_run(query)

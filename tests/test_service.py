@@ -21,7 +21,7 @@ import pytest
 from test_cli import plain_server
 
 from further_link.errors import ServiceError
-from further_link.service import (
+from further_link.system.service import (
     Installation,
     ServiceInstaller,
     installation_problems,

@@ -25,7 +25,7 @@ from typing import Callable
 
 import pytest
 
-from further_link import rundirs
+from further_link.runs import rundirs
 
 from conftest import PROGRAM_USER, Client, RunningServer, program_home
 

@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from further_link.auth import pairing_code
-from further_link.pairing import BURST
+from further_link.trust.auth import pairing_code
+from further_link.trust.pairing import BURST
 
 from conftest import RunningServer, rotate_token
 

@@ -1,0 +1,1 @@
+"""The command-line client: ``further-link run`` and ``pair``, and the hosts it remembers."""

@@ -1,0 +1,111 @@
+"""Run directories made ahead, so that ``start`` does not wait for the file system.
+
+Every run gets a private temporary directory holding its inline script and
+the listening socket of its side channel. Creating the directory and binding
+the socket are file-system metadata operations that take milliseconds on a
+busy machine or an SD card; ``RunPlaces`` keeps a few made before they are
+needed, and makes more shortly after one is taken (not at once: the program
+that took it is starting then).
+
+A stocked directory is the server's (which is the program user's, after any
+privilege drop), mode 0700, and its socket mode 0600, as ``SideChannel``
+would make it. The inline script is created in it only when a run takes it,
+never through a link or over a file put there first (launch.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from further_link.runs.launch import SOCKET_NAME
+
+log = logging.getLogger(__name__)
+
+RUN_DIR_PREFIX = "further-link-run-"
+STOCK = 2
+# Seconds after a place is taken before the next is made (see the module doc).
+RESTOCK_DELAY = 0.05
+LISTEN_BACKLOG = 8
+
+
+@dataclass
+class RunPlace:
+    """A new run directory and the side channel's socket in it, bound and listening."""
+
+    directory: Path
+    listener: socket.socket
+
+    @property
+    def socket_path(self) -> Path:
+        return self.directory / SOCKET_NAME
+
+    def discard(self) -> None:
+        """Close the socket and remove the directory (for a place no run will use)."""
+        self.listener.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def make_run_place() -> RunPlace:
+    """A fresh place; raises ``OSError`` when the temp dir cannot take one."""
+    directory = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        path = directory / SOCKET_NAME
+        listener.bind(str(path))
+        os.chmod(path, 0o600)
+        listener.listen(LISTEN_BACKLOG)
+        listener.setblocking(False)
+    except BaseException:
+        listener.close()
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return RunPlace(directory, listener)
+
+
+class RunPlaces:
+    """Up to ``STOCK`` run places made ahead."""
+
+    def __init__(self) -> None:
+        self._stock: deque[RunPlace] = deque()
+        self._restock: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        """Make the first places (now: nothing is starting yet)."""
+        self._fill()
+
+    def take(self) -> RunPlace:
+        """A place for a run, stocked if there is one; raises ``OSError`` otherwise."""
+        if self._restock is None and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._restock = loop.call_later(RESTOCK_DELAY, self._fill)
+        if self._stock:
+            return self._stock.popleft()
+        return make_run_place()
+
+    def _fill(self) -> None:
+        self._restock = None
+        while not self._closed and len(self._stock) < STOCK:
+            try:
+                self._stock.append(make_run_place())
+            except OSError as exc:
+                log.warning("could not prepare a run directory ahead: %s", exc)
+                return
+
+    def close(self) -> None:
+        """Remove every stocked place."""
+        self._closed = True
+        if self._restock is not None:
+            self._restock.cancel()
+        while self._stock:
+            with contextlib.suppress(OSError):
+                self._stock.popleft().discard()

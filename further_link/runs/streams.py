@@ -1,0 +1,164 @@
+"""Server side of a run's side channel: a unix socket that carries images and keys.
+
+One ``SideChannel`` per run. It owns its socket file and the connection
+handlers; ``close`` ends them and removes the file. Each received frame is
+passed to an async callback before it is acknowledged, so a program that sent
+a frame knows it is queued ahead of anything it prints next. A connection
+that subscribes to key events (``KeyboardButton``) then receives them as
+frames from the server.
+
+With a run cgroup (``peer_group``), a connection is served only when the
+connecting process is in it (SO_PEERCRED's pid, checked against the cgroup's
+member list): a program of another run under the same account can find the
+socket, but cannot feed frames into a connection it does not belong to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Callable
+
+from further_link.channel import (
+    ACK,
+    HEADER,
+    KIND_JPEG,
+    KIND_KEY_EVENT,
+    KIND_KEY_SUBSCRIBE,
+    KIND_KEYLISTEN,
+    encode_frame,
+    encode_key_event,
+)
+from further_link.runs.containment import RunGroup
+
+log = logging.getLogger(__name__)
+
+FrameHandler = Callable[[bytes, bytes], Awaitable[None]]
+# Frames already written by a program that has exited are read for this long.
+CLOSE_DRAIN_TIMEOUT = 1.0
+# Key events a program has not read yet; beyond this it is not listening, and
+# events are dropped rather than let it hold up its connection's messages.
+KEY_BACKLOG_BYTES = 64 * 1024
+PROGRAM_KINDS = (KIND_JPEG, KIND_KEYLISTEN, KIND_KEY_SUBSCRIBE)
+__all__ = ["KIND_KEYLISTEN", "SideChannel"]
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_pid(writer: asyncio.StreamWriter) -> int | None:
+    """The pid of the process that connected a unix socket (SO_PEERCRED)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, _, _ = _PEERCRED.unpack(raw)
+    return int(pid) if pid > 0 else None
+
+
+class SideChannel:
+    """Listens at ``path``; ``listener``, when given, is a socket already bound
+    and listening there, with its owner and mode set (see rundirs.py)."""
+
+    def __init__(
+        self,
+        path: Path,
+        on_frame: FrameHandler,
+        max_frame_bytes: int,
+        listener: socket.socket | None = None,
+        peer_group: RunGroup | None = None,
+    ) -> None:
+        self.path = path
+        self._listener = listener
+        self._peer_group = peer_group
+        self._on_frame = on_frame
+        self._max_frame_bytes = max_frame_bytes
+        self._server: asyncio.AbstractServer | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._key_listeners: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        if self._listener is not None:
+            self._server = await asyncio.start_unix_server(self._accept, sock=self._listener)
+            return
+        self._server = await asyncio.start_unix_server(self._accept, path=str(self.path))
+        try:
+            os.chmod(self.path, 0o600)
+        except OSError:
+            # The caller never gets a started channel to close: do it here.
+            await self.close()
+            raise
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            if not self._peer_allowed(writer):
+                return
+            await self._serve(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            log.debug("side channel connection ended mid-frame")
+        finally:
+            self._handlers.discard(task)
+            self._key_listeners.discard(writer)
+            writer.close()
+
+    def _peer_allowed(self, writer: asyncio.StreamWriter) -> bool:
+        if self._peer_group is None:
+            return True
+        pid = peer_pid(writer)
+        if pid is not None and pid in self._peer_group.pids():
+            return True
+        log.warning("side channel: refused a connection from pid %s, not of this run", pid)
+        return False
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                header = await reader.readexactly(HEADER.size)
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    log.warning("side channel closed inside a frame header")
+                return
+            kind, length = HEADER.unpack(header)
+            if kind not in PROGRAM_KINDS or length > self._max_frame_bytes:
+                log.warning("side channel: refusing frame kind=%r length=%d", kind, length)
+                return
+            payload = await reader.readexactly(length)
+            if kind == KIND_KEY_SUBSCRIBE:
+                self._key_listeners.add(writer)
+            else:
+                await self._on_frame(kind, payload)
+            writer.write(ACK)
+            await writer.drain()
+
+    def push_key(self, key: str, event: str) -> None:
+        """Send a browser key event to the program's key listeners (none: ignored)."""
+        frame = encode_frame(KIND_KEY_EVENT, encode_key_event(key, event))
+        for writer in list(self._key_listeners):
+            if writer.transport.get_write_buffer_size() > KEY_BACKLOG_BYTES:
+                log.warning("a program is not reading its key events; dropping one")
+                continue
+            writer.write(frame)
+
+    async def close(self) -> None:
+        """Stop listening, let pending frames through briefly, then end."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        handlers = list(self._handlers)
+        if handlers:
+            _, pending = await asyncio.wait(handlers, timeout=CLOSE_DRAIN_TIMEOUT)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if server is not None:
+            # On 3.12+ this also waits for connections, which are all ended now.
+            await server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()

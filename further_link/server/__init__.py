@@ -1,0 +1,1 @@
+"""aiohttp glue: routes, websockets, the built-in page, and what a peer may hold."""

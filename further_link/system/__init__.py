@@ -1,0 +1,1 @@
+"""The device around the server: accounts, privilege drop, install-service, displays."""

@@ -1,0 +1,1 @@
+"""Who may connect: the device token, pairing codes, TLS certificates, secret files."""
