@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -37,13 +38,19 @@ from further_link.errors import (
 from further_link.files.egress import DestinationRefused, DownloadPolicy
 from further_link.files.paths import confine_path, describe_kind
 from further_link.files.projects import version_at
-from further_link.files.quota import disk_usage, evict_least_recent, record_name
+from further_link.files.quota import (
+    PARTIAL_PREFIX,
+    WorkDirUsage,
+    disk_usage,
+    evict_least_recent,
+    record_name,
+)
+from further_link.files.quota import STAGING_PREFIX as STAGING_PREFIX  # launch.py takes it here
 from further_link.protocol.runpy import Base64File, TextFile, UploadCommand, UrlFile
 
 log = logging.getLogger(__name__)
 
 CACHE_DIR_NAME = ".flcache"
-STAGING_PREFIX = ".flupload-"
 DOWNLOAD_CHUNK = 64 * 1024
 DOWNLOAD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=30)
 MAX_REDIRECTS = 10
@@ -59,6 +66,7 @@ class UploadLimits:
     max_bytes: int
     max_download_bytes: int
     quota_bytes: int | None = None  # the whole work dir: uploads and url cache
+    quota_recount_seconds: float = 60.0
 
     @classmethod
     def from_config(cls, config: Config) -> UploadLimits:
@@ -67,6 +75,7 @@ class UploadLimits:
             max_bytes=config.max_upload_bytes,
             max_download_bytes=config.max_download_bytes,
             quota_bytes=config.quota_bytes,
+            quota_recount_seconds=config.quota_recount_seconds,
         )
 
 
@@ -126,6 +135,7 @@ class UrlCache:
         self._wanted_by: dict[Path, int] = {}
         # Upload targets (not cache entries): every upload goes through this object.
         self.directories = DirectoryLocks()
+        self._usage: dict[Path, WorkDirUsage] = {}
 
     async def fetch_into(self, file: UrlFile, destination: Path) -> int:
         """Copy ``file`` from the cache (downloading it first if needed); return its size.
@@ -143,8 +153,10 @@ class UrlCache:
                 if await loop.run_in_executor(None, _recorded_for, target, record, file.url):
                     log.debug("cache hit for %s", excerpt(file.file_name))
                 else:
+                    replaced = await loop.run_in_executor(None, _file_size, target)
                     await self._download(file.url, target)
                     await loop.run_in_executor(None, _record, record, file.url)
+                    self._book_download(target.stat().st_size - replaced)
                 await loop.run_in_executor(None, shutil.copyfile, target, destination)
                 return target.stat().st_size
         finally:
@@ -176,27 +188,49 @@ class UrlCache:
             )
         return target, records / record_name(file.bucket_name, file.file_name)
 
-    def make_room(self, work_dir: Path, replaced: Path, quota: int) -> None:
-        """Keep ``work_dir`` within ``quota`` bytes once ``replaced`` is gone (for a thread).
+    def usage(self, work_dir: Path, recount_seconds: float) -> WorkDirUsage:
+        """The running total of ``work_dir`` (quota.py), one per directory."""
+        root = Path(os.path.realpath(work_dir))
+        if root not in self._usage:
+            self._usage[root] = WorkDirUsage(root, recount_seconds)
+        return self._usage[root]
+
+    def _book_download(self, delta: int) -> None:
+        usage = self._usage.get(Path(os.path.realpath(self.cache_dir.parent)))
+        if usage is not None:
+            usage.add(delta)
+
+    def make_room(self, usage: WorkDirUsage, replaced: Path, staged: int, quota: int) -> int:
+        """Book ``staged`` bytes replacing the directory ``replaced``, within ``quota`` (thread).
 
         Least recently used cache entries are evicted first; raises
-        ``LimitExceededError`` when even that is not enough.
+        ``LimitExceededError`` when even that is not enough. Returns the bytes
+        booked, for ``usage.settle``.
         """
-        over = disk_usage(work_dir) - disk_usage(replaced) - quota
-        if over <= 0:
-            return
-        freed = evict_least_recent(
-            Path(os.path.realpath(self.cache_dir)), RECORDS_DIR, over, set(self._locks)
-        )
-        if freed < over:
+        delta = staged - disk_usage(replaced)
+        evicted = 0
+
+        def evict(need: int) -> int:
+            nonlocal evicted
+            if Path(os.path.realpath(self.cache_dir.parent)) != usage.root:
+                return 0  # the cache is in another directory: evicting frees nothing here
+            evicted = evict_least_recent(
+                Path(os.path.realpath(self.cache_dir)), RECORDS_DIR, need, set(self._locks)
+            )
+            return evicted
+
+        over = usage.reserve(delta, quota, evict)
+        if evicted:
+            log.info("evicted %d bytes of url cache entries to stay within the quota", evicted)
+        if over > 0:
             raise LimitExceededError(
-                f"the work dir would hold {over - freed} bytes more than its quota of "
+                f"the work dir would hold {over} bytes more than its quota of "
                 f"{quota} bytes (FURTHER_LINK_QUOTA_BYTES); remove old uploads first"
             )
-        log.info("evicted %d bytes of url cache entries to stay within the quota", freed)
+        return delta
 
     async def _download(self, url: str, target: Path) -> None:
-        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=PARTIAL_PREFIX)
         try:
             with os.fdopen(fd, "wb") as out:
                 await self._stream_into(url, out)
@@ -289,6 +323,15 @@ def _recorded_for(target: Path, record: Path, url: str) -> bool:
     return True
 
 
+def _file_size(path: Path) -> int:
+    """Bytes in the regular file ``path`` (0 when there is none)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    return info.st_size if stat.S_ISREG(info.st_mode) else 0
+
+
 def _record(record: Path, url: str) -> None:
     partial = record.with_name(f".{record.name}.{os.getpid()}.partial")
     partial.write_text(url, encoding="utf-8")
@@ -339,6 +382,9 @@ async def _put_in_place(
     loop = asyncio.get_running_loop()
     relative = target.relative_to(os.path.realpath(work_dir))
     staging: Path | None = None
+    usage = cache.usage(work_dir, limits.quota_recount_seconds)
+    booked: int | None = None
+    in_place = False
     try:
         if command.version is not None:
             await loop.run_in_executor(None, _check_version, work_dir, relative, command)
@@ -347,12 +393,15 @@ async def _put_in_place(
                 None, functools.partial(tempfile.mkdtemp, dir=target.parent, prefix=STAGING_PREFIX)
             )
         )
-        await _fill(staging, command, cache, limits.max_bytes, file_bytes)
+        staged = await _fill(staging, command, cache, limits.max_bytes, file_bytes)
         if limits.quota_bytes is not None:
-            await loop.run_in_executor(None, cache.make_room, work_dir, target, limits.quota_bytes)
+            booked = await loop.run_in_executor(
+                None, cache.make_room, usage, target, staged, limits.quota_bytes
+            )
         if command.version is not None:  # again: a program may have written meanwhile
             await loop.run_in_executor(None, _check_version, work_dir, relative, command)
         await loop.run_in_executor(None, _swap_in, staging, target)
+        in_place = True
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -360,6 +409,9 @@ async def _put_in_place(
             with contextlib.suppress(OSError):
                 directory.rmdir()
         raise
+    finally:
+        if booked is not None:
+            usage.settle(booked, in_place)
     return await loop.run_in_executor(None, version_at, work_dir, relative)
 
 
@@ -408,10 +460,11 @@ def _check_limits(command: UploadCommand, limits: UploadLimits) -> int:
 
 async def _fill(
     staging: Path, command: UploadCommand, cache: UrlCache, max_bytes: int, total: int
-) -> None:
+) -> int:
     """Write every file into ``staging``, keeping the ``total`` bytes within ``max_bytes``.
 
-    Every alias is checked before anything is written or downloaded.
+    Every alias is checked before anything is written or downloaded. Returns
+    the bytes written.
     """
     loop = asyncio.get_running_loop()
     destinations = await loop.run_in_executor(None, _write_texts, staging, command)
@@ -424,6 +477,7 @@ async def _fill(
                 f"upload is over {max_bytes} bytes with {excerpt(alias)}; "
                 "the limit is the total of all its files"
             )
+    return total
 
 
 def _write_texts(staging: Path, command: UploadCommand) -> dict[str, Path]:
