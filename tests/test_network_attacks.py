@@ -518,7 +518,8 @@ async def test_a_client_that_floods_but_never_reads_is_dropped_with_bounded_memo
                 await asyncio.sleep(0.05)
             pid = int(marker.read_text())
             before = process.memory_info().rss
-            bad = json.dumps({"type": "x" * MiB})
+            # The attack: 4 MiB `type`s among pings (the server used to grow by 196 MiB).
+            bad = json.dumps({"type": "x" * 4 * MiB})
             ping = json.dumps({"type": "ping"})
             sent = 0
             samples: list[int] = []
