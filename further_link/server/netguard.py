@@ -70,10 +70,8 @@ class ConnectionGuard:
         self._per_address: dict[str, int] = {}
         # Connections whose clock runs, oldest first: the ones that make room at the cap.
         self._idle: dict[GuardedProtocol, None] = {}
-        self._last_refusal_log = -EMFILE_LOG_INTERVAL
-        self._refused_since_log = 0
-        self._last_eviction_log = -EMFILE_LOG_INTERVAL
-        self._evicted_since_log = 0
+        self._refusals = CountedLog("refused %d connection(s) over the %s connection limit")
+        self._evictions = CountedLog("closed %d idle connection(s) at the %s connection limit")
 
     def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         """The protocol factory to give ``create_server`` in place of aiohttp's."""
@@ -110,15 +108,7 @@ class ConnectionGuard:
         if victim is None:
             return False
         victim.evict()
-        self._evicted_since_log += 1
-        now = time.monotonic()
-        if now - self._last_eviction_log >= EMFILE_LOG_INTERVAL:
-            log.warning(
-                "at the connection limit: closed %d idle connection(s) to make room",
-                self._evicted_since_log,
-            )
-            self._last_eviction_log = now
-            self._evicted_since_log = 0
+        self._evictions.note("total")
         return True
 
     def clock_started(self, protocol: GuardedProtocol) -> None:
@@ -136,17 +126,27 @@ class ConnectionGuard:
             del self._per_address[address]
 
     def _note_refusal(self, which: str) -> None:
-        """One log line per interval however many peers are refused."""
-        self._refused_since_log += 1
+        self._refusals.note(which)
+
+
+class CountedLog:
+    """One warning per ``EMFILE_LOG_INTERVAL`` however often it happens, with the count.
+
+    ``text`` takes the count since the last line, then the ``which`` of ``note``.
+    """
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._last = -EMFILE_LOG_INTERVAL
+        self._since = 0
+
+    def note(self, which: str) -> None:
+        self._since += 1
         now = time.monotonic()
-        if now - self._last_refusal_log >= EMFILE_LOG_INTERVAL:
-            log.warning(
-                "refused %d connection(s) over the %s connection limit",
-                self._refused_since_log,
-                which,
-            )
-            self._last_refusal_log = now
-            self._refused_since_log = 0
+        if now - self._last >= EMFILE_LOG_INTERVAL:
+            log.warning(self._text, self._since, which)
+            self._last = now
+            self._since = 0
 
 
 class GuardedProtocol(asyncio.Protocol):

@@ -23,7 +23,7 @@ from further_link.config import Config
 from further_link.errors import LimitExceededError, ProjectNotFoundError
 from further_link.files.projects import list_projects, read_project
 from further_link.protocol.projects import encode_listing, encode_project
-from further_link.server.access import check_origin, check_token, cors_headers, preflight
+from further_link.server.access import check_paired, preflight
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +31,8 @@ PROJECTS_CONFIG = app_key("projects_config", Config)
 
 
 def _checked(request: web.Request) -> dict[str, str]:
-    """The CORS headers for the answer, once the request may see projects at all."""
-    check_origin(request)
-    headers = cors_headers(request)
-    try:
-        check_token(request)
-    except web.HTTPUnauthorized as refusal:
-        refusal.headers.update(headers)  # so an allowed page can tell "pair first" from "down"
-        raise
-    return {**headers, "Cache-Control": "no-store"}
+    """The headers for the answer, once the request may see projects at all."""
+    return {**check_paired(request), "Cache-Control": "no-store"}
 
 
 def _answer(status: int, body: dict[str, Any], headers: dict[str, str]) -> web.Response:
