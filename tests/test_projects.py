@@ -264,3 +264,18 @@ async def test_a_project_over_the_upload_caps_is_refused_with_413(
     status, body = await get(http, server, "/projects/big")
     assert status == 413
     assert "FURTHER_LINK_MAX_UPLOAD_BYTES" in body["error"]
+
+
+async def test_two_tabs_saving_the_same_version_at_once_cannot_both_win(
+    connect: Connect, server: RunningServer
+) -> None:
+    tab_a, tab_b = await connect(), await connect()
+    opened = (await upload(tab_a, "race", {"main.py": text_file("0\n")}))["data"]["version"]
+    files_a = {"main.py": text_file("a\n"), "big.txt": text_file("a" * 200_000)}
+    files_b = {"main.py": text_file("b\n"), "big.txt": text_file("b" * 200_000)}
+    for data, tab in ((files_a, tab_a), (files_b, tab_b)):
+        await tab.send("upload", {"version": opened, "directory": {"name": "race", "files": data}})
+    replies = [await tab_a.receive(), await tab_b.receive()]
+    assert sorted(reply["type"] for reply in replies) == ["error", "uploaded"], replies
+    winner = "a" if replies[0]["type"] == "uploaded" else "b"
+    assert (server.config.work_dir / "race" / "main.py").read_text() == f"{winner}\n"
