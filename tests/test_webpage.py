@@ -505,14 +505,15 @@ HEIGHT, WIDTH = 180, 320
 
 
 def sunset():
+    """Blue, green, red channels, as OpenCV's frames have them."""
     ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH]
     sky = np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)
-    sky[..., 0] = 255 - ys * 60 // HEIGHT
+    sky[..., 2] = 255 - ys * 60 // HEIGHT
     sky[..., 1] = 90 + ys * 90 // HEIGHT
-    sky[..., 2] = 150 - ys * 100 // HEIGHT
+    sky[..., 0] = 150 - ys * 100 // HEIGHT
     sun = (xs - 160) ** 2 + (ys - 120) ** 2 < 45**2
-    sky[sun] = (255, 225, 120)
-    sky[140:] = (30, 60, 110)  # the sea
+    sky[sun] = (120, 225, 255)
+    sky[140:] = (110, 60, 30)  # the sea
     return sky
 
 

@@ -80,7 +80,7 @@ class KeyListen:
 
 @dataclass(frozen=True)
 class Uploaded:
-    pass
+    version: str | None = None  # the directory's new version (files/projects.py)
 
 
 @dataclass(frozen=True)
