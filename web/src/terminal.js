@@ -12,8 +12,8 @@
 import { Terminal } from "@xterm/xterm";
 import { FitAddon } from "@xterm/addon-fit";
 
-const SLICE_CHARS = 16_384;
-const BACKLOG_MAX_CHARS = 1_000_000;
+const SLICE_CHARS = 131_072;
+const BACKLOG_MAX_CHARS = 16_000_000;
 const FINISH_KEEP_CHARS = 16_384;
 const SCROLLBACK_LINES = 5_000;
 
