@@ -5,7 +5,8 @@ import { EditorView, basicSetup } from "codemirror";
 import { EditorState } from "@codemirror/state";
 import { keymap } from "@codemirror/view";
 import { indentWithTab } from "@codemirror/commands";
-import { indentUnit } from "@codemirror/language";
+import { HighlightStyle, indentUnit, syntaxHighlighting } from "@codemirror/language";
+import { tags } from "@lezer/highlight";
 import { python } from "@codemirror/lang-python";
 import { nonce } from "./csp.js";
 
@@ -13,6 +14,19 @@ import { nonce } from "./csp.js";
  * An editor in `parent`: `onRun()` on Ctrl/Cmd+Enter, `onChange(name, text)`
  * after every edit of the file `name`.
  */
+// The page's own colours (style.css, light and dark), not CodeMirror's light-only defaults.
+const highlight = HighlightStyle.define([
+  { tag: [tags.keyword, tags.controlKeyword, tags.operatorKeyword, tags.moduleKeyword], color: "var(--tok-keyword)" },
+  { tag: [tags.string, tags.special(tags.string)], color: "var(--tok-string)" },
+  { tag: tags.comment, color: "var(--tok-comment)", fontStyle: "italic" },
+  { tag: tags.number, color: "var(--tok-number)" },
+  { tag: [tags.bool, tags.null, tags.self], color: "var(--tok-constant)" },
+  { tag: [tags.function(tags.definition(tags.variableName)), tags.definition(tags.className)], color: "var(--tok-def)" },
+  { tag: tags.standard(tags.variableName), color: "var(--tok-builtin)" },
+  { tag: tags.meta, color: "var(--tok-decorator)" },
+  { tag: tags.invalid, color: "var(--error-fg)" },
+]);
+
 export function createCodeEditor(parent, { label, onRun, onChange }) {
   const states = new Map(); // file name -> EditorState
   let current = null;
@@ -27,6 +41,7 @@ export function createCodeEditor(parent, { label, onRun, onChange }) {
         },
       },
     ]),
+    syntaxHighlighting(highlight),
     basicSetup,
     keymap.of([indentWithTab]),
     indentUnit.of("    "),
