@@ -10,9 +10,11 @@ import { TerminalView } from "./terminal.js";
 import {
   Project,
   SaveConflict,
+  fileKey,
   fetchProject,
   fileEntryFromBytes,
   listProjects,
+  reconcile,
   saveProject,
   untitledName,
   validFileName,
@@ -839,7 +841,13 @@ function saveDraft() {
   for (const [name, entry] of project.files) {
     files[name] = entry.kind === "text" ? { text: editor.text(name) ?? "" } : { data: entry.data };
   }
-  const draft = JSON.stringify({ files, active: activeFile, version: project.version, saved: project.saved });
+  const draft = JSON.stringify({
+    files,
+    active: activeFile,
+    version: project.version,
+    saved: project.saved,
+    base: [...project.base],
+  });
   try {
     localStorage.setItem(DRAFT_PREFIX + project.name, draft);
   } catch {
@@ -854,6 +862,7 @@ function loadDraft(name) {
     const loaded = new Project(name);
     loaded.version = typeof draft.version === "string" ? draft.version : null;
     loaded.saved = Boolean(draft.saved);
+    if (Array.isArray(draft.base)) loaded.base = new Map(draft.base);
     const texts = new Map();
     for (const [path, file] of Object.entries(draft.files)) {
       if (typeof file.text === "string") {
@@ -903,8 +912,9 @@ function newProject() {
 async function openProject(name) {
   const fromDevice = await fetchProject(name);
   const draft = loadDraft(name);
-  // Unsaved edits of this browser win over the device's copy of the same version.
-  if (draft && !draft.project.saved && (!fromDevice || draft.project.version === fromDevice.project.version)) {
+  // Unsaved edits of this browser are kept; saving them then finds out what
+  // changed on the device meanwhile (catchUp).
+  if (draft && !draft.project.saved) {
     useProject(draft.project, draft.texts, draft.active);
   } else if (fromDevice) {
     useProject(fromDevice.project, fromDevice.texts, draft?.active);
@@ -917,26 +927,74 @@ async function openProject(name) {
 }
 
 async function save() {
-  const textOf = (name) => editor.text(name);
   ui.saveStatus.textContent = "Saving…";
   try {
-    project.version = await saveProject(project.name, project.uploadFiles(textOf), project.version);
-    project.saved = true;
-    saveDraft();
-    renderSaveStatus();
-    refreshProjectList();
-    return true;
+    await saveOnce();
   } catch (error) {
-    const conflict = error instanceof SaveConflict;
-    ui.saveStatus.textContent = conflict ? "Not saved: changed elsewhere" : "Not saved";
+    if (!(error instanceof SaveConflict) || !(await catchUp())) {
+      notSaved(error);
+      return false;
+    }
+    try {
+      await saveOnce();
+    } catch (again) {
+      notSaved(again);
+      return false;
+    }
+  }
+  renderSaveStatus();
+  refreshProjectList();
+  return true;
+}
+
+async function saveOnce() {
+  const files = project.uploadFiles((name) => editor.text(name));
+  project.version = await saveProject(project.name, files, project.version);
+  project.saved = true;
+  project.setBase(files);
+  saveDraft();
+}
+
+// The device's copy changed since this page opened or saved it. Files only the
+// device has (a program wrote them, another tab added them) join the project;
+// a file changed there and here, or there and deleted here, is a conflict.
+async function catchUp() {
+  const device = await fetchProject(project.name);
+  if (!device) return false;
+  const mine = project.uploadFiles((name) => editor.text(name));
+  const { adopt, conflicts } = reconcile(project.base, mine, device.files);
+  if (conflicts.length) {
     showBanner(
-      conflict
-        ? `Not saved: the project ${project.name} changed on the device since this page opened it ` +
-            "(perhaps in another tab). Open it again to see those changes, or save under a new name."
-        : `Not saved: ${error.message}`,
+      `Not saved: ${conflicts.join(", ")} changed on the device since this page opened ` +
+        `${project.name} (perhaps in another tab). Open the project again to see those ` +
+        "changes, or save under a new name.",
     );
     return false;
   }
+  for (const [name, file] of Object.entries(adopt)) {
+    if (file.type === "text") {
+      project.files.set(name, { kind: "text" });
+      editor.reset(name, device.texts.get(name) ?? "");
+    } else {
+      project.files.set(name, device.project.files.get(name));
+    }
+  }
+  project.version = device.project.version;
+  for (const [name, file] of Object.entries(device.files)) project.base.set(name, fileKey(file));
+  renderTabs();
+  return true;
+}
+
+function notSaved(error) {
+  const conflict = error instanceof SaveConflict;
+  ui.saveStatus.textContent = conflict ? "Not saved: changed elsewhere" : "Not saved";
+  if (conflict && !ui.banner.hidden) return; // catchUp said which files
+  showBanner(
+    conflict
+      ? `Not saved: the project ${project.name} changed on the device since this page opened it ` +
+          "(perhaps in another tab). Open it again to see those changes, or save under a new name."
+      : `Not saved: ${error.message}`,
+  );
 }
 
 function renderSaveStatus() {

@@ -63,6 +63,14 @@ export class Project {
     this.version = null; // the device's version when opened or last saved
     this.files = new Map(); // name -> {kind: "text"} | {kind: "base64", data, size}
     this.saved = false; // the device has exactly these files
+    // Each file as the device had it when last opened or saved ("text:..." or
+    // "data:..."): tells a change made elsewhere from one made here.
+    this.base = new Map();
+  }
+
+  /** Remember `files` (upload shape) as what the device now has. */
+  setBase(files) {
+    this.base = new Map(Object.entries(files).map(([name, file]) => [name, fileKey(file)]));
   }
 
   /** The upload's files, text taken from `textOf(name)`. */
@@ -83,6 +91,33 @@ export class Project {
     if (this.files.has("main.py")) return "main.py";
     return [...this.files.keys()].find((name) => name.endsWith(".py")) ?? null;
   }
+}
+
+/** A comparable key of an upload-shaped file. */
+export function fileKey(file) {
+  return file.type === "text" ? `text:${file.content?.text ?? ""}` : `data:${file.content?.data ?? ""}`;
+}
+
+/**
+ * After the device refused a save (409), which files changed elsewhere?
+ * `mine` and `theirs` are upload-shaped {name: file}; `base` is the project's
+ * base. Returns {adopt: {name: file} (new on the device only, e.g. written by
+ * the program), conflicts: [name]}.
+ */
+export function reconcile(base, mine, theirs) {
+  const adopt = {};
+  const conflicts = [];
+  for (const [name, file] of Object.entries(theirs)) {
+    const device = fileKey(file);
+    const before = base.get(name);
+    if (!(name in mine)) {
+      if (before === undefined) adopt[name] = file;
+      else if (before !== device) conflicts.push(name);
+    } else if (before === undefined ? device !== fileKey(mine[name]) : device !== before) {
+      conflicts.push(name);
+    }
+  }
+  return { adopt, conflicts: conflicts.sort() };
 }
 
 export class SaveConflict extends Error {}
@@ -139,6 +174,7 @@ export async function fetchProject(name) {
   project.version = typeof body.version === "string" ? body.version : null;
   project.saved = true;
   const texts = new Map();
+  project.setBase(body.files);
   for (const [path, file] of Object.entries(body.files)) {
     if (file.type === "text") {
       project.files.set(path, { kind: "text" });
@@ -148,5 +184,5 @@ export async function fetchProject(name) {
       project.files.set(path, { kind: "base64", data, size: base64Size(data) });
     }
   }
-  return { project, texts };
+  return { project, texts, files: body.files };
 }
