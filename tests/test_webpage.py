@@ -605,6 +605,14 @@ async def test_editor_types_undoes_searches_and_runs_with_ctrl_enter(
     await expect_finished(page)
     assert "hi 0\nhi 1" in await terminal_text(page)
 
+    # Tab indents; Escape, then Tab, leaves the editor (no keyboard trap) and types nothing.
+    await content.click()
+    await page.keyboard.press("Control+End")
+    await page.keyboard.press("Escape")
+    await page.keyboard.press("Tab")
+    await expect(content).not_to_be_focused()
+    assert await page.evaluate(doc) == source
+
 
 async def test_files_of_a_project_are_saved_run_and_reopened_after_a_reload(
     page: Any, server: RunningServer
