@@ -161,6 +161,7 @@ function makeRun(kind, terminal) {
     stopPressed: false,
     runId: null, // from `started`: lets a new connection attach to the run
     keys: new Set(),
+    gui: false, // a `novnc` window came with this run
     stoppedAt: 0,
   };
 }
@@ -531,7 +532,10 @@ function handleMessage(message) {
       }
       break;
     case "video":
-      if (run === program) showFrame(String(data.output ?? ""));
+      // After a GUI window, the device sends its last screen as a frame: it
+      // stays in the window's panel.
+      if (run === program && program.gui) showGuiFrame(String(data.output ?? ""));
+      else if (run === program) showFrame(String(data.output ?? ""));
       break;
     case "plot":
       if (run === program || !message.process) showPlot(data);
@@ -682,6 +686,7 @@ function showGui({ port, path }) {
   const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
   const route = String(path || "/websockify");
   const url = `${scheme}//${window.location.hostname}:${Number(port)}${route.startsWith("/") ? route : `/${route}`}`;
+  program.gui = true;
   ui.guiPanel.hidden = false;
   ui.guiScreen.replaceChildren();
   try {
@@ -694,6 +699,15 @@ function showGui({ port, path }) {
   } catch (error) {
     showBanner(`Cannot show the program's window: ${error.message}`);
   }
+}
+
+function showGuiFrame(base64) {
+  closeGui();
+  const image = document.createElement("img");
+  image.alt = "The program's window as it last looked";
+  image.src = `data:image/jpeg;base64,${base64}`;
+  ui.guiScreen.replaceChildren(image);
+  ui.guiPanel.hidden = false;
 }
 
 function closeGui() {
@@ -762,6 +776,7 @@ async function startProgram() {
   ui.plotPanel.hidden = true;
   showControls([]);
   closeGui();
+  program.gui = false;
   ui.guiPanel.hidden = true;
   program.id = nextProcessId("run");
   program.runId = null;
