@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -29,13 +30,15 @@ from further_link.errors import (
     LimitExceededError,
     UnreachableError,
     UploadError,
+    VersionConflictError,
     excerpt,
     shorten,
 )
 from further_link.files.egress import DestinationRefused, DownloadPolicy
 from further_link.files.paths import confine_path, describe_kind
+from further_link.files.projects import version_at
 from further_link.files.quota import disk_usage, evict_least_recent, record_name
-from further_link.protocol.runpy import TextFile, UploadCommand, UrlFile
+from further_link.protocol.runpy import Base64File, TextFile, UploadCommand, UrlFile
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,36 @@ class UploadLimits:
         )
 
 
+@dataclass(frozen=True)
+class UploadResult:
+    path: Path  # the directory's real path
+    version: str  # its version once the upload is in place (files/projects.py)
+
+
+class DirectoryLocks:
+    """One lock per upload target while anyone uploads there, shared by all connections.
+
+    Held from the version check to the swap, so two tabs saving the same
+    project with the same version cannot both pass the check.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[Path, asyncio.Lock] = {}
+        self._wanted_by: dict[Path, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, target: Path) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(target, asyncio.Lock())
+        self._wanted_by[target] = self._wanted_by.get(target, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._wanted_by[target] -= 1
+            if self._wanted_by[target] == 0:
+                del self._wanted_by[target], self._locks[target]
+
+
 class UrlCache:
     """Downloads each url once into ``<bucketName>/<fileName>``; shared by all connections.
 
@@ -91,6 +124,8 @@ class UrlCache:
         # One lock per cache entry while anyone wants it, so it is fetched once.
         self._locks: dict[Path, asyncio.Lock] = {}
         self._wanted_by: dict[Path, int] = {}
+        # Upload targets (not cache entries): every upload goes through this object.
+        self.directories = DirectoryLocks()
 
     async def fetch_into(self, file: UrlFile, destination: Path) -> int:
         """Copy ``file`` from the cache (downloading it first if needed); return its size.
@@ -275,22 +310,48 @@ async def materialise_upload(
     work_dir: Path,
     cache: UrlCache,
     limits: UploadLimits,
-) -> Path:
-    """Create or replace ``work_dir/<name>`` with the uploaded files; return its path."""
-    text_bytes = _check_limits(command, limits)
+) -> UploadResult:
+    """Create or replace ``work_dir/<name>`` with the uploaded files.
+
+    Raises ``VersionConflictError`` (nothing written) when ``command.version``
+    is given and the directory's current version differs.
+    """
+    file_bytes = _check_limits(command, limits)
     loop = asyncio.get_running_loop()
     # File-system work runs in threads: one client's slow names stall no other client.
     target, created = await loop.run_in_executor(None, _prepare_target, command, work_dir)
+    async with cache.directories.hold(target):
+        version = await _put_in_place(command, work_dir, target, created, cache, limits, file_bytes)
+    log.info("uploaded %d file(s) into %s", len(command.files), excerpt(str(target)))
+    return UploadResult(target, version)
+
+
+async def _put_in_place(
+    command: UploadCommand,
+    work_dir: Path,
+    target: Path,
+    created: list[Path],
+    cache: UrlCache,
+    limits: UploadLimits,
+    file_bytes: int,
+) -> str:
+    """Fill a staging directory and swap it in at ``target``; return the new version."""
+    loop = asyncio.get_running_loop()
+    relative = target.relative_to(os.path.realpath(work_dir))
     staging: Path | None = None
     try:
+        if command.version is not None:
+            await loop.run_in_executor(None, _check_version, work_dir, relative, command)
         staging = Path(
             await loop.run_in_executor(
                 None, functools.partial(tempfile.mkdtemp, dir=target.parent, prefix=STAGING_PREFIX)
             )
         )
-        await _fill(staging, command, cache, limits.max_bytes, text_bytes)
+        await _fill(staging, command, cache, limits.max_bytes, file_bytes)
         if limits.quota_bytes is not None:
             await loop.run_in_executor(None, cache.make_room, work_dir, target, limits.quota_bytes)
+        if command.version is not None:  # again: a program may have written meanwhile
+            await loop.run_in_executor(None, _check_version, work_dir, relative, command)
         await loop.run_in_executor(None, _swap_in, staging, target)
     except BaseException:
         if staging is not None:
@@ -299,8 +360,16 @@ async def materialise_upload(
             with contextlib.suppress(OSError):
                 directory.rmdir()
         raise
-    log.info("uploaded %d file(s) into %s", len(command.files), excerpt(str(target)))
-    return target
+    return await loop.run_in_executor(None, version_at, work_dir, relative)
+
+
+def _check_version(work_dir: Path, relative: Path, command: UploadCommand) -> None:
+    if version_at(work_dir, relative) != command.version:
+        raise VersionConflictError(
+            f"project {excerpt(command.name)} changed on the device since it was opened "
+            "(in another tab, or by a program); nothing was saved: open it again, "
+            "or save it under another name"
+        )
 
 
 def _prepare_target(command: UploadCommand, work_dir: Path) -> tuple[Path, list[Path]]:
@@ -320,19 +389,21 @@ def _prepare_target(command: UploadCommand, work_dir: Path) -> tuple[Path, list[
 
 
 def _check_limits(command: UploadCommand, limits: UploadLimits) -> int:
-    """Refuse an upload over the file-count or text caps; return its bytes of text."""
+    """Refuse an upload over the file-count or size caps; return its bytes of text and binary."""
     if len(command.files) > limits.max_files:
         raise LimitExceededError(
             f"upload has {len(command.files)} files; the limit is {limits.max_files}"
         )
-    text_bytes = sum(
-        len(f.text.encode("utf-8")) for f in command.files.values() if isinstance(f, TextFile)
+    file_bytes = sum(
+        len(f.text.encode("utf-8")) if isinstance(f, TextFile) else len(f.data)
+        for f in command.files.values()
+        if not isinstance(f, UrlFile)
     )
-    if text_bytes > limits.max_bytes:
+    if file_bytes > limits.max_bytes:
         raise LimitExceededError(
-            f"upload is {text_bytes} bytes of text; the limit is {limits.max_bytes} bytes"
+            f"upload is {file_bytes} bytes of files; the limit is {limits.max_bytes} bytes"
         )
-    return text_bytes
+    return file_bytes
 
 
 async def _fill(
@@ -345,7 +416,7 @@ async def _fill(
     loop = asyncio.get_running_loop()
     destinations = await loop.run_in_executor(None, _write_texts, staging, command)
     for alias, file in command.files.items():
-        if isinstance(file, TextFile):
+        if not isinstance(file, UrlFile):
             continue
         total += await cache.fetch_into(file, destinations[alias])
         if total > max_bytes:
@@ -356,7 +427,7 @@ async def _fill(
 
 
 def _write_texts(staging: Path, command: UploadCommand) -> dict[str, Path]:
-    """Check every name, write the text files; return where each file goes."""
+    """Check every name, write the text and base64 files; return where each file goes."""
     destinations = {
         alias: confine_path(staging, alias, "upload file name") for alias in command.files
     }
@@ -366,6 +437,8 @@ def _write_texts(staging: Path, command: UploadCommand) -> dict[str, Path]:
         destination.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(file, TextFile):
             destination.write_text(file.text, encoding="utf-8")
+        elif isinstance(file, Base64File):
+            destination.write_bytes(file.data)
     return destinations
 
 
