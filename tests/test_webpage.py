@@ -7,6 +7,8 @@ desktop screenshot is also kept, current, as docs/screenshot.png.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import mimetypes
 import re
 from collections.abc import AsyncIterator, Awaitable
@@ -50,6 +52,10 @@ pytestmark = pytest.mark.skipif(
 expect.set_options(timeout=WAIT_MS)
 
 StartServer = Callable[..., Awaitable[RunningServer]]
+# A 2x2 PNG, red and blue: bytes that are not text.
+LOGO_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGP8z8DAwMDA8J+BgYHhPwAUCAL//zEV8wAAAABJRU5ErkJggg=="
+)
 
 
 @pytest.fixture
@@ -615,7 +621,7 @@ async def test_editor_types_undoes_searches_and_runs_with_ctrl_enter(
 
 
 async def test_files_of_a_project_are_saved_run_and_reopened_after_a_reload(
-    page: Any, server: RunningServer
+    page: Any, server: RunningServer, http: aiohttp.ClientSession
 ) -> None:
     page.on("dialog", lambda dialog: dialog.accept("helper.py"))
     await open_paired(page, server)
@@ -626,33 +632,48 @@ async def test_files_of_a_project_are_saved_run_and_reopened_after_a_reload(
         "aria-selected", "true"
     )
     await set_program(page, "X = 42\n")
-    await pick_files(page, {"data.csv": b"name,score\nAda,10\n"})
+    await pick_files(page, {"data.csv": b"name,score\nAda,10\n", "logo.png": LOGO_PNG})
     await expect(page.get_by_role("tab", name="data.csv")).to_be_visible()
+    await page.get_by_role("tab", name="logo.png").click()
+    await expect(page.get_by_role("img", name="logo.png")).to_be_visible()
     await page.get_by_role("tab", name="main.py").click()
     program = (
-        "import os\n"
+        "import hashlib, os\n"
         "from helper import X\n"
         "print(open('data.csv').read().splitlines()[1], X)\n"
+        "print('logo', hashlib.sha256(open('logo.png', 'rb').read()).hexdigest())\n"
         "print(os.path.basename(os.getcwd()), sorted(set(os.listdir('.')) - {'__pycache__'}))\n"
+        "open('scores.txt', 'w').write('written by the program')\n"
     )
+    logo_line = f"logo {hashlib.sha256(LOGO_PNG).hexdigest()}"
     await run_program(page, program)
     await expect_finished(page)
     text = await terminal_text(page)
     assert "Ada,10 42" in text
-    assert "robot-arm ['data.csv', 'helper.py', 'main.py']" in text
+    assert logo_line in text
+    assert "robot-arm ['data.csv', 'helper.py', 'logo.png', 'main.py']" in text
     await expect(page.locator("#save-status")).to_have_text("Saved on the device")
     await page.screenshot(path=shot("project-desktop.png"))
 
+    # The device's listing has it; a reload reopens it, with the file the
+    # program wrote, and runs it again.
+    async with http.get(
+        f"{server.base_url}/projects", headers={"Authorization": f"Bearer {server.token}"}
+    ) as response:
+        listed = [project["name"] for project in (await response.json())["projects"]]
+    assert "robot-arm" in listed
     await page.reload()
     await expect(page.locator("#connection")).to_contain_text("Connected")
     await expect(page.get_by_role("textbox", name="Project")).to_have_value("robot-arm")
-    await expect(page.get_by_role("tab")).to_have_text(
-        ["data.csv", "helper.py", "main.py", "Output", "Shell"]
-    )
     await page.get_by_role("tab", name="main.py").click()
     await page.get_by_role("button", name="Run").click()
     await expect_finished(page)
-    assert "Ada,10 42" in await terminal_text(page)
+    text = await terminal_text(page)
+    assert "Ada,10 42" in text and logo_line in text
+    assert "robot-arm ['data.csv', 'helper.py', 'logo.png', 'main.py', 'scores.txt']" in text
+    await expect(page.get_by_role("tab")).to_have_text(
+        ["data.csv", "helper.py", "logo.png", "main.py", "scores.txt", "Output", "Shell"]
+    )
 
 
 async def test_two_tabs_keep_two_projects_apart(
@@ -677,6 +698,45 @@ async def test_two_tabs_keep_two_projects_apart(
     await first.get_by_role("button", name="Run").click()
     await expect_finished(first)
     assert "here: ['main.py'] # one" in await terminal_text(first)
+
+
+async def test_two_tabs_on_one_project_never_overwrite_each_other_silently(
+    new_page: Callable[..., Awaitable[Any]], server: RunningServer
+) -> None:
+    first = await new_page()
+    await open_paired(first, server)
+    await first.get_by_role("textbox", name="Project").fill("shared")
+    await first.get_by_role("textbox", name="Project").press("Enter")
+    # The program writes a file: the next run keeps it (it joins the project).
+    await run_program(first, "print('one')\nopen('out.txt', 'w').write('made')\n")
+    await expect_finished(first)
+    await first.get_by_role("button", name="Run").click()
+    await expect_finished(first)
+    await expect(first.get_by_role("tab", name="out.txt")).to_be_visible()
+    await expect(first.get_by_role("alert")).to_be_hidden()
+
+    second = await first.context.new_page()
+    await second.goto(f"{server.base_url}/")
+    await expect(second.locator("#connection")).to_contain_text("Connected")
+    await second.get_by_label("Open a project on the device").select_option("shared")
+    await expect(second.get_by_role("textbox", name="Project")).to_have_value("shared")
+    await run_program(second, "print('two')\n")
+    await expect_finished(second)
+
+    # The first tab still has the old main.py open: its save is refused, in words.
+    await run_program(first, "print('one again')\n")
+    alert = first.get_by_role("alert")
+    await expect(alert).to_contain_text(
+        "Not saved: main.py changed on the device since this page opened shared"
+    )
+    await expect(first.locator("#run-state")).to_have_text(
+        "Not started: the project could not be saved"
+    )
+    await first.screenshot(path=shot("save-conflict-desktop.png"))
+    # The second tab's program is what the device has.
+    await second.get_by_role("button", name="Run").click()
+    await expect_finished(second)
+    assert "two" in await terminal_text(second)
 
 
 # ---------------------------------------------------------------- screenshots

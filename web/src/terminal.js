@@ -154,12 +154,18 @@ export class TerminalView {
     this.terminal.focus();
   }
 
-  /** The visible lines and scrollback as text (for tests and screen readers). */
+  /** The scrollback and screen as text, a line the terminal wrapped as one line. */
   text() {
     const buffer = this.terminal.buffer.active;
     const lines = [];
     for (let y = 0; y < buffer.length; y += 1) {
-      lines.push(buffer.getLine(y)?.translateToString(true) ?? "");
+      const line = buffer.getLine(y);
+      if (!line) continue;
+      if (line.isWrapped && lines.length) {
+        lines[lines.length - 1] += line.translateToString(true);
+      } else {
+        lines.push(line.translateToString(true));
+      }
     }
     while (lines.length && !lines[lines.length - 1]) lines.pop();
     return lines.join("\n");
