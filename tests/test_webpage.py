@@ -627,6 +627,7 @@ async def test_files_of_a_project_are_saved_run_and_reopened_after_a_reload(
     await open_paired(page, server)
     await page.get_by_role("textbox", name="Project").fill("robot-arm")
     await page.get_by_role("textbox", name="Project").press("Enter")
+    await expect(page.locator("#files-status")).to_have_text(re.compile(r"in robot-arm$"))
     await page.get_by_role("button", name="New file").click()
     await expect(page.get_by_role("tab", name="helper.py")).to_have_attribute(
         "aria-selected", "true"
@@ -707,6 +708,7 @@ async def test_two_tabs_on_one_project_never_overwrite_each_other_silently(
     await open_paired(first, server)
     await first.get_by_role("textbox", name="Project").fill("shared")
     await first.get_by_role("textbox", name="Project").press("Enter")
+    await expect(first.locator("#files-status")).to_have_text(re.compile(r"in shared$"))
     # The program writes a file: the next run keeps it (it joins the project).
     await run_program(first, "print('one')\nopen('out.txt', 'w').write('made')\n")
     await expect_finished(first)
@@ -718,6 +720,16 @@ async def test_two_tabs_on_one_project_never_overwrite_each_other_silently(
     second = await first.context.new_page()
     await second.goto(f"{server.base_url}/")
     await expect(second.locator("#connection")).to_contain_text("Connected")
+    # Naming a new project like an existing one would replace its files: refused.
+    await second.get_by_role("textbox", name="Project").fill("shared")
+    await second.get_by_role("textbox", name="Project").press("Enter")
+    await expect(second.get_by_role("alert")).to_contain_text(
+        "The device already has a project called shared"
+    )
+    await expect(second.get_by_role("textbox", name="Project")).to_have_value(
+        re.compile(r"^untitled-")
+    )
+    await second.get_by_role("button", name="Dismiss this message").click()
     await second.get_by_label("Open a project on the device").select_option("shared")
     await expect(second.get_by_role("textbox", name="Project")).to_have_value("shared")
     await run_program(second, "print('two')\n")

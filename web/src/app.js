@@ -520,7 +520,12 @@ function handleMessage(message) {
       break;
     case "stdout":
     case "stderr":
-      if (run) run.terminal.write(String(data.output ?? ""));
+      if (!run) break;
+      if (run.state === "detached") {
+        run.state = "running"; // attached again: kept output first, then live
+        updateControls();
+      }
+      run.terminal.write(String(data.output ?? ""));
       break;
     case "stopped":
       if (run) runEnded(run, exitWords(Number(data.exitCode), run.stopPressed));
@@ -595,11 +600,12 @@ function sendInput(run, text) {
   send({ type: "stdin", process: run.id, data: { input: text } });
 }
 
+// Ask for runs the device kept while the connection was away; each stays
+// "detached" until its output or `stopped` comes, or an error says it is gone.
 function reattach() {
   for (const run of [program, shell]) {
     if (run.state === "detached" && run.runId) {
       send({ type: "attach", process: run.id, data: { runId: run.runId } });
-      run.state = "running";
     }
   }
   updateControls();
@@ -806,7 +812,8 @@ function usesGui() {
 function stopProgram() {
   if (!program.id) return;
   program.stopPressed = true;
-  if (program.state === "detached") {
+  if (program.state === "detached" && !link.opened) {
+    // The device ends a kept run itself when no one attaches in time.
     runEnded(program, "Stopped");
     return;
   }
@@ -1033,12 +1040,22 @@ async function refreshProjectList() {
   ui.projectList.replaceChildren(first, ...options);
 }
 
-function renameProject() {
+async function renameProject() {
   const name = ui.projectName.value.trim();
   if (name === project.name) return;
   const problem = validProjectName(name);
   if (problem) {
     showBanner(problem);
+    ui.projectName.value = project.name;
+    return;
+  }
+  // Saving under the name of another project would replace its files.
+  const onDevice = await listProjects();
+  if (onDevice && onDevice.some((item) => item.name === name)) {
+    showBanner(
+      `The device already has a project called ${name}: open it with "Open a project…", ` +
+        "or choose another name.",
+    );
     ui.projectName.value = project.name;
     return;
   }
@@ -1049,6 +1066,7 @@ function renameProject() {
   tabStorage.set(KEYS.project, name);
   saveDraft();
   renderSaveStatus();
+  renderTabs();
 }
 
 // ------------------------------------------------------------ files of the project
