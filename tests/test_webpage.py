@@ -806,6 +806,7 @@ async def test_screenshots_desktop_projector_and_phone(
     # port, so that the picture changes only when the page does.
     await desktop.locator("#device-name").evaluate("e => { e.textContent = 'raspberrypi:8028' }")
     await desktop.get_by_role("textbox", name="Project").evaluate("e => { e.value = 'sunset' }")
+    await desktop.locator("#files-status").evaluate("e => { e.textContent = '2 files in sunset' }")
     DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
     await desktop.screenshot(path=str(DOCS_SCREENSHOT))
     assert DOCS_SCREENSHOT.stat().st_size < 300_000
