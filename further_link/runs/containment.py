@@ -17,8 +17,8 @@ Layout, in every hierarchy used, below the cgroup the server was started in::
 
     <own cgroup>/further-link-<pid>-<random>/   one per server instance
         server/        the server itself, only where it had to leave <own cgroup>
-        pool-<hex>/    waiting warm interpreters
-        run-<hex>/     one per run, removed when the run ends
+        run-<hex>/     one per run, removed when the run ends; a warm
+                       interpreter waits in the run cgroup it will run in
 
 Several servers may run on one machine (and in one process: the tests), so
 each instance names its own subtree; at start-up only subtrees of processes
@@ -62,7 +62,6 @@ log = logging.getLogger(__name__)
 CONTROLLERS = ("memory", "pids", "cpu")
 SUBTREE_PREFIX = "further-link-"
 SERVER_LEAF = "server"
-POOL_GROUP = "pool"
 RUN_PREFIX = "run-"
 _SUBTREE_NAME = re.compile(r"^further-link-(\d+)-[0-9a-f]+$")
 # A removed run's cgroup lingers while the kernel finishes tearing its
@@ -232,9 +231,24 @@ class RunGroup:
         return fds
 
     def add(self, pid: int) -> None:
-        """Move a running process (a warm interpreter) into the run; raises OSError."""
+        """Move a running process (a warm interpreter) into the run; raises OSError.
+
+        Slow (about 10-20 ms, in the kernel's RCU synchronisation) when no
+        other cgroup migration happened in the last few ms: call it off the
+        event loop, ahead of the run.
+        """
         for directory in self.directories:
             _write(directory / "cgroup.procs", str(pid))
+
+    def swap(self, other: RunGroup) -> None:
+        """Exchange cgroup directories with ``other`` (made with the same limits).
+
+        How a run takes over the cgroup its warm interpreter already waits
+        in, without moving a process at start, while the pool keeps the run's
+        fresh, still empty one for its next interpreter.
+        """
+        self.unified, other.unified = other.unified, self.unified
+        self.v1, other.v1 = other.v1, self.v1
 
     def pids(self) -> set[int]:
         return _read_pids(self._membership)
@@ -387,7 +401,6 @@ class Containment:
         self._v1 = dict(v1 or {})
         self._v2_limits = v2_limits
         self._owned = list(owned)  # subtrees this instance created and removes
-        self.pool: RunGroup | None = None
 
     @property
     def mode(self) -> str:
@@ -456,18 +469,15 @@ class Containment:
                 for subtree in reversed(owned):
                     _rmdir(subtree)
                 raise
-        self = cls(
+        return cls(
             limits,
             subtrees[0],
             dict(zip(v1, subtrees[1:])),
             v2_limits=kind == "v2",
             owned=owned,
         )
-        # Named per instance: servers in one process may share a prepared subtree.
-        self.pool = self._make_group(f"{POOL_GROUP}-{secrets.token_hex(4)}", apply_limits=False)
-        return self
 
-    def _make_group(self, name: str, apply_limits: bool = True) -> RunGroup:
+    def _make_group(self, name: str) -> RunGroup:
         assert self._unified is not None or self._v1
         unified = self._unified / name if self._unified is not None else None
         v1 = {controller: path / name for controller, path in self._v1.items()}
@@ -477,8 +487,7 @@ class Containment:
             for directory in group.directories:
                 directory.mkdir()
                 made.append(directory)
-            if apply_limits:
-                _apply_limits(unified, v1, self.limits, self._v2_limits)
+            _apply_limits(unified, v1, self.limits, self._v2_limits)
         except OSError:
             for directory in reversed(made):
                 _rmdir(directory)
@@ -496,11 +505,7 @@ class Containment:
         return self._make_group(RUN_PREFIX + secrets.token_hex(8))
 
     def close(self) -> None:
-        """Remove what this instance created (the pool group and its subtree)."""
-        if self.pool is not None:
-            self.pool.kill()
-            self.pool.remove()
-            self.pool = None
+        """Remove the subtree this instance created (its run cgroups are gone by then)."""
         for subtree in self._owned:
             if not _rmdir(subtree):
                 log.warning("cgroup subtree %s is not empty; left behind", subtree)
