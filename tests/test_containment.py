@@ -503,3 +503,50 @@ def _a_pid_that_has_ended() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
+
+
+@pytest.mark.skipif(POOL_SIZE == "0", reason="the warm pool is off in this run")
+async def test_a_warm_run_s_cgroup_holds_exactly_its_own_processes(
+    start_server: StartServer, connect: ClientFactory
+) -> None:
+    # Waiting interpreters enter their run's cgroup ahead of the run: the run
+    # must still hold the program and its children, and nothing else.
+    server = await start_server()
+    await require_cgroup(server)
+    client = await connect(server)
+    waiting: list[int] = []
+    for _ in range(int(TIMEOUT / 0.05)):
+        waiting = waiting_interpreters(server)
+        if len(waiting) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(waiting) >= 2
+    script = textwrap.dedent(
+        """
+        import os, subprocess, sys
+        child = subprocess.Popen(["sleep", "60"])
+        own = [l for l in open("/proc/self/cgroup").read().splitlines() if l.startswith("0::")]
+        print(os.getpid(), child.pid, own[0], flush=True)
+        sys.stdin.readline()
+        """
+    )
+    await client.send("start", {"sourceScript": script})
+    await client.receive_type("started")
+    line = ""
+    while not line.endswith("\n"):
+        line += (await client.receive_type("stdout"))["data"]["output"]
+    pid, child, own = line.split()
+    assert int(pid) in waiting  # the program started in a waiting interpreter
+    with open("/proc/self/mountinfo") as mountinfo:
+        layout = detect(mountinfo.read(), own)
+    assert layout.unified is not None and layout.unified.name.startswith("run-")
+    members = {int(p) for p in (layout.unified / "cgroup.procs").read_text().split()}
+    assert members == {int(pid), int(child)}
+    # The interpreter still waiting is in a run cgroup of its own.
+    for other in set(waiting) - {int(pid)}:
+        with open(f"/proc/{other}/cgroup") as cgroups:
+            theirs = [line for line in cgroups.read().splitlines() if line.startswith("0::")]
+        assert theirs and theirs[0] != own and "/run-" in theirs[0]
+    await client.send("stop")
+    await client.receive_type("stopped")
+    assert await all_gone([int(child)])

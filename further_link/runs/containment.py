@@ -401,6 +401,9 @@ class Containment:
         self._v1 = dict(v1 or {})
         self._v2_limits = v2_limits
         self._owned = list(owned)  # subtrees this instance created and removes
+        # Run cgroups made for a run that then took over its warm
+        # interpreter's: never entered, handed out again by ``new_run``.
+        self._stock: list[RunGroup] = []
 
     @property
     def mode(self) -> str:
@@ -502,10 +505,18 @@ class Containment:
         """
         if self.mode == BEST_EFFORT:
             return None
+        if self._stock:
+            return self._stock.pop()
         return self._make_group(RUN_PREFIX + secrets.token_hex(8))
+
+    def recycle(self, group: RunGroup) -> None:
+        """Take back a run cgroup no process ever entered, for the next ``new_run``."""
+        self._stock.append(group)
 
     def close(self) -> None:
         """Remove the subtree this instance created (its run cgroups are gone by then)."""
+        while self._stock:
+            self._stock.pop().remove()
         for subtree in self._owned:
             if not _rmdir(subtree):
                 log.warning("cgroup subtree %s is not empty; left behind", subtree)

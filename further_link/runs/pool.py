@@ -26,7 +26,7 @@ a process between cgroups costs 10-20 ms of kernel RCU synchronisation, which
 is paid on a worker thread while the pool refills instead of between ``start``
 and ``started``. At hand-over the run's own freshly made cgroup and the
 interpreter's swap places (``RunGroup.swap``); the fresh one, still empty,
-serves the next interpreter.
+goes back to the containment for the next run.
 """
 
 from __future__ import annotations
@@ -107,8 +107,6 @@ class WarmPool:
         self._quiet_missing = quiet_missing
         # (interpreter, its program channel, the run cgroup it waits in)
         self._waiting: deque[tuple[LaunchedProcess, int, RunGroup | None]] = deque()
-        # Empty run cgroups handed back at hand-over, for the next interpreters.
-        self._spare: list[RunGroup] = []
         # Discarded interpreters whose cgroup is removed once they have ended.
         self._retiring: set[asyncio.Task[None]] = set()
         self._filled = asyncio.Event()
@@ -167,9 +165,9 @@ class WarmPool:
             return False
         finally:
             os.close(channel)
-        if spec.group is not None and group is not None:
+        if spec.group is not None and group is not None and self._containment is not None:
             spec.group.swap(group)
-            self._spare.append(group)
+            self._containment.recycle(group)
         return True
 
     def waiting_pids(self) -> list[int]:
@@ -195,7 +193,7 @@ class WarmPool:
         while not self._closed and len(self._waiting) < self.size:
             containment = self._containment
             try:
-                group = self._spare.pop() if self._spare else self._new_group()
+                group = self._new_group()
             except OSError as exc:
                 log.warning("could not make a cgroup for a waiting interpreter: %s", exc)
                 return
@@ -219,8 +217,8 @@ class WarmPool:
                 os.close(write_end)
                 if status_read >= 0:
                     os.close(status_read)
-                if group is not None:
-                    self._spare.append(group)
+                if group is not None and containment is not None:
+                    containment.recycle(group)
                 log.warning("could not pre-start an interpreter: %s; starting programs cold", exc)
                 return
             finally:
@@ -336,8 +334,6 @@ class WarmPool:
             with contextlib.suppress(ProcessLookupError):
                 await launched.process.wait()
         await asyncio.gather(*self._retiring, return_exceptions=True)
-        while self._spare:
-            self._spare.pop().remove()
 
 
 async def read_status(fd: int, timeout: float) -> tuple[list[str], bool]:
