@@ -26,6 +26,7 @@ from typing import Callable
 
 import aiohttp
 import pytest
+from test_pool_fidelity import pool_of
 from test_process_tree import all_gone, left_behind, marked_pids, program, start_program
 
 from further_link.runs import containment
@@ -550,3 +551,39 @@ async def test_a_warm_run_s_cgroup_holds_exactly_its_own_processes(
     await client.send("stop")
     await client.receive_type("stopped")
     assert await all_gone([int(child)])
+
+
+@pytest.mark.skipif(POOL_SIZE == "0", reason="the warm pool is off in this run")
+async def test_a_preloaded_run_gets_the_configured_cpu_weight_back(
+    start_server: StartServer, connect: ClientFactory
+) -> None:
+    # Preloading runs at a low CPU weight; the program must run at the run's.
+    server = await start_server(
+        environ={"FURTHER_LINK_POOL_PRELOAD": "json", "FURTHER_LINK_CPU_WEIGHT": "300"}
+    )
+    await require_cgroup(server)
+    client = await connect(server)
+    pool = pool_of(server)
+    await asyncio.wait_for(pool.ready(), TIMEOUT)
+    waiting = pool.waiting_pids()
+    script = (
+        "import os\nprint(os.getpid(), flush=True)\n"
+        "print(open('/proc/self/cgroup').read())\ninput()"
+    )
+    await client.send("start", {"sourceScript": script})
+    await client.receive_type("started")
+    output = ""
+    while not output.endswith("\n\n"):
+        output += (await client.receive_type("stdout"))["data"]["output"]
+    pid, _, cgroups = output.partition("\n")
+    assert int(pid) in waiting  # a preloaded interpreter ran it
+    with open("/proc/self/mountinfo") as mountinfo:
+        layout = detect(mountinfo.read(), cgroups)
+    if "cpu" in layout.v1:
+        shares = (layout.v1["cpu"] / "cpu.shares").read_text().split()
+        assert shares == [str(300 * 1024 // 100)]
+    else:
+        assert layout.unified is not None
+        assert (layout.unified / "cpu.weight").read_text().split() == ["300"]
+    await client.send("stdin", {"input": "\n"})
+    await client.receive_type("stopped")

@@ -253,6 +253,17 @@ class RunGroup:
     def pids(self) -> set[int]:
         return _read_pids(self._membership)
 
+    def set_cpu_weight(self, weight: int) -> None:
+        """The run's CPU share (cgroup v2 scale: 1..10000, 100 the default).
+
+        Does nothing where no cpu controller is in use.
+        """
+        with contextlib.suppress(OSError):
+            if "cpu" in self.v1:
+                _write(self.v1["cpu"] / "cpu.shares", str(_cpu_shares(weight)))
+            elif self.unified is not None:
+                _write(self.unified / "cpu.weight", str(weight))
+
     def signal(self, sig: signal.Signals, rounds: int = 20) -> set[int]:
         """Send ``sig`` to every process of the run, again while new ones appear."""
         sent: set[int] = set()
@@ -342,8 +353,12 @@ def _apply_limits(unified: Path | None, v1: Mapping[str, Path], limits: Limits, 
     if limits.tasks and "pids" in v1:
         _write(v1["pids"] / "pids.max", str(limits.tasks))
     if limits.cpu_weight and "cpu" in v1:
-        # cpu.shares' default is 1024 where cpu.weight's is 100.
-        _write(v1["cpu"] / "cpu.shares", str(max(2, limits.cpu_weight * 1024 // 100)))
+        _write(v1["cpu"] / "cpu.shares", str(_cpu_shares(limits.cpu_weight)))
+
+
+def _cpu_shares(weight: int) -> int:
+    """cgroup v1's cpu.shares for a cgroup v2 cpu.weight (defaults: 1024 and 100)."""
+    return max(2, weight * 1024 // 100)
 
 
 def _process_start(pid: int) -> bool:

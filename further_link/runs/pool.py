@@ -72,6 +72,11 @@ PRELOAD_TIMEOUT = 60.0
 # the refill after a launch waits this long (s) so that the program's
 # `started` and first output go out first.
 REFILL_DELAY = 0.03
+# While it imports the preload modules, a waiting interpreter's run cgroup has
+# this CPU weight (cgroup v2 scale, 100 the default): about a sixth of the CPU
+# beside one busy program, which it should not slow much, and still enough to
+# finish numpy well within PRELOAD_TIMEOUT on a Raspberry Pi.
+PRELOAD_CPU_WEIGHT = 20
 
 
 class WarmPool:
@@ -229,10 +234,15 @@ class WarmPool:
                 if status_read >= 0:
                     os.close(status_read)
                 return
-            if status_read >= 0 and not await self._preloaded(launched, status_read):
-                os.close(write_end)
-                self._discard(launched, group)
-                continue
+            if status_read >= 0:
+                if group is not None:
+                    group.set_cpu_weight(PRELOAD_CPU_WEIGHT)
+                if not await self._preloaded(launched, status_read):
+                    os.close(write_end)
+                    self._discard(launched, group)
+                    continue
+                if group is not None and containment is not None:
+                    group.set_cpu_weight(containment.limits.cpu_weight or 100)
             if self._closed:
                 os.close(write_end)
                 self._discard(launched, group)
