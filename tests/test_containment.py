@@ -74,6 +74,18 @@ def waiting_interpreters(server: RunningServer) -> list[int]:
     return pids
 
 
+async def two_waiting(server: RunningServer) -> list[int]:
+    """Pids of the waiting interpreters once at least two wait (within TIMEOUT)."""
+    waiting: list[int] = []
+    for _ in range(int(TIMEOUT / 0.05)):
+        waiting = waiting_interpreters(server)
+        if len(waiting) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(waiting) >= 2
+    return waiting
+
+
 def escapee(marker: Path, keep_stdout: bool = False) -> str:
     """A shell line that leaves session, group and environment, noting its pid."""
     redirect = "" if keep_stdout else " >/dev/null 2>&1 </dev/null"
@@ -332,13 +344,7 @@ async def test_waiting_interpreters_cannot_be_read_by_programs(
 ) -> None:
     server = await start_server()
     client = await connect(server)
-    waiting: list[int] = []
-    for _ in range(int(TIMEOUT / 0.05)):
-        waiting = waiting_interpreters(server)
-        if len(waiting) >= 2:  # the program takes one; the other must refuse it
-            break
-        await asyncio.sleep(0.05)
-    assert len(waiting) >= 2
+    waiting = await two_waiting(server)  # the program takes one; the other must refuse it
     await asyncio.sleep(1)  # past the interpreter's start-up, into its wait
     script = textwrap.dedent(
         f"""
@@ -515,13 +521,7 @@ async def test_a_warm_run_s_cgroup_holds_exactly_its_own_processes(
     server = await start_server()
     await require_cgroup(server)
     client = await connect(server)
-    waiting: list[int] = []
-    for _ in range(int(TIMEOUT / 0.05)):
-        waiting = waiting_interpreters(server)
-        if len(waiting) >= 2:
-            break
-        await asyncio.sleep(0.05)
-    assert len(waiting) >= 2
+    waiting = await two_waiting(server)
     script = textwrap.dedent(
         """
         import os, subprocess, sys
