@@ -512,15 +512,17 @@ class Containment:
             raise
         return group
 
-    def new_run(self) -> RunGroup | None:
+    def new_run(self, from_stock: bool = True) -> RunGroup | None:
         """A fresh cgroup for one run with the limits applied; None in best-effort mode.
 
+        ``from_stock``: one taken back by ``recycle`` may serve (at ``start``,
+        where making one costs a few ms); the pool makes its own ahead of time.
         Raises OSError when the cgroup cannot be made (the run must not start
         uncontained without saying so).
         """
         if self.mode == BEST_EFFORT:
             return None
-        if self._stock:
+        if self._stock and from_stock:
             return self._stock.pop()
         return self._make_group(RUN_PREFIX + secrets.token_hex(8))
 

@@ -262,7 +262,8 @@ class WarmPool:
         """A run cgroup for the next interpreter; None without cgroups. Raises OSError."""
         if self._containment is None:
             return None
-        return self._containment.new_run()
+        # Not from the stock: that serves runs at start, and each hand-over refills it.
+        return self._containment.new_run(from_stock=False)
 
     async def _enter(self, launched: LaunchedProcess, group: RunGroup | None) -> bool:
         """Move a just started interpreter into its run cgroup, on a worker thread.
