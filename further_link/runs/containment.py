@@ -244,8 +244,8 @@ class RunGroup:
         """Exchange cgroup directories with ``other`` (made with the same limits).
 
         How a run takes over the cgroup its warm interpreter already waits
-        in, without moving a process at start, while the pool keeps the run's
-        fresh, still empty one for its next interpreter.
+        in, without moving a process at start; the run's fresh, still empty
+        one then goes back to the containment (``Containment.recycle``).
         """
         self.unified, other.unified = other.unified, self.unified
         self.v1, other.v1 = other.v1, self.v1
