@@ -169,10 +169,13 @@ class Pair:
 async def make_pair(
     start_server: StartServer, connect: ClientFactory, preload: str = "none"
 ) -> Pair:
+    # Each client sits idle while the other server runs (seconds on a loaded
+    # machine, longer than the 5 s heartbeat it answers only when reading).
+    patient = {"FURTHER_LINK_HEARTBEAT": "120"}
     warm = await start_server(
-        environ={"FURTHER_LINK_POOL_SIZE": "2", "FURTHER_LINK_POOL_PRELOAD": preload}
+        environ={"FURTHER_LINK_POOL_SIZE": "2", "FURTHER_LINK_POOL_PRELOAD": preload, **patient}
     )
-    cold = await start_server(environ={"FURTHER_LINK_POOL_SIZE": "0"})
+    cold = await start_server(environ={"FURTHER_LINK_POOL_SIZE": "0", **patient})
     return Pair(warm, cold, await connect(warm), await connect(cold))
 
 
