@@ -15,16 +15,14 @@ import threading
 from typing import Callable, Optional
 
 from further_link.channel import (
-    ACK,
-    HEADER,
     KIND_KEY_EVENT,
     KIND_KEY_SUBSCRIBE,
     KIND_KEYLISTEN,
     ChannelError,
     _connection,
-    connect_channel,
     decode_key_event,
-    encode_frame,
+    open_subscription,
+    receive_events,
 )
 
 Callback = Optional[Callable[[], object]]
@@ -87,11 +85,8 @@ class _KeyListener:
         if self._sock is not None or not self._available:
             return self._available
         try:
-            sock = connect_channel()
-            sock.sendall(encode_frame(KIND_KEY_SUBSCRIBE, b""))
-            if sock.recv(1) != ACK:
-                raise ChannelError("further-link closed the side channel")
-        except (ChannelError, OSError) as exc:
+            sock = open_subscription(KIND_KEY_SUBSCRIBE)
+        except ChannelError as exc:
             self._available = False
             print(f"Warning: further_link keyboard is not available: {exc}", file=sys.stderr)
             return False
@@ -102,15 +97,7 @@ class _KeyListener:
         return True
 
     def _serve(self, sock: socket.socket) -> None:
-        reader = sock.makefile("rb")
-        while True:
-            header = reader.read(HEADER.size)
-            if len(header) < HEADER.size:
-                return  # the run is ending
-            kind, length = HEADER.unpack(header)
-            payload = reader.read(length)
-            if kind != KIND_KEY_EVENT or len(payload) < length:
-                return
+        for payload in receive_events(sock, KIND_KEY_EVENT):
             key, event = decode_key_event(payload)
             with self._lock:
                 buttons = list(self._buttons.get(key, ()))

@@ -20,10 +20,12 @@ from typing import Any, Union
 
 from further_link.errors import ProcessMessageError, ProtocolError
 from further_link.protocol.runpy import (
+    Controls,
     ErrorEvent,
     Event,
     KeyListen,
     Output,
+    Plot,
     Pong,
     Started,
     Stopped,
@@ -32,10 +34,12 @@ from further_link.protocol.runpy import (
     _json_ascii_string,
     _json_string,
     _kind_of,
+    control_value,
+    side_event_data,
 )
 
 RUNNERS = ("python3", "exec", "shell")
-COMMAND_TYPES = ("ping", "start", "stdin", "resize", "stop", "keyevent")
+COMMAND_TYPES = ("ping", "start", "stdin", "resize", "stop", "keyevent", "control")
 MAX_PROCESS_ID_CHARS = 256
 MAX_TERMINAL_CELLS = 65535  # a terminal's rows and columns are unsigned shorts
 _TRUE_WORDS = ("1", "true")
@@ -122,7 +126,16 @@ class RunKeyEvent:
     event: str
 
 
-RunCommand = Union[RunPing, RunStart, RunStdin, RunResize, RunStop, RunKeyEvent]
+@dataclass(frozen=True)
+class RunControl:
+    """The learner used one of the process's controls (button: ``value`` None)."""
+
+    process: str
+    control_id: str
+    value: float | None = None
+
+
+RunCommand = Union[RunPing, RunStart, RunStdin, RunResize, RunStop, RunKeyEvent, RunControl]
 
 
 # ----------------------------------------------------------------- parsing
@@ -190,6 +203,8 @@ def _parse_for_process(kind: str, process: str, data: dict[str, Any]) -> RunComm
         return RunStop(process)
     if kind == "keyevent":
         return RunKeyEvent(process, _string(data, "key", kind), _string(data, "event", kind))
+    if kind == "control":
+        return RunControl(process, _string(data, "id", kind), control_value(data, kind))
     _check_text(kind, "type")
     raise ProtocolError(
         f"unknown message type {kind!r}; expected one of {', '.join(COMMAND_TYPES)}"
@@ -289,4 +304,6 @@ def _kind_and_data(event: Event) -> tuple[str, dict[str, Any] | None]:
         return "error", {"message": event.message}
     if isinstance(event, Pong):
         return "pong", None
+    if isinstance(event, (Plot, Controls)):
+        return side_event_data(event)
     raise TypeError(f"not a /run event: {event!r}")  # Uploaded belongs to /run-py

@@ -9,12 +9,13 @@ shapes follow the 2020 README that existing clients already speak:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 from further_link.errors import ProtocolError, excerpt
 
-COMMAND_TYPES = ("start", "stop", "stdin", "upload", "ping")
+COMMAND_TYPES = ("start", "stop", "stdin", "upload", "ping", "control")
 
 
 # ---------------------------------------------------------------- commands
@@ -73,7 +74,15 @@ class UploadCommand:
     files: dict[str, UploadFile] = field(default_factory=dict)
 
 
-Command = Union[StartCommand, StopCommand, StdinCommand, PingCommand, UploadCommand]
+@dataclass(frozen=True)
+class ControlCommand:
+    """The learner used a control the program declared: a button (``value`` None) or a slider."""
+
+    control_id: str
+    value: float | None = None
+
+
+Command = Union[StartCommand, StopCommand, StdinCommand, PingCommand, UploadCommand, ControlCommand]
 
 
 # ------------------------------------------------------------------ events
@@ -118,6 +127,48 @@ class KeyListen:
 
 
 @dataclass(frozen=True)
+class Plot:
+    """One matplotlib figure the program showed: a base64 PNG of ``width`` x ``height``
+    pixels; a later plot with the same ``figure`` number replaces it."""
+
+    figure: int
+    png: str
+    width: int
+    height: int
+    process: str | None = None
+
+
+@dataclass(frozen=True)
+class Control:
+    """One control a program declared (``further_link.button`` / ``slider``).
+
+    ``kind`` is ``button`` or ``slider``; only sliders have the numbers.
+    """
+
+    control_id: str
+    kind: str
+    label: str
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    value: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        shape: dict[str, Any] = {"id": self.control_id, "kind": self.kind, "label": self.label}
+        if self.kind == "slider":
+            shape.update(min=self.minimum, max=self.maximum, step=self.step, value=self.value)
+        return shape
+
+
+@dataclass(frozen=True)
+class Controls:
+    """The whole current set of a run's controls (sent again whenever it changes)."""
+
+    controls: tuple[Control, ...]
+    process: str | None = None
+
+
+@dataclass(frozen=True)
 class Uploaded:
     pass
 
@@ -133,7 +184,9 @@ class ErrorEvent:
     process: str | None = None
 
 
-Event = Union[Started, Stopped, Output, Video, KeyListen, Uploaded, Pong, ErrorEvent]
+Event = Union[
+    Started, Stopped, Output, Video, KeyListen, Plot, Controls, Uploaded, Pong, ErrorEvent
+]
 
 
 def encode_event(event: Event) -> str:
@@ -160,9 +213,23 @@ def encode_event(event: Event) -> str:
         kind, data = "uploaded", {}
     elif isinstance(event, Pong):
         kind, data = "pong", {}
+    elif isinstance(event, (Plot, Controls)):
+        kind, data = side_event_data(event)
     else:  # pragma: no cover - KeyListen exists only on /run
         raise TypeError(f"not a /run-py event: {event!r}")
     return json.dumps({"type": kind, "data": data}, ensure_ascii=False)
+
+
+def side_event_data(event: Plot | Controls) -> tuple[str, dict[str, Any]]:
+    """The ``type`` and ``data`` of a plot or controls event, the same on both APIs."""
+    if isinstance(event, Plot):
+        return "plot", {
+            "figure": event.figure,
+            "png": event.png,
+            "width": event.width,
+            "height": event.height,
+        }
+    return "controls", {"controls": [control.as_json() for control in event.controls]}
 
 
 _json_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
@@ -214,6 +281,8 @@ def parse_command(text: str) -> Command:
         return _parse_upload(data)
     if kind == "ping":
         return PingCommand()
+    if kind == "control":
+        return ControlCommand(_required_str(data, "id", "control"), control_value(data, "control"))
     _check_text(kind, "type")
     raise ProtocolError(f"unknown message type {excerpt(kind)}; expected one of {_known_types()}")
 
@@ -279,6 +348,16 @@ def _parse_upload(data: dict[str, Any]) -> UploadCommand:
                 f"upload: {where}.type must be 'text' or 'url', not {_describe(file_type)}"
             )
     return UploadCommand(name=name, files=files)
+
+
+def control_value(data: dict[str, Any], command: str) -> float | None:
+    """``data.value`` of a control message: absent for a button, a finite number for a slider."""
+    value = data.get("value")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ProtocolError(f"{command}: data.value must be a number, not {_describe(value)}")
+    return value
 
 
 # ----------------------------------------------------------------- helpers

@@ -16,7 +16,6 @@ connection stays usable. Closing the connection ends every process.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import enum
@@ -29,6 +28,7 @@ from typing import Any
 from further_link.errors import FurtherLinkError, ProcessMessageError, SessionStateError, StartError
 from further_link.protocol.run import (
     RunCommand,
+    RunControl,
     RunKeyEvent,
     RunOptions,
     RunPing,
@@ -38,13 +38,14 @@ from further_link.protocol.run import (
     RunStop,
     parse_run_command,
 )
-from further_link.protocol.runpy import ErrorEvent, KeyListen, Output, Pong, Started, Stopped, Video
+from further_link.protocol.runpy import ErrorEvent, Output, Pong, Started, Stopped
 from further_link.runs.containment import RunGroup
 from further_link.runs.process import Program
 from further_link.runs.pty import PtyLauncher
 from further_link.runs.runners import ScriptFile, plan_run
 from further_link.runs.session import Services, contain_run, remove_group
-from further_link.runs.streams import KIND_KEYLISTEN, SideChannel
+from further_link.runs.side_events import frame_event, send_frame_event
+from further_link.runs.streams import SideChannel
 from further_link.server.outbox import Outbox, OutboxClosed
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,9 @@ class RunSession:
             self._stop(command.process)
         elif isinstance(command, RunKeyEvent):
             self._running(command.process, "keyevent").channel.push_key(command.key, command.event)
+        elif isinstance(command, RunControl):
+            channel = self._running(command.process, "control").channel
+            channel.use_control(command.control_id, command.value)
         else:  # pragma: no cover - parse_run_command returns only the above
             raise ProcessMessageError(f"unsupported command {command!r}")
 
@@ -175,7 +179,9 @@ class RunSession:
             )
             channel = SideChannel(
                 place.socket_path,
-                lambda kind, payload: self._deliver_frame(process_id, program, kind, payload),
+                lambda kind, payload: self._deliver_frame(
+                    process_id, program, channel, kind, payload
+                ),
                 self._config.max_message_bytes,
                 listener=place.listener,
                 peer_group=group,
@@ -233,16 +239,10 @@ class RunSession:
             await self.outbox.put_output(Output(stream, text, process=process_id))
 
     async def _deliver_frame(
-        self, process_id: str, program: Program, kind: bytes, payload: bytes
+        self, process_id: str, program: Program, channel: SideChannel, kind: bytes, payload: bytes
     ) -> None:
         await program.sync_output()
-        if kind == KIND_KEYLISTEN:
-            self.outbox.put(KeyListen(payload.decode("utf-8", "replace"), process=process_id))
-            return
-        with contextlib.suppress(OutboxClosed):
-            await self.outbox.put_output(
-                Video(base64.b64encode(payload).decode("ascii"), process=process_id)
-            )
+        await send_frame_event(self.outbox, frame_event(kind, payload, channel, process_id))
 
     # ------------------------------------------------------ stop / resize
 

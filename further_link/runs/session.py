@@ -14,7 +14,6 @@ session stays usable.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import enum
@@ -38,7 +37,9 @@ from further_link.files.project import ProjectScript
 from further_link.files.upload import UploadLimits, UrlCache, materialise_upload
 from further_link.protocol.runpy import (
     Command,
+    ControlCommand,
     ErrorEvent,
+    KeyListen,
     Output,
     PingCommand,
     Pong,
@@ -49,7 +50,6 @@ from further_link.protocol.runpy import (
     Stopped,
     UploadCommand,
     Uploaded,
-    Video,
     parse_command,
 )
 from further_link.runs.containment import BEST_EFFORT, Containment, Limits, RunGroup
@@ -57,6 +57,7 @@ from further_link.runs.launch import Plan, plan_program
 from further_link.runs.pool import WarmPool
 from further_link.runs.process import Launcher, Program, cold_launch
 from further_link.runs.rundirs import RunPlace, RunPlaces, make_run_place
+from further_link.runs.side_events import frame_event, send_frame_event
 from further_link.runs.streams import SideChannel
 from further_link.server.outbox import Outbox, OutboxClosed
 
@@ -158,6 +159,10 @@ class Session:
             await self._upload(command)
         elif isinstance(command, PingCommand):
             self.outbox.put(Pong())
+        elif isinstance(command, ControlCommand):
+            if self._run is None:
+                raise SessionStateError("control: no program is running")
+            self._run.channel.use_control(command.control_id, command.value)
         else:  # pragma: no cover - parse_command returns only the above
             raise ProtocolError(f"unsupported command {command!r}")
 
@@ -186,15 +191,16 @@ class Session:
             program = Program(
                 spec, self._deliver_output, self._config.kill_grace, self._services.launcher
             )
+            channel = SideChannel(
+                place.socket_path,
+                lambda kind, payload: self._deliver_frame(program, channel, kind, payload),
+                self._config.max_message_bytes,
+                listener=place.listener,
+                peer_group=group,
+            )
             run = Run(
                 program,
-                SideChannel(
-                    place.socket_path,
-                    lambda kind, payload: self._deliver_frame(program, payload),
-                    self._config.max_message_bytes,
-                    listener=place.listener,
-                    peer_group=group,
-                ),
+                channel,
                 run_dir,
                 plan.project_script,
                 group,
@@ -240,10 +246,13 @@ class Session:
         with contextlib.suppress(OutboxClosed):
             await self.outbox.put_output(Output(stream, text))
 
-    async def _deliver_frame(self, program: Program, jpeg: bytes) -> None:
+    async def _deliver_frame(
+        self, program: Program, channel: SideChannel, kind: bytes, payload: bytes
+    ) -> None:
         await program.sync_output()
-        with contextlib.suppress(OutboxClosed):
-            await self.outbox.put_output(Video(base64.b64encode(jpeg).decode("ascii")))
+        event = frame_event(kind, payload, channel, process=None)
+        if not isinstance(event, KeyListen):  # keys are forwarded on v5 /run only
+            await send_frame_event(self.outbox, event)
 
     # ------------------------------------------------------ stop / stdin
 

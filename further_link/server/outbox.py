@@ -18,7 +18,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from further_link.protocol.runpy import ErrorEvent, Event, Output, Video, encode_event
+from further_link.protocol.runpy import ErrorEvent, Event, Output, Plot, Video, encode_event
 
 MERGE_LIMIT = 1024 * 1024
 # What a small control event (started, pong, ...) counts for, in bytes.
@@ -66,14 +66,14 @@ class Outbox:
             return 0.0
         return time.monotonic() - self._full_since
 
-    async def put_output(self, event: Output | Video) -> None:
+    async def put_output(self, event: Output | Video | Plot) -> None:
         """Queue program output, waiting while the backlog is over the limit."""
         while self._queued_bytes >= self._limit and not self._closed:
             self._room.clear()
             await self._room.wait()
         if self._closed:
             raise OutboxClosed
-        self._append(event, len(event.output))
+        self._append(event, len(event.png) if isinstance(event, Plot) else len(event.output))
 
     def _append(self, event: Event, size: int) -> None:
         self._events.append((event, size))
