@@ -16,9 +16,10 @@ import json
 import os
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Callable
 
 SOCKET_ENV_VAR = "FURTHER_LINK_IO_SOCKET"
 KIND_JPEG = b"J"  # program -> server: one JPEG frame
@@ -170,6 +171,57 @@ def receive_events(sock: socket.socket, kind: bytes) -> Iterator[bytes]:
         if got != kind or len(payload) < length:
             return
         yield payload
+
+
+class Subscription:
+    """Events of one kind from the server, read by one daemon thread per program.
+
+    ``start`` connects once, before the program tells the server what it
+    listens to, so that no event can be missed; each event's payload goes to
+    ``handle`` in that thread. ``what`` names the feature in warnings
+    (``"keyboard is"``, ``"controls are"``).
+    """
+
+    def __init__(
+        self, subscribe_kind: bytes, event_kind: bytes, what: str, handle: Callable[[bytes], None]
+    ) -> None:
+        self._subscribe_kind = subscribe_kind
+        self._event_kind = event_kind
+        self._what = what
+        self._handle = handle
+        self._lock = threading.Lock()
+        self._started = False
+        self._available = True
+
+    def start(self) -> bool:
+        """Connect and start the thread, once; False (with a warning) outside further-link."""
+        with self._lock:
+            if self._started or not self._available:
+                return self._available
+            try:
+                sock = open_subscription(self._subscribe_kind)
+            except ChannelError as exc:
+                self._available = False
+                self.warn(exc)
+                return False
+            self._started = True
+        name = f"further_link {self._what.split()[0]}"
+        threading.Thread(target=self._serve, args=(sock,), name=name, daemon=True).start()
+        return True
+
+    def announce(self, kind: bytes, payload: bytes) -> None:
+        """Tell the server (and so the client) what the program listens to."""
+        try:
+            _connection.send(kind, payload)
+        except ChannelError as exc:
+            self.warn(exc)
+
+    def warn(self, exc: ChannelError) -> None:
+        print(f"Warning: further_link {self._what} not available: {exc}", file=sys.stderr)
+
+    def _serve(self, sock: socket.socket) -> None:
+        for payload in receive_events(sock, self._event_kind):
+            self._handle(payload)
 
 
 def send_image(image: Any, quality: int = 80) -> None:

@@ -12,9 +12,8 @@ again replaces that control. Standard library only.
 
 from __future__ import annotations
 
+import json
 import re
-import socket
-import sys
 import threading
 import traceback
 from collections.abc import Mapping
@@ -24,11 +23,8 @@ from further_link.channel import (
     KIND_CONTROL,
     KIND_CONTROL_EVENT,
     KIND_CONTROL_SUBSCRIBE,
-    ChannelError,
-    _connection,
+    Subscription,
     decode_control_event,
-    open_subscription,
-    receive_events,
 )
 
 Number = Union[int, float]
@@ -95,21 +91,9 @@ class Slider:
             self.on_change(value)
 
 
-def button(label: str, on_press: PressCallback = None) -> Button:
-    """Show a button labelled ``label`` in the page; ``on_press()`` runs on each press."""
-    return Button(label, on_press)
-
-
-def slider(
-    label: str,
-    minimum: Number,
-    maximum: Number,
-    on_change: ChangeCallback = None,
-    step: Number = 1,
-    value: Number | None = None,
-) -> Slider:
-    """Show a slider in the page; ``on_change(value)`` runs whenever the learner moves it."""
-    return Slider(label, minimum, maximum, on_change, step, value)
+# ``further_link.button("Go", on_press=go)``: the classes, under the names programs call.
+button = Button
+slider = Slider
 
 
 def _checked_label(label: str) -> str:
@@ -122,54 +106,33 @@ Control = Union[Button, Slider]
 
 
 class _ControlListener:
-    """The one thread per program that receives the learner's control events."""
+    """Calls the control of each event, in the one thread that receives them."""
 
     def __init__(self) -> None:
         self._controls: dict[str, Control] = {}
         self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        self._available = True
+        self._events = Subscription(
+            KIND_CONTROL_SUBSCRIBE, KIND_CONTROL_EVENT, "controls are", self._on_use
+        )
 
     def declare(self, control: Control, shape: Mapping[str, object]) -> None:
-        import json
-
+        if not self._events.start():
+            return
         with self._lock:
-            if not self._subscribe():
-                return
             self._controls[control.id] = control
-        try:
-            _connection.send(KIND_CONTROL, json.dumps(shape).encode("utf-8"))
-        except ChannelError as exc:
-            print(f"Warning: further_link controls are not available: {exc}", file=sys.stderr)
+        self._events.announce(KIND_CONTROL, json.dumps(shape).encode("utf-8"))
 
-    def _subscribe(self) -> bool:
-        """Connect once, before the first declaration, so no event can be missed."""
-        if self._sock is not None or not self._available:
-            return self._available
+    def _on_use(self, payload: bytes) -> None:
+        name, value = decode_control_event(payload)
+        with self._lock:
+            control = self._controls.get(name)
+        if control is None:
+            return
         try:
-            sock = open_subscription(KIND_CONTROL_SUBSCRIBE)
-        except ChannelError as exc:
-            self._available = False
-            print(f"Warning: further_link controls are not available: {exc}", file=sys.stderr)
-            return False
-        self._sock = sock
-        threading.Thread(
-            target=self._serve, args=(sock,), name="further_link controls", daemon=True
-        ).start()
-        return True
-
-    def _serve(self, sock: socket.socket) -> None:
-        for payload in receive_events(sock, KIND_CONTROL_EVENT):
-            name, value = decode_control_event(payload)
-            with self._lock:
-                control = self._controls.get(name)
-            if control is None:
-                continue
-            try:
-                control._on_event(value)
-            except Exception:
-                # The learner's callback failed: show why, and keep the controls working.
-                traceback.print_exc()
+            control._on_event(value)
+        except Exception:
+            # The learner's callback failed: show why, and keep the controls working.
+            traceback.print_exc()
 
 
 _listener = _ControlListener()
