@@ -36,6 +36,7 @@ from bench_concurrency import bench_concurrency
 from bench_flood import bench_flood
 from bench_footprint import bench_footprint
 from bench_latency import bench_latency
+from bench_plots import bench_plots
 from bench_preload import bench_preload
 from bench_run_v5 import bench_run_v5
 from bench_stdin import bench_stdin
@@ -55,6 +56,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "run-v5": bench_run_v5,
     "preload": bench_preload,
     "cgroup": bench_cgroup,
+    "plots": bench_plots,
 }
 # As root, programs run as another account that cannot read a virtualenv kept
 # under /root; then they get the system's interpreter, as in the test suite.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import sys
+import time
 from typing import Any
 
 from matplotlib._pylab_helpers import Gcf
@@ -66,6 +67,16 @@ class FigureManager(FigureManagerBase):  # type: ignore[misc]
 
 class FigureCanvas(FigureCanvasAgg):  # type: ignore[misc]
     manager_class = FigureManager
+
+    def draw_idle(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to refresh on screen: a figure is drawn when it is sent, once per frame."""
+
+    def start_event_loop(self, timeout: float = 0) -> None:
+        """``plt.pause(interval)`` waits ``interval``, not matplotlib's 10 ms steps."""
+        if timeout > 0:
+            time.sleep(timeout)
+        else:
+            super().start_event_loop(timeout)
 
 
 def show(*args: Any, **kwargs: Any) -> None:
