@@ -8,15 +8,9 @@ import json
 import pytest
 
 from further_link.errors import ProcessMessageError, ProtocolError
-from further_link.protocol.run import RunControl, encode_run_event, parse_run_command
-from further_link.protocol.runpy import (
-    Control,
-    ControlCommand,
-    Controls,
-    Plot,
-    encode_event,
-    parse_command,
-)
+from further_link.protocol.events import Control, Controls, Plot, UseControl
+from further_link.protocol.run import encode_run_event, parse_run_command
+from further_link.protocol.runpy import encode_event, parse_command
 
 from conftest import Client
 from v5client import V5Connect, connect_run
@@ -191,13 +185,13 @@ async def test_many_controls_are_capped(client: Client) -> None:
 
 
 def test_control_messages_parse_on_both_apis() -> None:
-    assert parse_command('{"type": "control", "data": {"id": "go"}}') == ControlCommand("go")
+    assert parse_command('{"type": "control", "data": {"id": "go"}}') == UseControl("go")
     assert parse_command(
         '{"type": "control", "data": {"id": "speed", "value": 42.5}}'
-    ) == ControlCommand("speed", 42.5)
+    ) == UseControl("speed", 42.5)
     assert parse_run_command(
         '{"type": "control", "process": "p", "data": {"id": "speed", "value": 7}}'
-    ) == RunControl("p", "speed", 7)
+    ) == UseControl("speed", 7, process="p")
 
 
 @pytest.mark.parametrize("value", ["42", True, [1], {"a": 1}])

@@ -14,7 +14,7 @@ from typing import Any
 
 from further_link.channel import decode_control
 from further_link.errors import ControlError, excerpt
-from further_link.protocol.runpy import Control
+from further_link.protocol.events import Control
 
 # One program's page panel: more than this is no longer a control panel.
 MAX_CONTROLS = 32

@@ -14,9 +14,9 @@ import logging
 import struct
 
 from further_link.channel import KIND_CONTROL, KIND_JPEG, KIND_KEYLISTEN, KIND_PLOT, PLOT_HEADER
-from further_link.protocol.runpy import Controls, Event, KeyListen, Plot, Video
+from further_link.protocol.events import Controls, Event, KeyListen, Plot, Video
+from further_link.runs.sink import EventSink, SinkClosed
 from further_link.runs.streams import SideChannel
-from further_link.server.outbox import Outbox, OutboxClosed
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,10 @@ def plot_event(payload: bytes, process: str | None) -> Plot | None:
     return Plot(figure, base64.b64encode(png).decode("ascii"), width, height, process=process)
 
 
-async def send_frame_event(outbox: Outbox, event: Event | None) -> None:
+async def send_frame_event(sink: EventSink, event: Event | None) -> None:
     """Queue a frame's event: pictures wait for room like output, the rest go at once."""
     if isinstance(event, (Video, Plot)):
-        with contextlib.suppress(OutboxClosed):
-            await outbox.put_output(event)
+        with contextlib.suppress(SinkClosed):
+            await sink.put_output(event)
     elif event is not None:
-        outbox.put(event)
+        sink.put(event)
