@@ -156,11 +156,27 @@ async def test_requests_show_the_code_once_and_release_the_screen_after_a_while(
         await wait_for(lambda: display.shown, "the first picture")
         screen.request("111222333", *SCREEN[1:])  # the code changed: shown at once
         await wait_for(lambda: len(display.shown) == 2, "the new code")
-        await wait_for(lambda: display.released == 1, "the screen to be released")
+        await wait_for(lambda: display.released >= 1 and screen.shown is None, "the release")
     finally:
         await screen.close()
     assert differing_pixels(display.shown[0], Image.open(REFERENCE)) == 0
-    assert len(display.shown) == 2 and screen.shown is None
+    assert len(display.shown) == 2
+
+
+async def test_a_request_while_the_screen_is_released_shows_the_code_again() -> None:
+    display = RecordingDisplay()
+    screen = PairingScreen(lambda: display, show_seconds=0.1)
+    try:
+        screen.request(*SCREEN)
+        await wait_for(lambda: display.released == 1, "the first release")
+        for _ in range(3):  # each after the last showing ended: shown again every time
+            screen.request(*SCREEN)
+            shown = len(display.shown)
+            await wait_for(lambda: len(display.shown) > shown, "the code again")  # noqa: B023
+            await wait_for(lambda: screen.shown is None, "the release")
+    finally:
+        await screen.close()
+    assert len(display.shown) == 4
 
 
 async def test_a_display_that_cannot_open_is_left_alone() -> None:

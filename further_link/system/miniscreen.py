@@ -131,6 +131,7 @@ class PairingScreen:
         self._until = 0.0
         self._wanted: tuple[str, str, str] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._ending = False  # the task has decided to release the screen
 
     @property
     def shown(self) -> tuple[str, str, str] | None:
@@ -143,19 +144,25 @@ class PairingScreen:
             return
         self._wanted = (code, name, address)
         self._until = time.monotonic() + self._show_seconds
-        if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._run())
+        if self._task is None or self._task.done() or self._ending:
+            # A task that is releasing the screen shows nothing more: the next one,
+            # after it, shows this code.
+            self._task = asyncio.ensure_future(self._run(self._task))
 
-    async def _run(self) -> None:
+    async def _run(self, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
+        self._ending = False
         loop = asyncio.get_running_loop()
         try:
-            while True:
+            while not self._broken:
                 wanted = self._wanted
                 if wanted is not None and wanted != self._shown:
                     await loop.run_in_executor(None, self._show, wanted)
                     self._shown = wanted
                 left = self._until - time.monotonic()
                 if left <= 0 and self._wanted == self._shown:
+                    self._ending = True
                     break
                 await asyncio.sleep(min(max(left, 0.05), 1.0))
         except Exception as exc:  # the SDK's errors are not ours to know: log, stop using it
