@@ -13,13 +13,12 @@ program's callback's print back; the limit is the same round trip through
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import subprocess
 import time
 
 import aiohttp
-from _client import BenchClientError, close_ws, connect, http_session, receive_event, send
-from _context import BenchContext, record_server_log
+from _client import BenchClientError, receive_event, send
+from _context import BenchContext
 from _report import BenchResult, summarise
 
 TIMEOUT = 60.0
@@ -124,17 +123,10 @@ def bare_animation_rate(python: str) -> float:
 
 async def bench_plots(ctx: BenchContext) -> BenchResult:
     result = BenchResult("plots")
-    async with contextlib.AsyncExitStack() as stack:
-        server = await stack.enter_async_context(ctx.server())
-        http = await stack.enter_async_context(http_session())
-        ws = await connect(http, server.run_url)
-        try:
-            rate = await animation_rate(ws)
-            control = await round_trips(ws, SLIDER, "control")
-            stdin = await round_trips(ws, ECHO, "stdin")
-        finally:
-            await close_ws(ws)
-        record_server_log(result, server)
+    async with ctx.serve(result) as served, served.client() as ws:
+        rate = await animation_rate(ws)
+        control = await round_trips(ws, SLIDER, "control")
+        stdin = await round_trips(ws, ECHO, "stdin")
     bare = await asyncio.get_running_loop().run_in_executor(
         None, bare_animation_rate, ctx.program_python
     )

@@ -7,6 +7,8 @@ desktop screenshot is also kept, current, as docs/screenshot.png.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import mimetypes
 import re
 from collections.abc import AsyncIterator, Awaitable
@@ -50,6 +52,10 @@ pytestmark = pytest.mark.skipif(
 expect.set_options(timeout=WAIT_MS)
 
 StartServer = Callable[..., Awaitable[RunningServer]]
+# A 2x2 PNG, red and blue: bytes that are not text.
+LOGO_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGP8z8DAwMDA8J+BgYHhPwAUCAL//zEV8wAAAABJRU5ErkJggg=="
+)
 
 
 @pytest.fixture
@@ -615,44 +621,60 @@ async def test_editor_types_undoes_searches_and_runs_with_ctrl_enter(
 
 
 async def test_files_of_a_project_are_saved_run_and_reopened_after_a_reload(
-    page: Any, server: RunningServer
+    page: Any, server: RunningServer, http: aiohttp.ClientSession
 ) -> None:
     page.on("dialog", lambda dialog: dialog.accept("helper.py"))
     await open_paired(page, server)
     await page.get_by_role("textbox", name="Project").fill("robot-arm")
     await page.get_by_role("textbox", name="Project").press("Enter")
+    await expect(page.locator("#files-status")).to_have_text(re.compile(r"in robot-arm$"))
     await page.get_by_role("button", name="New file").click()
     await expect(page.get_by_role("tab", name="helper.py")).to_have_attribute(
         "aria-selected", "true"
     )
     await set_program(page, "X = 42\n")
-    await pick_files(page, {"data.csv": b"name,score\nAda,10\n"})
+    await pick_files(page, {"data.csv": b"name,score\nAda,10\n", "logo.png": LOGO_PNG})
     await expect(page.get_by_role("tab", name="data.csv")).to_be_visible()
+    await page.get_by_role("tab", name="logo.png").click()
+    await expect(page.get_by_role("img", name="logo.png")).to_be_visible()
     await page.get_by_role("tab", name="main.py").click()
     program = (
-        "import os\n"
+        "import hashlib, os\n"
         "from helper import X\n"
         "print(open('data.csv').read().splitlines()[1], X)\n"
+        "print('logo', hashlib.sha256(open('logo.png', 'rb').read()).hexdigest())\n"
         "print(os.path.basename(os.getcwd()), sorted(set(os.listdir('.')) - {'__pycache__'}))\n"
+        "open('scores.txt', 'w').write('written by the program')\n"
     )
+    logo_line = f"logo {hashlib.sha256(LOGO_PNG).hexdigest()}"
     await run_program(page, program)
     await expect_finished(page)
     text = await terminal_text(page)
     assert "Ada,10 42" in text
-    assert "robot-arm ['data.csv', 'helper.py', 'main.py']" in text
+    assert logo_line in text
+    assert "robot-arm ['data.csv', 'helper.py', 'logo.png', 'main.py']" in text
     await expect(page.locator("#save-status")).to_have_text("Saved on the device")
     await page.screenshot(path=shot("project-desktop.png"))
 
+    # The device's listing has it; a reload reopens it, with the file the
+    # program wrote, and runs it again.
+    async with http.get(
+        f"{server.base_url}/projects", headers={"Authorization": f"Bearer {server.token}"}
+    ) as response:
+        listed = [project["name"] for project in (await response.json())["projects"]]
+    assert "robot-arm" in listed
     await page.reload()
     await expect(page.locator("#connection")).to_contain_text("Connected")
     await expect(page.get_by_role("textbox", name="Project")).to_have_value("robot-arm")
-    await expect(page.get_by_role("tab")).to_have_text(
-        ["data.csv", "helper.py", "main.py", "Output", "Shell"]
-    )
     await page.get_by_role("tab", name="main.py").click()
     await page.get_by_role("button", name="Run").click()
     await expect_finished(page)
-    assert "Ada,10 42" in await terminal_text(page)
+    text = await terminal_text(page)
+    assert "Ada,10 42" in text and logo_line in text
+    assert "robot-arm ['data.csv', 'helper.py', 'logo.png', 'main.py', 'scores.txt']" in text
+    await expect(page.get_by_role("tab")).to_have_text(
+        ["data.csv", "helper.py", "logo.png", "main.py", "scores.txt", "Output", "Shell"]
+    )
 
 
 async def test_two_tabs_keep_two_projects_apart(
@@ -679,6 +701,56 @@ async def test_two_tabs_keep_two_projects_apart(
     assert "here: ['main.py'] # one" in await terminal_text(first)
 
 
+async def test_two_tabs_on_one_project_never_overwrite_each_other_silently(
+    new_page: Callable[..., Awaitable[Any]], server: RunningServer
+) -> None:
+    first = await new_page()
+    await open_paired(first, server)
+    await first.get_by_role("textbox", name="Project").fill("shared")
+    await first.get_by_role("textbox", name="Project").press("Enter")
+    await expect(first.locator("#files-status")).to_have_text(re.compile(r"in shared$"))
+    # The program writes a file: the next run keeps it (it joins the project).
+    await run_program(first, "print('one')\nopen('out.txt', 'w').write('made')\n")
+    await expect_finished(first)
+    await first.get_by_role("button", name="Run").click()
+    await expect_finished(first)
+    await expect(first.get_by_role("tab", name="out.txt")).to_be_visible()
+    await expect(first.get_by_role("alert")).to_be_hidden()
+
+    second = await first.context.new_page()
+    await second.goto(f"{server.base_url}/")
+    await expect(second.locator("#connection")).to_contain_text("Connected")
+    # Naming a new project like an existing one would replace its files: refused.
+    await second.get_by_role("textbox", name="Project").fill("shared")
+    await second.get_by_role("textbox", name="Project").press("Enter")
+    await expect(second.get_by_role("alert")).to_contain_text(
+        "The device already has a project called shared"
+    )
+    await expect(second.get_by_role("textbox", name="Project")).to_have_value(
+        re.compile(r"^untitled-")
+    )
+    await second.get_by_role("button", name="Dismiss this message").click()
+    await second.get_by_label("Open a project on the device").select_option("shared")
+    await expect(second.get_by_role("textbox", name="Project")).to_have_value("shared")
+    await run_program(second, "print('two')\n")
+    await expect_finished(second)
+
+    # The first tab still has the old main.py open: its save is refused, in words.
+    await run_program(first, "print('one again')\n")
+    alert = first.get_by_role("alert")
+    await expect(alert).to_contain_text(
+        "Not saved: main.py changed on the device since this page opened shared"
+    )
+    await expect(first.locator("#run-state")).to_have_text(
+        "Not started: the project could not be saved"
+    )
+    await first.screenshot(path=shot("save-conflict-desktop.png"))
+    # The second tab's program is what the device has.
+    await second.get_by_role("button", name="Run").click()
+    await expect_finished(second)
+    assert "two" in await terminal_text(second)
+
+
 # ---------------------------------------------------------------- screenshots
 
 SHOWCASE = """\
@@ -690,14 +762,15 @@ HEIGHT, WIDTH = 180, 320
 
 
 def sunset():
+    # Blue, green, red channels, as OpenCV's frames have them.
     ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH]
     sky = np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)
-    sky[..., 0] = 255 - ys * 60 // HEIGHT
+    sky[..., 2] = 255 - ys * 60 // HEIGHT
     sky[..., 1] = 90 + ys * 90 // HEIGHT
-    sky[..., 2] = 150 - ys * 100 // HEIGHT
+    sky[..., 0] = 150 - ys * 100 // HEIGHT
     sun = (xs - 160) ** 2 + (ys - 120) ** 2 < 45**2
-    sky[sun] = (255, 225, 120)
-    sky[140:] = (30, 60, 110)  # the sea
+    sky[sun] = (120, 225, 255)
+    sky[140:] = (110, 60, 30)  # the sea
     return sky
 
 
@@ -734,6 +807,7 @@ async def test_screenshots_desktop_projector_and_phone(
     # port, so that the picture changes only when the page does.
     await desktop.locator("#device-name").evaluate("e => { e.textContent = 'raspberrypi:8028' }")
     await desktop.get_by_role("textbox", name="Project").evaluate("e => { e.value = 'sunset' }")
+    await desktop.locator("#files-status").evaluate("e => { e.textContent = '2 files in sunset' }")
     DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
     await desktop.screenshot(path=str(DOCS_SCREENSHOT))
     assert DOCS_SCREENSHOT.stat().st_size < 300_000

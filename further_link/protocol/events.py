@@ -125,7 +125,7 @@ class Controls:
 
 @dataclass(frozen=True)
 class Uploaded:
-    pass
+    version: str | None = None  # the directory's new version (files/projects.py)
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,7 @@ function makeRun(kind, terminal) {
     stopPressed: false,
     runId: null, // from `started`: lets a new connection attach to the run
     keys: new Set(),
+    gui: false, // a `novnc` window came with this run
     stoppedAt: 0,
   };
 }
@@ -519,7 +520,12 @@ function handleMessage(message) {
       break;
     case "stdout":
     case "stderr":
-      if (run) run.terminal.write(String(data.output ?? ""));
+      if (!run) break;
+      if (run.state === "detached") {
+        run.state = "running"; // attached again: kept output first, then live
+        updateControls();
+      }
+      run.terminal.write(String(data.output ?? ""));
       break;
     case "stopped":
       if (run) runEnded(run, exitWords(Number(data.exitCode), run.stopPressed));
@@ -531,7 +537,10 @@ function handleMessage(message) {
       }
       break;
     case "video":
-      if (run === program) showFrame(String(data.output ?? ""));
+      // After a GUI window, the device sends its last screen as a frame: it
+      // stays in the window's panel.
+      if (run === program && program.gui) showGuiFrame(String(data.output ?? ""));
+      else if (run === program) showFrame(String(data.output ?? ""));
       break;
     case "plot":
       if (run === program || !message.process) showPlot(data);
@@ -591,11 +600,12 @@ function sendInput(run, text) {
   send({ type: "stdin", process: run.id, data: { input: text } });
 }
 
+// Ask for runs the device kept while the connection was away; each stays
+// "detached" until its output or `stopped` comes, or an error says it is gone.
 function reattach() {
   for (const run of [program, shell]) {
     if (run.state === "detached" && run.runId) {
       send({ type: "attach", process: run.id, data: { runId: run.runId } });
-      run.state = "running";
     }
   }
   updateControls();
@@ -682,6 +692,7 @@ function showGui({ port, path }) {
   const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
   const route = String(path || "/websockify");
   const url = `${scheme}//${window.location.hostname}:${Number(port)}${route.startsWith("/") ? route : `/${route}`}`;
+  program.gui = true;
   ui.guiPanel.hidden = false;
   ui.guiScreen.replaceChildren();
   try {
@@ -694,6 +705,15 @@ function showGui({ port, path }) {
   } catch (error) {
     showBanner(`Cannot show the program's window: ${error.message}`);
   }
+}
+
+function showGuiFrame(base64) {
+  closeGui();
+  const image = document.createElement("img");
+  image.alt = "The program's window as it last looked";
+  image.src = `data:image/jpeg;base64,${base64}`;
+  ui.guiScreen.replaceChildren(image);
+  ui.guiPanel.hidden = false;
 }
 
 function closeGui() {
@@ -762,6 +782,7 @@ async function startProgram() {
   ui.plotPanel.hidden = true;
   showControls([]);
   closeGui();
+  program.gui = false;
   ui.guiPanel.hidden = true;
   program.id = nextProcessId("run");
   program.runId = null;
@@ -791,7 +812,8 @@ function usesGui() {
 function stopProgram() {
   if (!program.id) return;
   program.stopPressed = true;
-  if (program.state === "detached") {
+  if (program.state === "detached" && !link.opened) {
+    // The device ends a kept run itself when no one attaches in time.
     runEnded(program, "Stopped");
     return;
   }
@@ -1018,12 +1040,22 @@ async function refreshProjectList() {
   ui.projectList.replaceChildren(first, ...options);
 }
 
-function renameProject() {
+async function renameProject() {
   const name = ui.projectName.value.trim();
   if (name === project.name) return;
   const problem = validProjectName(name);
   if (problem) {
     showBanner(problem);
+    ui.projectName.value = project.name;
+    return;
+  }
+  // Saving under the name of another project would replace its files.
+  const onDevice = await listProjects();
+  if (onDevice && onDevice.some((item) => item.name === name)) {
+    showBanner(
+      `The device already has a project called ${name}: open it with "Open a project…", ` +
+        "or choose another name.",
+    );
     ui.projectName.value = project.name;
     return;
   }
@@ -1034,6 +1066,7 @@ function renameProject() {
   tabStorage.set(KEYS.project, name);
   saveDraft();
   renderSaveStatus();
+  renderTabs();
 }
 
 // ------------------------------------------------------------ files of the project

@@ -4,15 +4,18 @@
 // Output can arrive far faster than a browser lays out a terminal (a flooding
 // program sends megabytes a second). Writing it all to xterm at once would
 // queue seconds of work, during which typing and Stop would wait. So output
-// waits here and goes to xterm in slices of at most SLICE_CHARS, the next one
-// only after xterm has parsed the previous one; past BACKLOG_MAX_CHARS the
+// waits here and goes to xterm in slices of at most SLICE_CHARS (written as
+// pieces of PIECE_CHARS), the next slice only after xterm has parsed the
+// previous one and the browser drew a frame; past BACKLOG_MAX_CHARS the
 // oldest waiting output is dropped (a terminal keeps only its scrollback
-// anyway), and `finish()` drops all but the tail so the end shows at once.
+// anyway), and `finish()` after Stop drops all but the tail so the end shows
+// at once.
 
 import { Terminal } from "@xterm/xterm";
 import { FitAddon } from "@xterm/addon-fit";
 
 const SLICE_CHARS = 131_072;
+const PIECE_CHARS = 4_096;
 const BACKLOG_MAX_CHARS = 16_000_000;
 const FINISH_KEEP_CHARS = 16_384;
 const SCROLLBACK_LINES = 5_000;
@@ -111,12 +114,19 @@ export class TerminalView {
     if (this.backlogChars < 0) this.backlogChars = 0;
     this.writing = true;
     this.written += slice.length;
-    this.terminal.write(slice, () => {
-      // Let the browser paint and handle input between slices.
-      requestAnimationFrame(() => {
-        this.writing = false;
-        this.pump();
-      });
+    // xterm parses each write() whole, but yields to the browser between
+    // writes: small pieces keep every task short.
+    for (let at = 0; at < slice.length; at += PIECE_CHARS) {
+      const last = at + PIECE_CHARS >= slice.length;
+      this.terminal.write(slice.slice(at, at + PIECE_CHARS), last ? () => this.drawn() : undefined);
+    }
+  }
+
+  drawn() {
+    // Let the browser paint and handle input between slices.
+    requestAnimationFrame(() => {
+      this.writing = false;
+      this.pump();
     });
   }
 
@@ -154,12 +164,18 @@ export class TerminalView {
     this.terminal.focus();
   }
 
-  /** The visible lines and scrollback as text (for tests and screen readers). */
+  /** The scrollback and screen as text, a line the terminal wrapped as one line. */
   text() {
     const buffer = this.terminal.buffer.active;
     const lines = [];
     for (let y = 0; y < buffer.length; y += 1) {
-      lines.push(buffer.getLine(y)?.translateToString(true) ?? "");
+      const line = buffer.getLine(y);
+      if (!line) continue;
+      if (line.isWrapped && lines.length) {
+        lines[lines.length - 1] += line.translateToString(true);
+      } else {
+        lines.push(line.translateToString(true));
+      }
     }
     while (lines.length && !lines[lines.length - 1]) lines.pop();
     return lines.join("\n");
