@@ -37,6 +37,7 @@ from bench_flood import bench_flood
 from bench_footprint import bench_footprint
 from bench_latency import bench_latency
 from bench_page import bench_page
+from bench_plots import bench_plots
 from bench_preload import bench_preload
 from bench_run_v5 import bench_run_v5
 from bench_stdin import bench_stdin
@@ -57,6 +58,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "preload": bench_preload,
     "cgroup": bench_cgroup,
     "page": bench_page,
+    "plots": bench_plots,
 }
 # As root, programs run as another account that cannot read a virtualenv kept
 # under /root; then they get the system's interpreter, as in the test suite.

@@ -16,16 +16,23 @@ import json
 import os
 import socket
 import struct
+import sys
 import threading
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Callable
 
 SOCKET_ENV_VAR = "FURTHER_LINK_IO_SOCKET"
 KIND_JPEG = b"J"  # program -> server: one JPEG frame
 KIND_KEYLISTEN = b"K"  # program -> server: the program listens for this key (UTF-8)
 KIND_KEY_SUBSCRIBE = b"S"  # program -> server: send key events on this connection
 KIND_KEY_EVENT = b"E"  # server -> program: JSON [key, event]
+KIND_PLOT = b"P"  # program -> server: PLOT_HEADER (figure number), then one PNG
+KIND_CONTROL = b"U"  # program -> server: declare (or redeclare) one control, JSON
+KIND_CONTROL_SUBSCRIBE = b"C"  # program -> server: send control events on this connection
+KIND_CONTROL_EVENT = b"V"  # server -> program: JSON {"id": str, "value": number | null}
 ACK = b"\x06"
 HEADER = struct.Struct("!cI")
+PLOT_HEADER = struct.Struct("!i")
 JPEG_MAGIC = b"\xff\xd8"
 
 
@@ -45,6 +52,22 @@ def encode_key_event(key: str, event: str) -> bytes:
 def decode_key_event(payload: bytes) -> tuple[str, str]:
     key, event = json.loads(payload.decode("utf-8"))
     return str(key), str(event)
+
+
+def encode_control_event(control_id: str, value: float | None) -> bytes:
+    return json.dumps({"id": control_id, "value": value}).encode("utf-8")
+
+
+def decode_control_event(payload: bytes) -> tuple[str, float | None]:
+    event = json.loads(payload.decode("utf-8"))
+    value = event.get("value")
+    # A slider's whole numbers stay ints for the program, as the page sent them.
+    return str(event["id"]), value if isinstance(value, (int, float)) else None
+
+
+def decode_control(payload: bytes) -> Any:
+    """A control declaration as the program sent it (checked by the server, runs/controls.py)."""
+    return json.loads(payload.decode("utf-8"))
 
 
 def to_jpeg(image: Any, quality: int = 80) -> bytes:
@@ -82,7 +105,8 @@ def connect_channel() -> socket.socket:
     path = os.environ.get(SOCKET_ENV_VAR)
     if not path:
         raise ChannelError(
-            "send_image and KeyboardButton: this works only in a program started by further-link "
+            "send_image, KeyboardButton, button, slider and plots: this works only in a "
+            "program started by further-link "
             f"({SOCKET_ENV_VAR} is not set)"
         )
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -116,6 +140,88 @@ class _Connection:
 
 
 _connection = _Connection()
+
+
+def open_subscription(kind: bytes) -> socket.socket:
+    """A new connection on which the server sends this program events (``kind``:
+    ``KIND_KEY_SUBSCRIBE`` or ``KIND_CONTROL_SUBSCRIBE``); raises ``ChannelError``."""
+    sock = connect_channel()
+    try:
+        sock.sendall(encode_frame(kind, b""))
+        if sock.recv(1) != ACK:
+            raise ChannelError("further-link closed the side channel")
+    except OSError as exc:
+        sock.close()
+        raise ChannelError(f"further-link side channel failed: {exc}") from None
+    except ChannelError:
+        sock.close()
+        raise
+    return sock
+
+
+def receive_events(sock: socket.socket, kind: bytes) -> Iterator[bytes]:
+    """The payloads of the server's ``kind`` frames on ``sock``, until the run ends."""
+    reader = sock.makefile("rb")
+    while True:
+        header = reader.read(HEADER.size)
+        if len(header) < HEADER.size:
+            return  # the run is ending
+        got, length = HEADER.unpack(header)
+        payload = reader.read(length)
+        if got != kind or len(payload) < length:
+            return
+        yield payload
+
+
+class Subscription:
+    """Events of one kind from the server, read by one daemon thread per program.
+
+    ``start`` connects once, before the program tells the server what it
+    listens to, so that no event can be missed; each event's payload goes to
+    ``handle`` in that thread. ``what`` names the feature in warnings
+    (``"keyboard is"``, ``"controls are"``).
+    """
+
+    def __init__(
+        self, subscribe_kind: bytes, event_kind: bytes, what: str, handle: Callable[[bytes], None]
+    ) -> None:
+        self._subscribe_kind = subscribe_kind
+        self._event_kind = event_kind
+        self._what = what
+        self._handle = handle
+        self._lock = threading.Lock()
+        self._started = False
+        self._available = True
+
+    def start(self) -> bool:
+        """Connect and start the thread, once; False (with a warning) outside further-link."""
+        with self._lock:
+            if self._started or not self._available:
+                return self._available
+            try:
+                sock = open_subscription(self._subscribe_kind)
+            except ChannelError as exc:
+                self._available = False
+                self.warn(exc)
+                return False
+            self._started = True
+        name = f"further_link {self._what.split()[0]}"
+        threading.Thread(target=self._serve, args=(sock,), name=name, daemon=True).start()
+        return True
+
+    def announce(self, kind: bytes, payload: bytes) -> None:
+        """Tell the server (and so the client) what the program listens to."""
+        try:
+            _connection.send(kind, payload)
+        except ChannelError as exc:
+            self.warn(exc)
+
+    def warn(self, exc: ChannelError) -> None:
+        print(f"Warning: further_link {self._what} not available: {exc}", file=sys.stderr)
+
+    def _serve(self, sock: socket.socket) -> None:
+        for payload in receive_events(sock, self._event_kind):
+            self._handle(payload)
 
 
 def send_image(image: Any, quality: int = 80) -> None:

@@ -6,6 +6,8 @@
      +-- SessionStateError      the command does not fit now ("no program is running")
      +-- StartError             a program could not be started (missing file, bad dir)
      +-- StdinError             input could not be handed to the program
+ +-- ControlError           a ``control`` message names no control of the run, or a
+ |                          value that control cannot take
      +-- UploadError            an upload was refused; the previous directory is kept
      |    +-- UnsafePathError   a client-supplied name would leave its directory
      |    +-- LimitExceededError a configured cap (files, bytes) was exceeded
@@ -74,6 +76,10 @@ class StartError(FurtherLinkError):
 
 class StdinError(FurtherLinkError):
     """Input could not be delivered to the program."""
+
+
+class ControlError(FurtherLinkError):
+    """A learner's use of a program's button or slider cannot reach the program."""
 
 
 class UploadError(FurtherLinkError):

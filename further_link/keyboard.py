@@ -9,22 +9,15 @@ listener thread shared by all buttons. Standard library only.
 
 from __future__ import annotations
 
-import socket
-import sys
 import threading
 from typing import Callable, Optional
 
 from further_link.channel import (
-    ACK,
-    HEADER,
     KIND_KEY_EVENT,
     KIND_KEY_SUBSCRIBE,
     KIND_KEYLISTEN,
-    ChannelError,
-    _connection,
-    connect_channel,
+    Subscription,
     decode_key_event,
-    encode_frame,
 )
 
 Callback = Optional[Callable[[], object]]
@@ -64,58 +57,26 @@ class KeyboardButton:
 
 
 class _KeyListener:
-    """The one thread per program that receives key events and calls the buttons."""
+    """Calls the buttons of each key event, in the one thread that receives them."""
 
     def __init__(self) -> None:
         self._buttons: dict[str, list[KeyboardButton]] = {}
         self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        self._available = True
+        self._events = Subscription(KIND_KEY_SUBSCRIBE, KIND_KEY_EVENT, "keyboard is", self._on_key)
 
     def add(self, button: KeyboardButton) -> None:
+        if not self._events.start():
+            return
         with self._lock:
-            if not self._subscribe():
-                return
             self._buttons.setdefault(button.key, []).append(button)
-        try:
-            _connection.send(KIND_KEYLISTEN, button.key.encode("utf-8"))
-        except ChannelError as exc:
-            print(f"Warning: further_link keyboard is not available: {exc}", file=sys.stderr)
+        self._events.announce(KIND_KEYLISTEN, button.key.encode("utf-8"))
 
-    def _subscribe(self) -> bool:
-        """Connect once, before the first keylisten, so no event can be missed."""
-        if self._sock is not None or not self._available:
-            return self._available
-        try:
-            sock = connect_channel()
-            sock.sendall(encode_frame(KIND_KEY_SUBSCRIBE, b""))
-            if sock.recv(1) != ACK:
-                raise ChannelError("further-link closed the side channel")
-        except (ChannelError, OSError) as exc:
-            self._available = False
-            print(f"Warning: further_link keyboard is not available: {exc}", file=sys.stderr)
-            return False
-        self._sock = sock
-        threading.Thread(
-            target=self._serve, args=(sock,), name="further_link keys", daemon=True
-        ).start()
-        return True
-
-    def _serve(self, sock: socket.socket) -> None:
-        reader = sock.makefile("rb")
-        while True:
-            header = reader.read(HEADER.size)
-            if len(header) < HEADER.size:
-                return  # the run is ending
-            kind, length = HEADER.unpack(header)
-            payload = reader.read(length)
-            if kind != KIND_KEY_EVENT or len(payload) < length:
-                return
-            key, event = decode_key_event(payload)
-            with self._lock:
-                buttons = list(self._buttons.get(key, ()))
-            for button in buttons:
-                button._on_event(event)
+    def _on_key(self, payload: bytes) -> None:
+        key, event = decode_key_event(payload)
+        with self._lock:
+            buttons = list(self._buttons.get(key, ()))
+        for button in buttons:
+            button._on_event(event)
 
 
 _listener = _KeyListener()

@@ -38,6 +38,15 @@ class Stdin:
     process: str | None = None
 
 
+@dataclass(frozen=True)
+class UseControl:
+    """The learner used a control the program declared: a button (``value`` None) or a slider."""
+
+    control_id: str
+    value: float | None = None
+    process: str | None = None
+
+
 # ------------------------------------------------------------------ events
 
 
@@ -79,6 +88,42 @@ class KeyListen:
 
 
 @dataclass(frozen=True)
+class Plot:
+    """One matplotlib figure the program showed: a base64 PNG of ``width`` x ``height``
+    pixels; a later plot with the same ``figure`` number replaces it."""
+
+    figure: int
+    png: str
+    width: int
+    height: int
+    process: str | None = None
+
+
+@dataclass(frozen=True)
+class Control:
+    """One control a program declared (``further_link.button`` / ``slider``).
+
+    ``kind`` is ``button`` or ``slider``; only sliders have the numbers.
+    """
+
+    control_id: str
+    kind: str
+    label: str
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    value: float | None = None
+
+
+@dataclass(frozen=True)
+class Controls:
+    """The whole current set of a run's controls (sent again whenever it changes)."""
+
+    controls: tuple[Control, ...]
+    process: str | None = None
+
+
+@dataclass(frozen=True)
 class Uploaded:
     version: str | None = None  # the directory's new version (files/projects.py)
 
@@ -96,5 +141,7 @@ class ErrorEvent:
     process: str | None = None
 
 
-ProgramOutput = Union[Output, Video]
-Event = Union[Started, Stopped, Output, Video, KeyListen, Uploaded, Pong, ErrorEvent]
+ProgramOutput = Union[Output, Video, Plot]
+Event = Union[
+    Started, Stopped, Output, Video, KeyListen, Plot, Controls, Uploaded, Pong, ErrorEvent
+]

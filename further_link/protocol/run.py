@@ -20,28 +20,33 @@ from typing import Any, Union
 
 from further_link.errors import ProcessMessageError, ProtocolError
 from further_link.protocol.events import (
+    Controls,
     ErrorEvent,
     Event,
     KeyListen,
     Output,
     Ping,
+    Plot,
     Pong,
     Started,
     Stdin,
     Stop,
     Stopped,
+    UseControl,
     Video,
 )
 from further_link.protocol.wire import (
     check_text,
+    control_value,
     json_string,
     kind_of,
     optional_str,
     output_type_and_data,
+    side_event_data,
 )
 
 RUNNERS = ("python3", "exec", "shell")
-COMMAND_TYPES = ("ping", "start", "stdin", "resize", "stop", "keyevent")
+COMMAND_TYPES = ("ping", "start", "stdin", "resize", "stop", "keyevent", "control")
 MAX_PROCESS_ID_CHARS = 256
 MAX_TERMINAL_CELLS = 65535  # a terminal's rows and columns are unsigned shorts
 _TRUE_WORDS = ("1", "true")
@@ -120,7 +125,8 @@ class RunKeyEvent:
     event: str
 
 
-RunCommand = Union[Ping, RunStart, Stdin, RunResize, Stop, RunKeyEvent]
+RunControl = UseControl  # the learner used one of the process's controls
+RunCommand = Union[Ping, RunStart, Stdin, RunResize, Stop, RunKeyEvent, RunControl]
 
 
 # ----------------------------------------------------------------- parsing
@@ -188,6 +194,8 @@ def _parse_for_process(kind: str, process: str, data: dict[str, Any]) -> RunComm
         return RunStop(process)
     if kind == "keyevent":
         return RunKeyEvent(process, _string(data, "key", kind), _string(data, "event", kind))
+    if kind == "control":
+        return RunControl(_string(data, "id", kind), control_value(data, kind), process=process)
     check_text(kind, "type")
     raise ProtocolError(
         f"unknown message type {kind!r}; expected one of {', '.join(COMMAND_TYPES)}"
@@ -271,4 +279,6 @@ def _kind_and_data(event: Event) -> tuple[str, dict[str, Any] | None]:
         return "error", {"message": event.message}
     if isinstance(event, Pong):
         return "pong", None
+    if isinstance(event, (Plot, Controls)):
+        return side_event_data(event)
     raise TypeError(f"not a /run event: {event!r}")  # Uploaded belongs to /run-py

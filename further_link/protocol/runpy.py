@@ -17,21 +17,30 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from further_link.errors import ProtocolError, excerpt
+from further_link.protocol.events import Controls as Controls
 
 # Re-exported: the events (and commands) are shared with v5 /run (events.py).
 from further_link.protocol.events import ErrorEvent as ErrorEvent
 from further_link.protocol.events import Event as Event
 from further_link.protocol.events import KeyListen as KeyListen
 from further_link.protocol.events import Output as Output
-from further_link.protocol.events import Ping, Stdin, Stop
+from further_link.protocol.events import Ping, Stdin, Stop, UseControl
+from further_link.protocol.events import Plot as Plot
 from further_link.protocol.events import Pong as Pong
 from further_link.protocol.events import Started as Started
 from further_link.protocol.events import Stopped as Stopped
 from further_link.protocol.events import Uploaded as Uploaded
 from further_link.protocol.events import Video as Video
-from further_link.protocol.wire import check_text, kind_of, optional_str, output_type_and_data
+from further_link.protocol.wire import (
+    check_text,
+    control_value,
+    kind_of,
+    optional_str,
+    output_type_and_data,
+    side_event_data,
+)
 
-COMMAND_TYPES = ("start", "stop", "stdin", "upload", "ping")
+COMMAND_TYPES = ("start", "stop", "stdin", "upload", "ping", "control")
 
 
 # ---------------------------------------------------------------- commands
@@ -50,6 +59,7 @@ class StartCommand:
 StopCommand = Stop
 StdinCommand = Stdin
 PingCommand = Ping
+ControlCommand = UseControl
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,7 @@ class UploadCommand:
     version: str | None = None
 
 
-Command = Union[StartCommand, StopCommand, StdinCommand, PingCommand, UploadCommand]
+Command = Union[StartCommand, StopCommand, StdinCommand, PingCommand, UploadCommand, ControlCommand]
 
 
 # ---------------------------------------------------------------- encoding
@@ -116,6 +126,8 @@ def encode_event(event: Event) -> str:
     elif isinstance(event, KeyListen):
         # Not in the 2020 API, whose clients ignore unknown types; as v5 names it.
         kind, data = "keylisten", {"output": event.key}
+    elif isinstance(event, (Plot, Controls)):
+        kind, data = side_event_data(event)
     else:  # pragma: no cover - the Event union holds only the above
         raise TypeError(f"not a /run-py event: {event!r}")
     return json.dumps({"type": kind, "data": data}, ensure_ascii=False)
@@ -166,6 +178,8 @@ def parse_command(text: str) -> Command:
         return _parse_upload(data)
     if kind == "ping":
         return PingCommand()
+    if kind == "control":
+        return ControlCommand(_required_str(data, "id", "control"), control_value(data, "control"))
     check_text(kind, "type")
     raise ProtocolError(f"unknown message type {excerpt(kind)}; expected one of {_known_types()}")
 

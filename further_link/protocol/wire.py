@@ -5,17 +5,18 @@ and the fast encoding of program output.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
 from further_link.errors import ProtocolError
-from further_link.protocol.events import Output, ProgramOutput
+from further_link.protocol.events import Controls, Output, Plot, Video
 
 json_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
 _json_ascii_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
-def output_type_and_data(event: ProgramOutput) -> tuple[str, str]:
+def output_type_and_data(event: Output | Video) -> tuple[str, str]:
     """``("stdout", '{"output": "..."}')``: the message type and its data as JSON text.
 
     The hot path under heavy output: the same text ``json.dumps`` would give,
@@ -67,4 +68,36 @@ def optional_str(data: dict[str, Any], key: str, command: str) -> str | None:
     if not isinstance(value, str):
         raise ProtocolError(f"{command}: data.{key} must be a string, not {kind_of(value)}")
     check_text(value, f"{command}: data.{key}")
+    return value
+
+
+def side_event_data(event: Plot | Controls) -> tuple[str, dict[str, Any]]:
+    """The ``type`` and ``data`` of a plot or controls event, the same on both APIs."""
+    if isinstance(event, Plot):
+        return "plot", {
+            "figure": event.figure,
+            "png": event.png,
+            "width": event.width,
+            "height": event.height,
+        }
+    controls = []
+    for control in event.controls:
+        shape: dict[str, Any] = {"id": control.control_id, "kind": control.kind}
+        shape["label"] = control.label
+        if control.kind == "slider":
+            shape.update(
+                min=control.minimum, max=control.maximum, step=control.step, value=control.value
+            )
+        controls.append(shape)
+    return "controls", {"controls": controls}
+
+
+def control_value(data: dict[str, Any], command: str) -> float | None:
+    """``data.value`` of a control message: absent for a button, a finite number for a slider."""
+    value = data.get("value")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        shown = repr(value) if isinstance(value, str) else kind_of(value)
+        raise ProtocolError(f"{command}: data.value must be a number, not {shown}")
     return value

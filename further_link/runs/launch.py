@@ -25,6 +25,7 @@ from further_link.runs.process import ProgramSpec
 
 SCRIPT_NAME = "main.py"
 SOCKET_NAME = "io.sock"
+MPL_BACKEND = "module://further_link.mpl_backend"
 DEFAULT_SCRIPT_CWD = Path("/tmp")
 
 
@@ -86,6 +87,9 @@ def program_env(
         PYTHONIOENCODING="utf-8",
     )
     env[SOCKET_ENV_VAR] = str(run_dir / SOCKET_NAME)
+    # Figures go to the browser (further_link/mpl_backend.py), whatever backend the
+    # server's own environment names; a program may still choose one with matplotlib.use().
+    env["MPLBACKEND"] = MPL_BACKEND
     run_as = config.run_as
     if run_as is not None and run_as.drop:
         # The server's own environment still names root's account.
@@ -153,7 +157,7 @@ def _write_new_file(path: Path, data: bytes) -> None:
 
 # Modules a user program needs for `import further_link`; they import only the
 # standard library, so they work under any Python 3 the programs run with.
-CLIENT_MODULES = ("__init__.py", "channel.py", "keyboard.py")
+CLIENT_MODULES = ("__init__.py", "channel.py", "keyboard.py", "controls.py", "mpl_backend.py")
 # Read at import: a server that drops root may not read its own installation later.
 CLIENT_SOURCES = {
     name: (Path(__file__).parent.parent / name).read_bytes() for name in CLIENT_MODULES

@@ -18,7 +18,6 @@ later owner may replace, named by ``process`` (the v5 process id, ``None`` on
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import enum
@@ -29,14 +28,15 @@ from pathlib import Path
 from typing import Callable
 
 from further_link.errors import StartError
-from further_link.protocol.events import KeyListen, Output, Started, Stopped, Video
+from further_link.protocol.events import Output, Started, Stopped
 from further_link.runs.containment import RunGroup
 from further_link.runs.process import Program, ProgramSpec
 from further_link.runs.pty import PtyLauncher
 from further_link.runs.rundirs import RunPlace
 from further_link.runs.services import SHORTAGES, Services, contain_run, remove_group
+from further_link.runs.side_events import frame_event, send_frame_event
 from further_link.runs.sink import EventSink, SinkClosed
-from further_link.runs.streams import KIND_KEYLISTEN, SideChannel
+from further_link.runs.streams import SideChannel
 
 log = logging.getLogger(__name__)
 
@@ -181,13 +181,8 @@ class Run:
     async def _deliver_frame(self, kind: bytes, payload: bytes) -> None:
         # What the program printed before sending the frame goes out first.
         await self.program.sync_output()
-        if kind == KIND_KEYLISTEN:
-            self.sink.put(KeyListen(payload.decode("utf-8", "replace"), process=self.process))
-            return
-        with contextlib.suppress(SinkClosed):
-            await self.sink.put_output(
-                Video(base64.b64encode(payload).decode("ascii"), process=self.process)
-            )
+        assert self._channel is not None
+        await send_frame_event(self.sink, frame_event(kind, payload, self._channel, self.process))
 
     # ------------------------------------------------------------ input
 
@@ -202,6 +197,11 @@ class Run:
         """A browser key event for the program's ``KeyboardButton`` listeners."""
         assert self._channel is not None, "run not started"
         self._channel.push_key(key, event)
+
+    def use_control(self, control_id: str, value: float | None) -> None:
+        """The learner used one of the program's buttons or sliders; raises ``ControlError``."""
+        assert self._channel is not None, "run not started"
+        self._channel.use_control(control_id, value)
 
     # ------------------------------------------------------------ end
 

@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 
 from further_link.errors import FurtherLinkError, ProcessMessageError, SessionStateError, StartError
-from further_link.protocol.events import ErrorEvent, Ping, Pong, Stdin, Stop
+from further_link.protocol.events import ErrorEvent, Ping, Pong, Stdin, Stop, UseControl
 from further_link.protocol.run import RunCommand, RunKeyEvent, RunOptions, RunResize, RunStart
 from further_link.runs.pty import PtyLauncher
 from further_link.runs.run import Run, RunPlan
@@ -84,6 +84,9 @@ class RunSession:
             self._running(command.process, "stop").stop()
         elif isinstance(command, RunKeyEvent):
             self._running(command.process, "keyevent").push_key(command.key, command.event)
+        elif isinstance(command, UseControl):
+            assert command.process is not None
+            self._running(command.process, "control").use_control(command.control_id, command.value)
         else:  # pragma: no cover - parse_run_command returns only the above
             raise ProcessMessageError(f"unsupported command {command!r}")
 

@@ -26,7 +26,7 @@ from further_link.errors import (
     UploadError,
 )
 from further_link.files.upload import UploadLimits, materialise_upload
-from further_link.protocol.events import ErrorEvent, Ping, Pong, Stdin, Stop, Uploaded
+from further_link.protocol.events import ErrorEvent, Ping, Pong, Stdin, Stop, Uploaded, UseControl
 from further_link.protocol.runpy import Command, StartCommand, UploadCommand
 from further_link.runs.launch import plan_program
 from further_link.runs.run import Run, RunPlan, RunState
@@ -89,6 +89,10 @@ class Session:
             await self._upload(command)
         elif isinstance(command, Ping):
             self.sink.put(Pong())
+        elif isinstance(command, UseControl):
+            if self._run is None:
+                raise SessionStateError("control: no program is running")
+            self._run.use_control(command.control_id, command.value)
         else:  # pragma: no cover - parse_command returns only the above
             raise ProtocolError(f"unsupported command {command!r}")
 

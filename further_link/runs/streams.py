@@ -1,11 +1,14 @@
-"""Server side of a run's side channel: a unix socket that carries images and keys.
+"""Server side of a run's side channel: a unix socket that carries images, plots, keys
+and the program's buttons and sliders.
 
 One ``SideChannel`` per run. It owns its socket file and the connection
 handlers; ``close`` ends them and removes the file. Each received frame is
 passed to an async callback before it is acknowledged, so a program that sent
 a frame knows it is queued ahead of anything it prints next. A connection
 that subscribes to key events (``KeyboardButton``) then receives them as
-frames from the server.
+frames from the server; so does one that subscribes to control events
+(``further_link.button`` / ``slider``), whose declarations the channel keeps
+in ``controls``.
 
 With a run cgroup (``peer_group``), a connection is served only when the
 connecting process is in it (SO_PEERCRED's pid, checked against the cgroup's
@@ -28,14 +31,20 @@ from typing import Callable
 from further_link.channel import (
     ACK,
     HEADER,
+    KIND_CONTROL,
+    KIND_CONTROL_EVENT,
+    KIND_CONTROL_SUBSCRIBE,
     KIND_JPEG,
     KIND_KEY_EVENT,
     KIND_KEY_SUBSCRIBE,
     KIND_KEYLISTEN,
+    KIND_PLOT,
+    encode_control_event,
     encode_frame,
     encode_key_event,
 )
 from further_link.runs.containment import RunGroup
+from further_link.runs.controls import ControlSet
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +54,14 @@ CLOSE_DRAIN_TIMEOUT = 1.0
 # Key events a program has not read yet; beyond this it is not listening, and
 # events are dropped rather than let it hold up its connection's messages.
 KEY_BACKLOG_BYTES = 64 * 1024
-PROGRAM_KINDS = (KIND_JPEG, KIND_KEYLISTEN, KIND_KEY_SUBSCRIBE)
+PROGRAM_KINDS = (
+    KIND_JPEG,
+    KIND_KEYLISTEN,
+    KIND_KEY_SUBSCRIBE,
+    KIND_PLOT,
+    KIND_CONTROL,
+    KIND_CONTROL_SUBSCRIBE,
+)
 __all__ = ["KIND_KEYLISTEN", "SideChannel"]
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -80,6 +96,8 @@ class SideChannel:
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._key_listeners: set[asyncio.StreamWriter] = set()
+        self._control_listeners: set[asyncio.StreamWriter] = set()
+        self.controls = ControlSet()
 
     async def start(self) -> None:
         if self._listener is not None:
@@ -106,6 +124,7 @@ class SideChannel:
         finally:
             self._handlers.discard(task)
             self._key_listeners.discard(writer)
+            self._control_listeners.discard(writer)
             writer.close()
 
     def _peer_allowed(self, writer: asyncio.StreamWriter) -> bool:
@@ -132,7 +151,15 @@ class SideChannel:
             payload = await reader.readexactly(length)
             if kind == KIND_KEY_SUBSCRIBE:
                 self._key_listeners.add(writer)
+            elif kind == KIND_CONTROL_SUBSCRIBE:
+                self._control_listeners.add(writer)
             else:
+                if kind == KIND_CONTROL:
+                    try:
+                        self.controls.declare(payload)
+                    except ValueError as exc:
+                        log.warning("side channel: refusing a control declaration: %s", exc)
+                        return
                 await self._on_frame(kind, payload)
             writer.write(ACK)
             await writer.drain()
@@ -140,9 +167,23 @@ class SideChannel:
     def push_key(self, key: str, event: str) -> None:
         """Send a browser key event to the program's key listeners (none: ignored)."""
         frame = encode_frame(KIND_KEY_EVENT, encode_key_event(key, event))
-        for writer in list(self._key_listeners):
+        self._push(self._key_listeners, frame, "key")
+
+    def use_control(self, control_id: str, value: float | None) -> None:
+        """Pass the learner's use of a declared control to the program.
+
+        Raises ``ControlError`` for an id the program never declared or a value
+        the control cannot take.
+        """
+        checked = self.controls.use(control_id, value)
+        frame = encode_frame(KIND_CONTROL_EVENT, encode_control_event(control_id, checked))
+        self._push(self._control_listeners, frame, "control")
+
+    @staticmethod
+    def _push(listeners: set[asyncio.StreamWriter], frame: bytes, what: str) -> None:
+        for writer in list(listeners):
             if writer.transport.get_write_buffer_size() > KEY_BACKLOG_BYTES:
-                log.warning("a program is not reading its key events; dropping one")
+                log.warning("a program is not reading its %s events; dropping one", what)
                 continue
             writer.write(frame)
 

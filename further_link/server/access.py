@@ -19,6 +19,7 @@ from further_link.compat import app_key
 from further_link.config import Config
 from further_link.errors import excerpt, shorten
 from further_link.server.hostnames import OwnNames
+from further_link.server.pairscreen import PAIR_SCREEN, setup_pair_screen, show_on_device
 from further_link.trust.auth import (
     COOKIE_NAME,
     TokenStore,
@@ -106,6 +107,7 @@ def check_token(request: web.Request) -> None:
         return
     if not request.app[TOKENS].matches(presented_token(request)):
         log.info("refused a connection without a valid token from %s", request.remote)
+        show_pairing_code(request)  # a page shows its pairing form now
         raise web.HTTPUnauthorized(
             text=(
                 "this device needs its token: pair with the code shown on the device "
@@ -166,6 +168,7 @@ async def pair(request: web.Request) -> web.Response:
     only once its whole body has arrived, one at a time, whoever sends it.
     """
     check_origin(request)
+    show_pairing_code(request)
     headers = cors_headers(request)
     body = await _read_pair_body(request, headers)
     if isinstance(body, web.Response):
@@ -208,6 +211,7 @@ async def pair(request: web.Request) -> web.Response:
             new.shown,
             new.seconds_left(),
         )
+        show_pairing_code(request)
         return _error(403, "wrong pairing code; the device now shows a new code", headers)
     return _error(403, "wrong pairing code", headers)
 
@@ -266,6 +270,14 @@ async def unpair(request: web.Request) -> web.Response:
     return response
 
 
+def show_pairing_code(request: web.Request) -> None:
+    """Put the current pairing code on the device's own screen, where it has one."""
+    if PAIR_SCREEN not in request.app:
+        return
+    code = pairing_code(request.app[TOKENS].current(), generation=request.app[GUARD].generation)
+    show_on_device(request, code.code)
+
+
 def _error(status: int, message: str, headers: dict[str, str]) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
 
@@ -280,6 +292,7 @@ def setup_access(
     app[GUARD] = PairingGuard(None if dropped else config.config_dir)
     app[NAMES] = OwnNames(config.hosts)
     app.middlewares.append(check_host)
+    setup_pair_screen(app)
     app.router.add_post("/pair", pair)
     app.router.add_delete("/pair", unpair)
     app.router.add_route("OPTIONS", "/pair", preflight("POST, DELETE", "Content-Type"))

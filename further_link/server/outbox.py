@@ -18,7 +18,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from further_link.protocol.events import ErrorEvent, Event, Output, ProgramOutput
+from further_link.protocol.events import ErrorEvent, Event, Output, Plot, ProgramOutput
 from further_link.protocol.runpy import encode_event
 from further_link.runs.sink import SinkClosed
 
@@ -77,7 +77,7 @@ class Outbox:
             await self._room.wait()
         if self._closed:
             raise OutboxClosed
-        self._append(event, len(event.output))
+        self._append(event, len(event.png) if isinstance(event, Plot) else len(event.output))
 
     def _append(self, event: Event, size: int) -> None:
         self._events.append((event, size))
