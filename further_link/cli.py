@@ -21,8 +21,10 @@ from further_link.client.commands import add_client_commands
 from further_link.config import Config, listen_address, load_config, resolve_config_dir, uses_tls
 from further_link.errors import FurtherLinkError
 from further_link.server.access import GUARD
+from further_link.server.advertise import Advertiser
 from further_link.server.app import bind_listener, create_app
 from further_link.server.netguard import GuardedSite, raise_fd_limit
+from further_link.server.teacher import TEACHING, served_certificate_fingerprint
 from further_link.system.addresses import server_urls
 from further_link.system.firstrun import add_setup_command
 from further_link.system.privsep import drop_privileges
@@ -164,6 +166,7 @@ async def serve(config: Config) -> None:
     ssl_context = server_ssl_context(config) if config.ssl else None
     log.debug("open-file limit: %d", raise_fd_limit())
     listener = bind_listener(config.host, config.port)
+    fingerprint = served_certificate_fingerprint(config)  # the config dir is root's
     control = None
     run_as = config.run_as
     if run_as is not None and run_as.drop:
@@ -173,9 +176,11 @@ async def serve(config: Config) -> None:
     else:
         tokens.load_or_create()
     app = create_app(config, tokens, control)
+    app[TEACHING].fingerprint = fingerprint
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     announcer: asyncio.Task[None] | None = None
+    advertiser: Advertiser | None = None
     try:
         site = GuardedSite(runner, config, ssl_context, sock=listener)
         await site.start()
@@ -192,6 +197,9 @@ async def serve(config: Config) -> None:
         )
         for url in urls[1:]:
             log.info("also at %s", url)
+        if config.advertise:
+            advertiser = Advertiser(config, port, fingerprint)
+            advertiser.start()
         if config.run_as is not None:
             log.info("programs run as %r: %s", config.run_as.name, config.run_as.reason)
         _warn_about_open_doors(config)
@@ -202,6 +210,8 @@ async def serve(config: Config) -> None:
         await stop.wait()
         log.info("stopping: ending all programs")
     finally:
+        if advertiser is not None:
+            await advertiser.close()
         if announcer is not None:
             announcer.cancel()
             await asyncio.gather(announcer, return_exceptions=True)

@@ -35,6 +35,7 @@ from further_link.server.liveness import bytes_acked, made_progress
 from further_link.server.netguard import hold_clock
 from further_link.server.outbox import Outbox, OutboxClosed
 from further_link.server.run_ws import Wiring, setup_run_api
+from further_link.server.teacher import setup_teacher
 from further_link.server.upload_http import make_upload_handler
 from further_link.server.webpage import setup_webpage
 from further_link.system.interpreter import check_interpreter
@@ -374,6 +375,7 @@ def create_app(
     setup_further_http(app)
     setup_webpage(app)
     setup_device(app, config)
+    setup_teacher(app, config)
     app.cleanup_ctx.append(_services)
     app.on_shutdown.append(_close_connections)
     return app
