@@ -20,6 +20,7 @@ from further_link import PACKAGE_VERSION, __version__
 from further_link.client.commands import add_client_commands
 from further_link.config import Config, listen_address, load_config, resolve_config_dir, uses_tls
 from further_link.errors import FurtherLinkError
+from further_link.fleet.commands import add_fleet_commands
 from further_link.server.access import GUARD
 from further_link.server.advertise import Advertiser
 from further_link.server.app import bind_listener, create_app
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.set_defaults(handler=_token_command)
 
     add_client_commands(commands)
+    add_fleet_commands(commands)
     add_service_command(commands)
     add_setup_command(commands)
     return parser
