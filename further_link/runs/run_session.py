@@ -156,6 +156,8 @@ class RunSession:
                 f"{MAX_PROCESSES} processes are already running on this connection; stop one first"
             )
         self._check_user()
+        if self._services.class_lock is not None:
+            self._services.class_lock.check_start()
         try:
             place = self._services.take_run_place()
         except OSError as exc:
@@ -254,6 +256,12 @@ class RunSession:
         task = asyncio.ensure_future(process.program.stop())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def stop_runs(self) -> None:
+        """Ask every running process to stop (the teacher's lock); each sends ``stopped``."""
+        for process_id, process in list(self._processes.items()):
+            if process.state is not ProcessState.STOPPING:
+                self._stop(process_id)
 
     def _resize(self, command: RunResize) -> None:
         process = self._running(command.process, "resize")

@@ -52,6 +52,7 @@ from further_link.protocol.runpy import (
     Video,
     parse_command,
 )
+from further_link.runs.classlock import ClassLock
 from further_link.runs.containment import BEST_EFFORT, Containment, Limits, RunGroup
 from further_link.runs.launch import Plan, plan_program
 from further_link.runs.pool import WarmPool
@@ -84,6 +85,7 @@ class Services:
     pool: WarmPool | None = None  # pre-started interpreters, when the pool is on
     run_places: RunPlaces | None = None  # run directories made ahead
     containment: Containment | None = None  # per-run cgroups; None: best-effort tracking
+    class_lock: ClassLock | None = None  # the teacher's lock: no start while it holds
 
     @property
     def launcher(self) -> Launcher:
@@ -170,6 +172,8 @@ class Session:
             raise SessionStateError("the program is still stopping; start again after 'stopped'")
         if self.state is not State.IDLE:
             raise SessionStateError("a program is already running; send stop first")
+        if self._services.class_lock is not None:
+            self._services.class_lock.check_start()
         try:
             place = self._services.take_run_place()
         except OSError as exc:
@@ -272,6 +276,11 @@ class Session:
         self._run.program.write_stdin(command.input)
         if command.eof:
             self._run.program.close_stdin()
+
+    async def stop_runs(self) -> None:
+        """Ask the running program to stop (the teacher's lock); ``stopped`` follows."""
+        if self.state is State.RUNNING and self._run is not None:
+            self._stop()
 
     # ------------------------------------------------------------ upload
 

@@ -35,7 +35,7 @@ from further_link.server.liveness import bytes_acked, made_progress
 from further_link.server.netguard import hold_clock
 from further_link.server.outbox import Outbox, OutboxClosed
 from further_link.server.run_ws import Wiring, setup_run_api
-from further_link.server.teacher import setup_teacher
+from further_link.server.teacher import TEACHING, setup_teacher
 from further_link.server.upload_http import make_upload_handler
 from further_link.server.webpage import setup_webpage
 from further_link.system.interpreter import check_interpreter
@@ -129,6 +129,7 @@ class Connection(Protocol):
 
     async def receive(self, text: str) -> None: ...
     def receive_binary(self) -> None: ...
+    async def stop_runs(self) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -226,7 +227,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         pool=pool,
         run_places=run_places,
         containment=containment,
+        class_lock=app[TEACHING].lock,
     )
+    app[TEACHING].stop_everything = lambda: _stop_all_runs(app)
     watcher = asyncio.ensure_future(_watch_token(app)) if config.auth else None
     control = await _serve_control(app) if CONTROL in app else None
     try:
@@ -243,6 +246,13 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         containment.close()
         await http.close()
         shutil.rmtree(library_dir, ignore_errors=True)
+
+
+async def _stop_all_runs(app: web.Application) -> None:
+    """The teacher locked the device: every connection's programs are asked to stop."""
+    connections: dict[Connection, Any] = app[CONNECTIONS]
+    sessions = list(connections)
+    await asyncio.gather(*(session.stop_runs() for session in sessions))
 
 
 def _start_containment(config: Config) -> Containment:
