@@ -75,15 +75,15 @@ function makeTile(name) {
   const title = document.createElement("span");
   title.className = "name";
   title.textContent = name;
-  const state = document.createElement("span");
+  top.append(pick, dot, title);
+  const state = document.createElement("div");
   state.className = "state";
-  top.append(pick, dot, title, state);
   const facts = document.createElement("div");
   facts.className = "facts";
   const error = document.createElement("div");
   error.className = "error";
   const out = document.createElement("pre");
-  tile.append(top, facts, error, out);
+  tile.append(top, state, facts, error, out);
   tile.addEventListener("click", () => openWatch(name));
   return { tile, parts: { state, facts, error, out } };
 }
@@ -130,7 +130,7 @@ function draw(device) {
   tile.classList.toggle("online", snap.online === true);
   tile.classList.toggle("offline", snap.online === false);
   tile.classList.toggle("running", Boolean(snap.running));
-  tile.classList.toggle("failed", Boolean(snap.error) || (snap.exitCode !== null && snap.exitCode !== 0));
+  tile.classList.toggle("failed", Boolean(snap.error));
   parts.state.textContent = describe(snap);
   const facts = [snap.address];
   if (snap.battery !== null && snap.battery !== undefined) {
