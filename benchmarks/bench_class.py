@@ -135,9 +135,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             teacher = await start_teacher(
                 teacher_dir, http, "--interface", "127.0.0.1", "--match", f"{prefix}-*"
             )
-            sampler = asyncio.ensure_future(
-                sample_rss(teacher.process.pid, peak, stop_sampling)
-            )
+            sampler = asyncio.ensure_future(sample_rss(teacher.process.pid, peak, stop_sampling))
             names = {d.name for d in devices}
 
             async def ready() -> bool:

@@ -67,7 +67,10 @@ async def start_class(
         devices += await asyncio.gather(
             *(
                 start_device(
-                    sandbox / f"dev{i:03d}", f"{prefix}-{i:03d}", teacher_key, i < count - unannounced
+                    sandbox / f"dev{i:03d}",
+                    f"{prefix}-{i:03d}",
+                    teacher_key,
+                    i < count - unannounced,
                 )
                 for i in batch
             )
@@ -143,9 +146,7 @@ class Teacher:
                 await self.process.wait()
 
 
-async def start_teacher(
-    config_dir: Path, http: aiohttp.ClientSession, *args: str
-) -> Teacher:
+async def start_teacher(config_dir: Path, http: aiohttp.ClientSession, *args: str) -> Teacher:
     """`further-link teach --port 0 ARGS`; waits for the address it prints."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,

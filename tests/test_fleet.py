@@ -137,9 +137,7 @@ async def test_a_lesson_with_thirty_devices(sandbox: Path, http: aiohttp.ClientS
 
         # Every console shows the program's first line; the watched one gets input.
         async def greeted() -> bool:
-            return all(
-                "hello from the teacher" in consoles.text.get(name, "") for name in names
-            )
+            return all("hello from the teacher" in consoles.text.get(name, "") for name in names)
 
         await eventually(greeted, "every console shows the greeting")
         await teacher.api("/api/stdin", {"device": watched, "text": "forty-two\n"})

@@ -54,11 +54,11 @@ def parse_device_line(line: str) -> FoundDevice | None:
     if not words:
         return None
     where = words[0] if "://" in words[0] else f"https://{words[0]}"
-    parts = urlsplit(where)
     try:
+        parts = urlsplit(where)
         port = parts.port or DEFAULT_PORT
     except ValueError:
-        port = None
+        raise ClientError(f"{line.strip()!r} is not HOST, HOST:PORT or http://HOST:PORT") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
         raise ClientError(f"{line.strip()!r} is not HOST, HOST:PORT or http://HOST:PORT")
     name = " ".join(words[1:]) or parts.hostname
