@@ -125,7 +125,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
             teacher_dir = sandbox / "teacher"
-            code, said = await further_link(teacher_dir, "teacher-key")
+            _, said = await further_link(teacher_dir, "teacher-key")
             public_key = said.split()[0]
             prefix = class_prefix()
             began = time.monotonic()

@@ -114,6 +114,7 @@ class Teacher:
     key: str
     http: aiohttp.ClientSession
     said: list[str] = field(default_factory=list)
+    drainer: asyncio.Task[None] | None = None
 
     @property
     def base_url(self) -> str:
@@ -144,6 +145,8 @@ class Teacher:
             except asyncio.TimeoutError:
                 self.process.kill()
                 await self.process.wait()
+        if self.drainer is not None:
+            await asyncio.gather(self.drainer, return_exceptions=True)
 
 
 async def start_teacher(config_dir: Path, http: aiohttp.ClientSession, *args: str) -> Teacher:
@@ -172,7 +175,7 @@ async def start_teacher(config_dir: Path, http: aiohttp.ClientSession, *args: st
         if match:
             break
     teacher = Teacher(process, int(match.group(1)), match.group(2), http, said)
-    asyncio.ensure_future(_drain(process, said))
+    teacher.drainer = asyncio.ensure_future(_drain(process, said))
     return teacher
 
 

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
-from conftest import AS_ROOT, TIMEOUT, Client, RunningServer
 from fleetkit import (
     ClassDevice,
     Consoles,
@@ -30,6 +28,8 @@ from fleetkit import (
     stop_class,
     watch_events,
 )
+
+from conftest import AS_ROOT, TIMEOUT, Client, RunningServer
 from v5client import V5Client, run_url
 
 # The servers announce themselves from `further-link serve` (cli.serve), which the
@@ -83,7 +83,8 @@ async def test_a_lesson_with_thirty_devices(sandbox: Path, http: aiohttp.ClientS
     try:
         listed = devices[-1]
         (teacher_dir / "devices.txt").write_text(
-            f"# devices on a network without multicast\nhttp://127.0.0.1:{listed.port} {listed.name}\n"
+            "# devices on a network without multicast\n"
+            f"http://127.0.0.1:{listed.port} {listed.name}\n"
         )
         names = {d.name for d in devices}
         class_flags = ("--interface", "127.0.0.1", "--match", f"{prefix}-*")

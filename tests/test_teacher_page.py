@@ -16,8 +16,6 @@ from typing import Any, Callable
 
 import aiohttp
 import pytest
-
-from conftest import AS_ROOT, Client
 from fleetkit import (
     ClassDevice,
     Teacher,
@@ -30,6 +28,8 @@ from fleetkit import (
 )
 from test_fleet import LESSON, write_project
 from test_webpage import CHROMIUM, ROOT, browser, expect, new_page, shot
+
+from conftest import AS_ROOT, Client
 
 __all__ = ["browser", "new_page"]  # fixtures this module uses
 
