@@ -21,9 +21,8 @@ import asyncio
 import json
 import logging
 import ssl
-from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -56,8 +55,6 @@ class Teaching:
         # SHA-256 of the certificate this server presents (None over plain HTTP);
         # read before the server drops root (cli.serve), as the key file is root's.
         self.fingerprint = fingerprint
-        # Ends every run of every connection (set by the glue that owns them).
-        self.stop_everything: Callable[[], Awaitable[None]] | None = None
 
 
 TEACHING = app_key("teaching", Teaching)
@@ -104,8 +101,6 @@ async def command(request: web.Request) -> web.Response:
     if action == "lock":
         text = params.get("message", "")
         teaching.lock.lock(text if isinstance(text, str) else "")
-        if teaching.stop_everything is not None:
-            await teaching.stop_everything()
     else:
         teaching.lock.unlock()
     return web.json_response(teaching.lock.state())
