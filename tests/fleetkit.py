@@ -60,11 +60,14 @@ async def start_device(root: Path, name: str, teacher_key: str, advertise: bool)
 async def start_class(
     sandbox: Path, prefix: str, count: int, teacher_key: str, unannounced: int = 0
 ) -> list[ClassDevice]:
-    """``count`` devices named ``<prefix>-00``...; the last ``unannounced`` do not use mDNS."""
+    """``count`` devices named ``<prefix>-00``...; the last ``unannounced`` do not use mDNS.
+
+    When one cannot start, those that did are stopped before the failure is raised.
+    """
     devices: list[ClassDevice] = []
     for first in range(0, count, START_BATCH):
         batch = range(first, min(count, first + START_BATCH))
-        devices += await asyncio.gather(
+        started = await asyncio.gather(
             *(
                 start_device(
                     sandbox / f"dev{i:03d}",
@@ -73,8 +76,14 @@ async def start_class(
                     i < count - unannounced,
                 )
                 for i in batch
-            )
+            ),
+            return_exceptions=True,
         )
+        devices += [d for d in started if isinstance(d, ClassDevice)]
+        failures = [e for e in started if isinstance(e, BaseException)]
+        if failures:
+            await stop_class(devices)
+            raise failures[0]
     return devices
 
 
