@@ -7,6 +7,8 @@ Run as root (as CI is): each device is a real `further-link serve` that drops to
 with mDNS on 127.0.0.1's interface only. The teacher is a real
 `further-link teach`. It prints, never fails on a target:
 
+- `devices` wall: `further-link devices` from start to exit (1.5 s of listening
+  plus the interpreter's start), and how many of the class it listed;
 - found+paired: from the teacher's start until every device is online and paired
   with the teacher key;
 - run-all: push+run of a project to every device until each one sent ``started``
@@ -131,10 +133,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             began = time.monotonic()
             devices = await start_class(sandbox, prefix, args.devices, public_key)
             figures["servers started (s)"] = round(time.monotonic() - began, 1)
+            class_flags = ("--interface", "127.0.0.1", "--match", f"{prefix}-*")
+            await asyncio.sleep(3.0)  # mDNS probing: about a second per announcement
             began = time.monotonic()
-            teacher = await start_teacher(
-                teacher_dir, http, "--interface", "127.0.0.1", "--match", f"{prefix}-*"
+            _, said = await further_link(teacher_dir, "devices", *class_flags)
+            figures["`devices` wall (s)"] = round(time.monotonic() - began, 2)
+            figures["`devices` found"] = sum(
+                1 for line in said.splitlines() if line.startswith(prefix)
             )
+            began = time.monotonic()
+            teacher = await start_teacher(teacher_dir, http, *class_flags)
             sampler = asyncio.ensure_future(sample_rss(teacher.process.pid, peak, stop_sampling))
             names = {d.name for d in devices}
 
