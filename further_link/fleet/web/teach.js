@@ -9,8 +9,9 @@ const WATCH_KEEP = 256 * 1024;
 const devices = new Map(); // name -> {snap, out, total, tile, parts, selected}
 const dirty = new Set();
 let watched = null;
-let watchOut = "";
-let watchDirty = false;
+let watchOut = ""; // the watched console's text, as far as kept
+let watchNew = ""; // arrived since the last frame: appended, not redrawn
+let watchReset = false; // redraw the console from watchOut (opened, or too long)
 let frameQueued = false;
 let project = null; // {name, files: {path: text}}
 let events = null;
@@ -113,8 +114,12 @@ function appendOutput(name, offset, text) {
   device.total = offset + text.length;
   dirty.add(name);
   if (name === watched) {
-    watchOut = (watchOut + gap + text).slice(-WATCH_KEEP);
-    watchDirty = true;
+    watchOut += gap + text;
+    watchNew += gap + text;
+    if (watchOut.length > 2 * WATCH_KEEP) {
+      watchOut = watchOut.slice(-WATCH_KEEP);
+      watchReset = true;
+    }
   }
 }
 
@@ -162,12 +167,16 @@ function frame() {
   if (watched) {
     const snap = devices.get(watched).snap;
     $("watch-state").textContent = describe(snap);
-    if (watchDirty) {
+    if (watchReset || watchNew) {
+      // Appending a text node lays out only the new lines; rewriting the whole
+      // console every frame would lay out up to WATCH_KEEP characters each time.
       const pre = $("watch-output");
       const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
-      pre.textContent = watchOut;
+      if (watchReset) pre.textContent = watchOut;
+      else pre.append(watchNew);
       if (atEnd) pre.scrollTop = pre.scrollHeight;
-      watchDirty = false;
+      watchReset = false;
+      watchNew = "";
     }
   }
 }
@@ -187,7 +196,8 @@ function watch(name) {
 function openWatch(name) {
   watch(name);
   watchOut = devices.get(name).out;
-  watchDirty = true;
+  watchNew = "";
+  watchReset = true;
   $("watch-name").textContent = name;
   $("watch").showModal();
   $("watch-text").focus();
