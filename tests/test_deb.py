@@ -10,8 +10,8 @@ port and keeps uploads in the sandbox: concurrent suites never meet it.
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
 import os
 import pwd
 import re
