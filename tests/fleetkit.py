@@ -97,9 +97,9 @@ def further_link_environ(config_dir: Path) -> dict[str, str]:
     return environ
 
 
-async def further_link(config_dir: Path, *args: str, timeout: float = 120) -> tuple[int, str]:
-    """Run a `further-link` command as the teacher would; (exit code, stdout and stderr)."""
-    process = await asyncio.create_subprocess_exec(
+async def spawn_further_link(config_dir: Path, *args: str) -> asyncio.subprocess.Process:
+    """`further-link ARGS` with the teacher's config dir, its output on one pipe."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "further_link",
@@ -109,6 +109,11 @@ async def further_link(config_dir: Path, *args: str, timeout: float = 120) -> tu
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+
+
+async def further_link(config_dir: Path, *args: str, timeout: float = 120) -> tuple[int, str]:
+    """Run a `further-link` command as the teacher would; (exit code, stdout and stderr)."""
+    process = await spawn_further_link(config_dir, *args)
     out, _ = await asyncio.wait_for(process.communicate(), timeout)
     assert process.returncode is not None
     return process.returncode, out.decode()
@@ -160,19 +165,7 @@ class Teacher:
 
 async def start_teacher(config_dir: Path, http: aiohttp.ClientSession, *args: str) -> Teacher:
     """`further-link teach --port 0 ARGS`; waits for the address it prints."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "further_link",
-        "teach",
-        "--port",
-        "0",
-        *args,
-        env=further_link_environ(config_dir),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    process = await spawn_further_link(config_dir, "teach", "--port", "0", *args)
     assert process.stdout is not None
     said: list[str] = []
     while True:
