@@ -133,6 +133,12 @@ def program_settings() -> tuple[str, ProgramAccount | None, dict[str, str]]:
     containment = os.environ.get("FURTHER_LINK_CONTAINMENT")
     if containment:
         settings["FURTHER_LINK_CONTAINMENT"] = containment
+    # The client reads a socket only while it runs a program there; on a machine so
+    # loaded that a gap exceeds half the heartbeat (2.5 s), FURTHER_LINK_HEARTBEAT=60
+    # keeps the server from closing it (the flood benchmark then stalls longer).
+    heartbeat = os.environ.get("FURTHER_LINK_HEARTBEAT")
+    if heartbeat:
+        settings["FURTHER_LINK_HEARTBEAT"] = heartbeat
     python = os.environ.get("FURTHER_LINK_PYTHON") or None
     account = None
     if os.geteuid() == 0:
