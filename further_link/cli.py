@@ -20,9 +20,12 @@ from further_link import PACKAGE_VERSION, __version__
 from further_link.client.commands import add_client_commands
 from further_link.config import Config, listen_address, load_config, resolve_config_dir, uses_tls
 from further_link.errors import FurtherLinkError
+from further_link.fleet.commands import add_fleet_commands
 from further_link.server.access import GUARD
+from further_link.server.advertise import Advertiser
 from further_link.server.app import bind_listener, create_app
 from further_link.server.netguard import GuardedSite, raise_fd_limit
+from further_link.server.teacher import TEACHING, served_certificate_fingerprint
 from further_link.system.addresses import server_urls
 from further_link.system.firstrun import add_setup_command
 from further_link.system.memory import map_large_blocks
@@ -79,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.set_defaults(handler=_token_command)
 
     add_client_commands(commands)
+    add_fleet_commands(commands)
     add_service_command(commands)
     add_setup_command(commands)
     return parser
@@ -166,6 +170,7 @@ async def serve(config: Config) -> None:
     log.debug("open-file limit: %d", raise_fd_limit())
     map_large_blocks()  # a flood of big messages must not pin the heap (memory.py)
     listener = bind_listener(config.host, config.port)
+    fingerprint = served_certificate_fingerprint(config)  # the config dir is root's
     control = None
     run_as = config.run_as
     if run_as is not None and run_as.drop:
@@ -175,9 +180,11 @@ async def serve(config: Config) -> None:
     else:
         tokens.load_or_create()
     app = create_app(config, tokens, control)
+    app[TEACHING].fingerprint = fingerprint
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     announcer: asyncio.Task[None] | None = None
+    advertiser: Advertiser | None = None
     try:
         site = GuardedSite(runner, config, ssl_context, sock=listener)
         await site.start()
@@ -194,6 +201,9 @@ async def serve(config: Config) -> None:
         )
         for url in urls[1:]:
             log.info("also at %s", url)
+        if config.advertise:
+            advertiser = Advertiser(config, port, fingerprint)
+            advertiser.start()
         if config.run_as is not None:
             log.info("programs run as %r: %s", config.run_as.name, config.run_as.reason)
         _warn_about_open_doors(config)
@@ -204,6 +214,8 @@ async def serve(config: Config) -> None:
         await stop.wait()
         log.info("stopping: ending all programs")
     finally:
+        if advertiser is not None:
+            await advertiser.close()
         if announcer is not None:
             announcer.cancel()
             await asyncio.gather(announcer, return_exceptions=True)

@@ -92,6 +92,11 @@ class Config:
     temp_dir: Path = Path("/tmp")  # default `path` of /run starts (FURTHER_LINK_TEMP_DIR)
     venv: Path | None = None  # FURTHER_VENV: the python3 runner's virtualenv
     miniscreen_projects_dir: Path | None = None  # FURTHER_LINK_MINISCREEN_PROJECTS_DIR
+    # Announce the device on the local network (mDNS/DNS-SD) for teachers' tools.
+    advertise: bool = True  # FURTHER_LINK_ADVERTISE
+    device_name: str = ""  # FURTHER_LINK_DEVICE_NAME; "" is the host name
+    # Ed25519 public keys (base64) of teachers this device obeys: config dir's teachers file.
+    teacher_keys: tuple[str, ...] = ()
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with some fields replaced (``None`` values are ignored)."""
@@ -271,6 +276,25 @@ def resolve_python(environ: Mapping[str, str]) -> str:
     return SYSTEM_PYTHON
 
 
+TEACHERS_FILE = "teachers"
+
+
+def read_teacher_keys(config_dir: Path) -> tuple[str, ...]:
+    """The keys in ``<config dir>/teachers``: the first word of each line, ``#`` comments left out.
+
+    Read while the server is still root (the config dir is root's alone); a
+    missing file trusts no teacher. Raises ConfigError for an unreadable file.
+    """
+    try:
+        text = (config_dir / TEACHERS_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {config_dir / TEACHERS_FILE}: {exc}") from None
+    words = (line.split("#", 1)[0].split() for line in text.splitlines())
+    return tuple(line[0] for line in words if line)
+
+
 def load_config(
     environ: Mapping[str, str] | None = None,
     accounts: AccountBook | None = None,
@@ -371,6 +395,9 @@ def load_config(
             if miniscreen_raw
             else run_as.home / "Desktop" / "Projects" / "Further"
         ),
+        advertise=_flag(env, "FURTHER_LINK_ADVERTISE") if "FURTHER_LINK_ADVERTISE" in env else True,
+        device_name=env.get("FURTHER_LINK_DEVICE_NAME", "").strip(),
+        teacher_keys=read_teacher_keys(config_dir),
     )
     config = config.with_overrides(**overrides)
     if not 0 <= config.port <= 65535:

@@ -4,6 +4,7 @@
      +-- ProtocolError          the client's message is malformed or not allowed
      |    +-- ProcessMessageError  ... on /run, naming the process it concerns
      +-- SessionStateError      the command does not fit now ("no program is running")
+     |    +-- ClassLockedError  the teacher locked the device; the message is the teacher's
      +-- StartError             a program could not be started (missing file, bad dir)
      +-- StdinError             input could not be handed to the program
  +-- ControlError           a ``control`` message names no control of the run, or a
@@ -20,6 +21,7 @@
      |                          refused, certificate changed, files it cannot send)
      +-- ServiceError           `further-link install-service` cannot (un)install the unit
      +-- PrivilegeError         a server started as root cannot drop to the program user
+     +-- TeacherError           a teacher's command was refused (unknown key, bad signature)
 
 Each message names what was wrong so that a learner or teacher can act on it.
 The web layer turns any of them into one ``error`` event; nothing else is
@@ -128,3 +130,14 @@ class ServiceError(FurtherLinkError):
 
 class PrivilegeError(FurtherLinkError):
     """A server started as root could not become the program user for good; it must not serve."""
+
+
+class ClassLockedError(SessionStateError):
+    """The teacher locked this device: no program starts until the teacher unlocks it.
+
+    The message is the teacher's own ("Eyes on the board"), shown to learners as is.
+    """
+
+
+class TeacherError(FurtherLinkError):
+    """A teacher's command was refused: unknown key, stale challenge or bad signature."""

@@ -265,6 +265,8 @@ def server_environ(sandbox: Path, extra: dict[str, str] | None = None) -> dict[s
     environ["FURTHER_LINK_POOL_SIZE"] = POOL_SIZE
     # Preloading (tests/test_pool.py covers it) would import numpy in every test's pool.
     environ["FURTHER_LINK_POOL_PRELOAD"] = "none"
+    # Announcing on mDNS is tests/test_fleet.py's business; others keep the network quiet.
+    environ["FURTHER_LINK_ADVERTISE"] = "0"
     environ.update(PROGRAM_SETTINGS)
     environ.update(extra or {})
     return environ

@@ -10,6 +10,7 @@ port and keeps uploads in the sandbox: concurrent suites never meet it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import re
@@ -183,9 +184,11 @@ async def test_package_installs_serves_runs_a_program_and_is_removed_and_purged(
 
 # --------------------------------------------- a booted throw-away Debian with systemd
 
-ROOTFS = Path("/var/cache/further-link-test") / f"{PACKAGE_VERSION}-rootfs"
 ROOTFS_PACKAGES = "systemd,systemd-sysv,dbus,adduser,python3-aiohttp,python3-cryptography,"
-ROOTFS_PACKAGES += "python3-psutil,python3-pil"
+ROOTFS_PACKAGES += "python3-psutil,python3-pil,python3-zeroconf"
+# Named by the package list too: a dependency added later gets a root that has it.
+ROOTFS_NAME = hashlib.sha256(ROOTFS_PACKAGES.encode()).hexdigest()[:8]
+ROOTFS = Path("/var/cache/further-link-test") / f"{PACKAGE_VERSION}-{ROOTFS_NAME}-rootfs"
 BOOT_TIMEOUT = 120
 # Runs inside the container: /status, then a program through the installed service.
 CLIENT = """

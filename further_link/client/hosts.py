@@ -12,7 +12,6 @@ it with what the device shows. Nothing here touches the network.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from further_link.errors import ClientError
+from further_link.trust.teachers import certificate_sha256
 
 HOSTS_FILE = "hosts.json"
 
@@ -30,9 +30,7 @@ def host_key(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def certificate_fingerprint(der: bytes) -> str:
-    """SHA-256 of a DER certificate as colon-separated upper-case hex."""
-    return ":".join(f"{byte:02X}" for byte in hashlib.sha256(der).digest())
+certificate_fingerprint = certificate_sha256
 
 
 def fingerprint_bytes(fingerprint: str) -> bytes:

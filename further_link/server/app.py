@@ -40,6 +40,7 @@ from further_link.server.netguard import hold_clock
 from further_link.server.outbox import Outbox, OutboxClosed
 from further_link.server.projects import setup_projects
 from further_link.server.run_ws import Wiring, setup_run_api
+from further_link.server.teacher import TEACHING, setup_teacher
 from further_link.server.upload_http import make_upload_handler
 from further_link.server.webpage import setup_webpage
 from further_link.system.interpreter import check_interpreter
@@ -253,6 +254,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         pool=pool,
         run_places=run_places,
         containment=containment,
+        admission=app[TEACHING].lock.admit,
     )
     watcher = asyncio.ensure_future(_watch_token(app)) if config.auth else None
     control = await _serve_control(app) if CONTROL in app else None
@@ -261,6 +263,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     finally:
         if control is not None:
             control.close()
+        await app[TEACHING].lock.close()
         if watcher is not None:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
@@ -403,6 +406,7 @@ def create_app(
     setup_webpage(app)
     setup_device(app, config)
     setup_projects(app, config)
+    setup_teacher(app, config)
     app.cleanup_ctx.append(_services)
     app.on_shutdown.append(_close_connections)
     return app

@@ -1,0 +1,1 @@
+"""The teacher's side: finding a class's devices, pairing them, and driving them together."""
