@@ -23,6 +23,7 @@ from further_link.protocol.runpy import (
     ErrorEvent,
     Event,
     KeyListen,
+    Novnc,
     Output,
     Pong,
     Started,
@@ -73,7 +74,7 @@ class RunPing:
 
 @dataclass(frozen=True)
 class NovncOptions:
-    """A virtual display for GUI programs (parsed; not served by further-link)."""
+    """A virtual display for GUI programs (runs/gui.py); sizes in pixels, None: default."""
 
     enabled: bool
     width: int | None = None
@@ -285,6 +286,8 @@ def _kind_and_data(event: Event) -> tuple[str, dict[str, Any] | None]:
         return "stopped", {"exitCode": event.exit_code}
     if isinstance(event, KeyListen):
         return "keylisten", {"output": event.key}
+    if isinstance(event, Novnc):
+        return "novnc", {"port": event.port, "path": event.path}
     if isinstance(event, ErrorEvent):
         return "error", {"message": event.message}
     if isinstance(event, Pong):

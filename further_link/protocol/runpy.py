@@ -118,6 +118,15 @@ class KeyListen:
 
 
 @dataclass(frozen=True)
+class Novnc:
+    """The run's display: a websocket speaking RFB at ``path`` on ``port`` (v5 /run only)."""
+
+    port: int
+    path: str
+    process: str | None = None
+
+
+@dataclass(frozen=True)
 class Uploaded:
     pass
 
@@ -133,7 +142,7 @@ class ErrorEvent:
     process: str | None = None
 
 
-Event = Union[Started, Stopped, Output, Video, KeyListen, Uploaded, Pong, ErrorEvent]
+Event = Union[Started, Stopped, Output, Video, KeyListen, Novnc, Uploaded, Pong, ErrorEvent]
 
 
 def encode_event(event: Event) -> str:
@@ -160,7 +169,7 @@ def encode_event(event: Event) -> str:
         kind, data = "uploaded", {}
     elif isinstance(event, Pong):
         kind, data = "pong", {}
-    else:  # pragma: no cover - KeyListen exists only on /run
+    else:  # pragma: no cover - KeyListen and Novnc exist only on /run
         raise TypeError(f"not a /run-py event: {event!r}")
     return json.dumps({"type": kind, "data": data}, ensure_ascii=False)
 

@@ -38,8 +38,18 @@ from further_link.protocol.run import (
     RunStop,
     parse_run_command,
 )
-from further_link.protocol.runpy import ErrorEvent, KeyListen, Output, Pong, Started, Stopped, Video
+from further_link.protocol.runpy import (
+    ErrorEvent,
+    KeyListen,
+    Novnc,
+    Output,
+    Pong,
+    Started,
+    Stopped,
+    Video,
+)
 from further_link.runs.containment import RunGroup
+from further_link.runs.gui import VirtualDisplay, env_on_display, open_display
 from further_link.runs.process import Program
 from further_link.runs.pty import PtyLauncher
 from further_link.runs.runners import ScriptFile, plan_run
@@ -69,6 +79,7 @@ class Process:
     script: ScriptFile | None
     terminal: PtyLauncher | None
     group: RunGroup | None = None  # the process's cgroups (containment), when there are any
+    display: VirtualDisplay | None = None  # its own X display (novncOptions), gui.py
     state: ProcessState = ProcessState.RUNNING
     task: asyncio.Task[None] | None = None
 
@@ -82,8 +93,16 @@ class Process:
 
 
 class RunSession:
-    def __init__(self, services: Services, outbox: Outbox, options: RunOptions) -> None:
+    def __init__(
+        self,
+        services: Services,
+        outbox: Outbox,
+        options: RunOptions,
+        gui_port: int | None = None,
+    ) -> None:
+        """``gui_port``: the server port this connection came in on, named in ``novnc``."""
         self._services = services
+        self._gui_port = gui_port
         self._config = services.config
         self.outbox = outbox
         self.options = options
@@ -162,13 +181,26 @@ class RunSession:
             raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
         script: ScriptFile | None = None
         group: RunGroup | None = None
+        display: VirtualDisplay | None = None
         terminal = PtyLauncher() if self.options.pty else None
         try:
             planned = plan_run(command, self._config, self._services.library_dir, place.directory)
             script = planned.script
             group, rlimits = contain_run(self._services)
+            spec = dataclasses.replace(planned.spec, group=group, rlimits=rlimits)
+            if command.novnc is not None and command.novnc.enabled:
+                display = await open_display(
+                    place.directory,
+                    command.novnc.width,
+                    command.novnc.height,
+                    self._config.xvfb,
+                    self._config.program_env,
+                    group,
+                    rlimits,
+                )
+                spec = dataclasses.replace(spec, env=env_on_display(spec.env, display))
             program = Program(
-                dataclasses.replace(planned.spec, group=group, rlimits=rlimits),
+                spec,
                 lambda stream, text: self._deliver_output(process_id, stream, text),
                 self._config.kill_grace,
                 terminal or self._services.launcher,
@@ -187,6 +219,8 @@ class RunSession:
                 await channel.close()
                 raise
         except BaseException as exc:
+            if display is not None:
+                await display.close()
             place.discard()
             if group is not None:
                 group.kill()
@@ -200,9 +234,13 @@ class RunSession:
                 raise StartError(f"could not prepare the run: {exc.strerror}{where}") from None
             raise
         process = Process(
-            process_id, program, channel, place.directory, script, terminal, group=group
+            process_id, program, channel, place.directory, script, terminal, group, display
         )
         self._processes[process_id] = process
+        if display is not None:
+            self._services.displays.add(display)
+            port = self._gui_port if self._gui_port is not None else self._config.port
+            self.outbox.put(Novnc(port, f"/novnc/{display.key}", process=process_id))
         self.outbox.put(Started(process=process_id))
         process.task = asyncio.ensure_future(self._supervise(process))
 
@@ -221,7 +259,12 @@ class RunSession:
         try:
             code = await process.program.wait()
             await process.channel.close()
+            if process.display is not None:
+                frame = await process.display.finish()
+                if frame is not None:
+                    await self._deliver_video(process.process_id, frame)
         finally:
+            await self._close_display(process)
             process.release()
         # Not in ``finally``: when cancelled, ``close`` removes it after ending the run.
         await remove_group(process.group)
@@ -239,9 +282,12 @@ class RunSession:
         if kind == KIND_KEYLISTEN:
             self.outbox.put(KeyListen(payload.decode("utf-8", "replace"), process=process_id))
             return
+        await self._deliver_video(process_id, payload)
+
+    async def _deliver_video(self, process_id: str, jpeg: bytes) -> None:
         with contextlib.suppress(OutboxClosed):
             await self.outbox.put_output(
-                Video(base64.b64encode(payload).decode("ascii"), process=process_id)
+                Video(base64.b64encode(jpeg).decode("ascii"), process=process_id)
             )
 
     # ------------------------------------------------------ stop / resize
@@ -251,9 +297,19 @@ class RunSession:
         if process.state is ProcessState.STOPPING:
             return
         process.state = ProcessState.STOPPING
-        task = asyncio.ensure_future(process.program.stop())
+        task = asyncio.ensure_future(self._stop_program(process))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _stop_program(self, process: Process) -> None:
+        if process.display is not None:
+            await process.display.capture()  # its windows vanish with it
+        await process.program.stop()
+
+    async def _close_display(self, process: Process) -> None:
+        if process.display is not None:
+            self._services.displays.discard(process.display)
+            await process.display.close()
 
     def _resize(self, command: RunResize) -> None:
         process = self._running(command.process, "resize")
@@ -284,6 +340,7 @@ class RunSession:
             await process.program.abort()
             await process.channel.close()
         finally:
+            await self._close_display(process)
             process.release()
         await remove_group(process.group)
 

@@ -22,7 +22,7 @@ import errno
 import logging
 import shutil
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from further_link.protocol.runpy import (
     parse_command,
 )
 from further_link.runs.containment import BEST_EFFORT, Containment, Limits, RunGroup
+from further_link.runs.gui import DisplayRegistry
 from further_link.runs.launch import Plan, plan_program
 from further_link.runs.pool import WarmPool
 from further_link.runs.process import Launcher, Program, cold_launch
@@ -84,6 +85,7 @@ class Services:
     pool: WarmPool | None = None  # pre-started interpreters, when the pool is on
     run_places: RunPlaces | None = None  # run directories made ahead
     containment: Containment | None = None  # per-run cgroups; None: best-effort tracking
+    displays: DisplayRegistry = field(default_factory=DisplayRegistry)  # GUI runs' (gui.py)
 
     @property
     def launcher(self) -> Launcher:
