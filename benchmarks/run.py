@@ -35,6 +35,7 @@ from bench_cgroup import bench_cgroup
 from bench_concurrency import bench_concurrency
 from bench_flood import bench_flood
 from bench_footprint import bench_footprint
+from bench_gui import bench_gui
 from bench_latency import bench_latency
 from bench_preload import bench_preload
 from bench_run_v5 import bench_run_v5
@@ -55,6 +56,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "run-v5": bench_run_v5,
     "preload": bench_preload,
     "cgroup": bench_cgroup,
+    "gui": bench_gui,
 }
 # As root, programs run as another account that cannot read a virtualenv kept
 # under /root; then they get the system's interpreter, as in the test suite.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import textwrap
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Callable
