@@ -188,12 +188,15 @@ async def test_a_turtle_window_live_through_the_proxy_then_its_last_screen_and_n
     assert gone.status == 404
 
 
+@pytest.mark.parametrize("containment", ["auto", "best-effort"])
 async def test_a_program_that_draws_then_ends_sends_its_last_screen_before_stopped(
-    connect_run: V5Connect,
+    start_server: StartServer, connect_run: V5Connect, containment: str
 ) -> None:
-    client = await connect_run()
+    server = await start_server(environ={"FURTHER_LINK_CONTAINMENT": containment})
+    client = await connect_run(target=server)
     await start_gui(client, "t", draw_program(3.0))
     _, auth_path, _ = (await read_line(client, "t")).split()
+    assert sorted(display_processes(auth_path).values()) == ["Xvfb", "x11vnc"]
     messages = await until_stopped(client, "t")
     assert messages[-1]["data"]["exitCode"] == 0
     assert shows_the_drawing(video_frame(messages), JPEG_TOLERANCE)
