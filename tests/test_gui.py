@@ -276,3 +276,36 @@ async def test_a_display_size_out_of_range_is_refused(
     )
     error = await client.next_for("s")
     assert error["type"] == "error" and "width and height must be" in error["data"]["message"]
+
+
+FREEZE = """
+import os, signal
+auth = os.environ["XAUTHORITY"]
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if auth.encode() in f.read().split(b"\\0"):
+                os.kill(int(pid), signal.SIGSTOP)
+    except OSError:
+        pass
+print("frozen", flush=True)
+time.sleep(600)
+"""
+
+
+async def test_a_program_that_freezes_its_display_is_still_stopped_with_its_last_screen(
+    connect_run: V5Connect,
+) -> None:
+    # Draws, waits for a few screen grabs, then SIGSTOPs its own Xvfb and x11vnc:
+    # a grab would now wait for ever. Stop must not.
+    code = draw_program(2.0) + FREEZE
+    client = await connect_run()
+    await start_gui(client, "f", code)
+    _, auth_path, _ = (await read_line(client, "f")).split()
+    assert await read_line(client, "f") == "frozen\n"
+    frozen = display_processes(auth_path)
+    assert all(psutil.Process(pid).status() == psutil.STATUS_STOPPED for pid in frozen)
+    await client.send("stop", "f")
+    messages = await until_stopped(client, "f")
+    assert shows_the_drawing(video_frame(messages), JPEG_TOLERANCE)
+    assert display_processes(auth_path) == {}

@@ -5,7 +5,7 @@ learner's turtle or tkinter window can be shown in the browser (noVNC) and not
 on the device's desktop::
 
     Xvfb :N  (-displayfd: the X server itself picks a free N, no race;
-              no TCP; access by cookie, then by the server's own uid)
+              no TCP; access only with the run's random cookie)
     x11vnc   (RFB on a unix socket in the run dir, no TCP port, no password:
               only the server can reach it, and proxies it to the browser)
 
@@ -18,7 +18,10 @@ Without cgroups (best-effort) they are tracked by pid.
 The last screen: a program's windows vanish the moment it exits, so the
 screen is grabbed every ``GRAB_INTERVAL`` seconds while the run lives, and
 once more just before a stop. The last grab that showed anything is the run's
-final frame.
+final frame. Grabs are Debian's ``xwd`` in a subprocess with a timeout, not an
+X connection in the server: the program can SIGSTOP its X server (same
+account), and Pillow's X11 grab waits for the reply holding the GIL, which
+froze the whole server.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import contextlib
 import io
 import logging
 import os
-import pwd
 import secrets
 import shutil
 import signal
@@ -52,13 +54,21 @@ XVFB_TIMEOUT = 15.0
 X11VNC_TIMEOUT = 15.0
 HELPER_TIMEOUT = 10.0
 GRAB_INTERVAL = 0.5
+# A grab waits on the X server, which the program (same account) can stop with
+# SIGSTOP: a stop never waits longer than this for the last screen.
+GRAB_TIMEOUT = 2.0
+# xwd's header: 25 big-endian 32-bit fields (X11's XWDFile.h), then the window name.
+XWD_HEADER = struct.Struct(">25I")
+XWD_VERSION = 7
+XWD_ZPIXMAP = 2
+XWD_COLOUR_BYTES = 12
 # Xvfb removes its lock file and socket on SIGTERM; SIGKILL follows after this.
 TERM_GRACE = 2.0
 # x11vnc's unix socket may not accept yet when a browser connects: retried this long.
 CONNECT_TIMEOUT = 5.0
 JPEG_QUALITY = 85
 DISPLAY_DIR = "display"
-PACKAGES_HINT = "sudo apt-get install xvfb x11vnc x11-xserver-utils"
+PACKAGES_HINT = "sudo apt-get install xvfb x11vnc x11-apps"
 
 
 @dataclass(frozen=True)
@@ -84,24 +94,21 @@ class GuiTools:
 
     xvfb: str = "Xvfb"
     x11vnc: str = "x11vnc"
-    xhost: str = "xhost"
+    xwd: str = "xwd"
 
     def resolve(self, search_path: str | None) -> tuple[str, str, str]:
         """Full paths of the three; raises ``StartError`` naming what is missing."""
-        found = [
-            shutil.which(tool, path=search_path) for tool in (self.xvfb, self.x11vnc, self.xhost)
-        ]
-        missing = [
-            tool for tool, path in zip((self.xvfb, self.x11vnc, self.xhost), found) if path is None
-        ]
+        names = (self.xvfb, self.x11vnc, self.xwd)
+        found = [shutil.which(tool, path=search_path) for tool in names]
+        missing = [tool for tool, path in zip(names, found) if path is None]
         if missing:
             raise StartError(
                 "GUI windows need a virtual display, but "
                 + ", ".join(repr(name) for name in missing)
                 + f" cannot be found on this device: install them with '{PACKAGES_HINT}'"
             )
-        xvfb, x11vnc, xhost = (path for path in found if path is not None)
-        return xvfb, x11vnc, xhost
+        xvfb, x11vnc, xwd = (path for path in found if path is not None)
+        return xvfb, x11vnc, xwd
 
 
 class DisplayRegistry:
@@ -185,6 +192,9 @@ class VirtualDisplay:
         self._processes: list[asyncio.subprocess.Process] = []
         self._grabber: asyncio.Task[None] | None = None
         self._last_screen: Any = None  # a PIL image, once one showed anything
+        self._xwd = "xwd"
+        self._x_env: dict[str, str] = {}
+        self._grab_lock = asyncio.Lock()
         self._closed = False
         self.viewers = 0  # browsers connected through the proxy now
 
@@ -206,9 +216,9 @@ class VirtualDisplay:
         rlimits: Limits | None,
     ) -> None:
         """Start Xvfb and x11vnc; raises ``StartError`` (and leaves nothing running)."""
-        xvfb, x11vnc, xhost = tools.resolve(base_env.get("PATH"))
+        xvfb, x11vnc, self._xwd = tools.resolve(base_env.get("PATH"))
         try:
-            await self._start(xvfb, x11vnc, xhost, base_env, run_group, rlimits)
+            await self._start(xvfb, x11vnc, base_env, run_group, rlimits)
         except OSError as exc:
             await self.close()
             raise StartError(f"could not start the virtual display: {exc.strerror}") from None
@@ -220,7 +230,6 @@ class VirtualDisplay:
         self,
         xvfb: str,
         x11vnc: str,
-        xhost: str,
         base_env: Mapping[str, str],
         run_group: RunGroup | None,
         rlimits: Limits | None,
@@ -246,7 +255,6 @@ class VirtualDisplay:
                     "-auth",
                     str(self._auth_file),
                     "-br",  # black root: an empty screen is all zeros
-                    "-noreset",  # else the access list resets when the last client leaves
                 ],
                 env,
                 rlimits,
@@ -255,11 +263,7 @@ class VirtualDisplay:
         finally:
             os.close(number_w)
         self.number = await self._read_display_number(number_r)
-        x_env = {**env, **self.env}
-        # The cookie lets the server in once: from then on its uid (which is the
-        # program user's) suffices, and the screen can be grabbed without a cookie.
-        user = pwd.getpwuid(os.geteuid()).pw_name
-        await self._run_helper([xhost, f"+si:localuser:{user}"], x_env)
+        x_env = self._x_env = {**env, **self.env}
         await self._spawn(
             [
                 x11vnc,
@@ -339,23 +343,6 @@ class VirtualDisplay:
             )
         return int(line)
 
-    async def _run_helper(self, argv: list[str], env: Mapping[str, str]) -> None:
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-            env=dict(env),
-        )
-        try:
-            code = await asyncio.wait_for(process.wait(), HELPER_TIMEOUT)
-        except asyncio.TimeoutError:
-            process.kill()
-            await process.wait()
-            code = None
-        if code != 0:
-            raise StartError(f"could not set up the virtual display ({Path(argv[0]).name} failed)")
-
     async def _wait_for_socket(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + X11VNC_TIMEOUT
@@ -386,22 +373,37 @@ class VirtualDisplay:
 
     # ------------------------------------------------------------ the last screen
 
-    def _grab(self) -> Any:
-        """The whole screen as a PIL RGB image (blocking; run in an executor)."""
-        from PIL import ImageGrab
-
-        return ImageGrab.grab(xdisplay=f":{self.number}")
+    async def _grab(self) -> Any:
+        """The whole screen as a PIL RGB image, or None when xwd gave none in time."""
+        with proctree.MANAGED_CHILDREN.starting():
+            process = await asyncio.create_subprocess_exec(
+                *(self._xwd, "-root", "-silent", "-display", f":{self.number}"),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+                env=self._x_env,
+            )
+            proctree.MANAGED_CHILDREN.add(process.pid)
+        try:
+            dump, _ = await asyncio.wait_for(process.communicate(), GRAB_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.info("display :%s gave no screen within %.0f s", self.number, GRAB_TIMEOUT)
+            return None
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        if process.returncode != 0:
+            return None
+        return image_from_xwd(dump)
 
     async def capture(self) -> None:
         """Grab the screen now; keep it as the last screen when it shows anything."""
         if self.number is None or self._closed:
             return
-        try:
-            image = await asyncio.get_running_loop().run_in_executor(None, self._grab)
-        except OSError as exc:  # the X server is going away
-            log.debug("could not grab display :%s: %s", self.number, exc)
-            return
-        if image.getbbox() is not None:  # a black screen shows nothing
+        async with self._grab_lock:  # the periodic grab and the one before a stop
+            image = await self._grab()
+        if image is not None and image.getbbox() is not None:  # all black shows nothing
             self._last_screen = image
 
     async def _grab_while_running(self) -> None:
@@ -487,3 +489,34 @@ def env_on_display(env: Mapping[str, str], display: VirtualDisplay) -> dict[str,
     own = {name: value for name, value in env.items() if name != "WAYLAND_DISPLAY"}
     own.update(display.env)
     return own
+
+
+def image_from_xwd(dump: bytes) -> Any:
+    """A PIL RGB image from ``xwd`` output of a 24/32-bit TrueColor screen; None otherwise.
+
+    Only what our own Xvfb (``-screen 0 WxHx24``) produces is read: a ZPixmap of
+    32 bits per pixel with 8-bit red, green and blue masks.
+    """
+    from PIL import Image
+
+    if len(dump) < XWD_HEADER.size:
+        return None
+    fields = XWD_HEADER.unpack_from(dump)
+    header_size, version, pixmap_format, _depth, width, height = fields[:6]
+    byte_order, bits_per_pixel, bytes_per_line = fields[7], fields[11], fields[12]
+    masks, colours = fields[14:17], fields[19]
+    if (
+        version != XWD_VERSION
+        or pixmap_format != XWD_ZPIXMAP
+        or bits_per_pixel != 32
+        or masks != (0xFF0000, 0x00FF00, 0x0000FF)
+    ):
+        return None
+    offset = header_size + colours * XWD_COLOUR_BYTES
+    if len(dump) < offset + bytes_per_line * height:
+        return None
+    # LSBFirst (0) stores 0x00RRGGBB as B, G, R, X; MSBFirst as X, R, G, B.
+    raw_mode = "BGRX" if byte_order == 0 else "XRGB"
+    return Image.frombuffer(
+        "RGB", (width, height), dump[offset:], "raw", raw_mode, bytes_per_line, 1
+    ).copy()

@@ -108,9 +108,9 @@ LATE_MODULES = (
     "further_link.runs.launch",
     "further_link.runs.streams",
     "further_link.trust.control",
-    # GUI runs (runs/gui.py): grabbing the screen and saving it as JPEG (Pillow's
+    # GUI runs (runs/gui.py): reading the screen and saving it as JPEG (Pillow's
     # save imports these five plugins at its first call).
-    "PIL.ImageGrab",
+    "PIL.Image",
     "PIL.BmpImagePlugin",
     "PIL.GifImagePlugin",
     "PIL.JpegImagePlugin",
