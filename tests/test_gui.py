@@ -22,6 +22,10 @@ import pytest
 from PIL import Image
 from rfbclient import RfbClient
 
+from further_link.protocol.run import encode_run_event
+from further_link.protocol.runpy import Novnc
+from further_link.server.novnc_proxy import MAX_VIEWERS
+
 from conftest import TIMEOUT, RunningServer
 from v5client import V5Client, V5Connect, connect_run
 
@@ -184,8 +188,6 @@ async def test_a_turtle_window_live_through_the_proxy_then_its_last_screen_and_n
         assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
 
     assert display_processes(auth_path) == {}
-    gone = await http.get(server.base_url + novnc["path"], params={"token": server.token})
-    assert gone.status == 404
 
 
 @pytest.mark.parametrize("containment", ["auto", "best-effort"])
@@ -232,20 +234,32 @@ async def test_two_gui_runs_at_once_get_their_own_displays(
         await until_stopped(client, "a")
 
 
-async def test_the_display_proxy_wants_the_token_and_a_live_key(
+async def refused_upgrade(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> int:
+    """The HTTP status a websocket upgrade to ``url`` is refused with."""
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        async with http.ws_connect(url, **kwargs):
+            pass
+    return refused.value.status
+
+
+async def test_the_display_proxy_wants_token_origin_a_live_key_and_few_viewers(
     connect_run: V5Connect, server: RunningServer, http: aiohttp.ClientSession
 ) -> None:
     client = await connect_run()
     novnc = await start_gui(client, "p", "import time; time.sleep(600)")
-    without_token = await http.get(
-        viewer_url(server, novnc["path"], token=False).replace("ws", "http", 1)
-    )
-    assert without_token.status == 401
+    url = viewer_url(server, novnc["path"])
+    assert await refused_upgrade(http, viewer_url(server, novnc["path"], token=False)) == 401
+    assert await refused_upgrade(http, url, headers={"Origin": "https://evil.example"}) == 403
     guessed = novnc["path"][:-4] + ("aaaa" if not novnc["path"].endswith("aaaa") else "bbbb")
-    wrong_key = await http.get(server.base_url + guessed, params={"token": server.token})
-    assert wrong_key.status == 404
+    assert await refused_upgrade(http, viewer_url(server, guessed)) == 404
+    viewers = [await http.ws_connect(url) for _ in range(MAX_VIEWERS)]
+    assert await refused_upgrade(http, url) == 429
+    for viewer in viewers:
+        assert (await RfbClient(viewer).read(12)).startswith(b"RFB 003.")
+        await viewer.close()
     await client.send("stop", "p")
     await until_stopped(client, "p")
+    assert await refused_upgrade(http, url) == 404
 
 
 async def test_a_device_without_xvfb_refuses_gui_runs_saying_what_to_install(
@@ -309,3 +323,11 @@ async def test_a_program_that_freezes_its_display_is_still_stopped_with_its_last
     messages = await until_stopped(client, "f")
     assert shows_the_drawing(video_frame(messages), JPEG_TOLERANCE)
     assert display_processes(auth_path) == {}
+
+
+def test_the_novnc_event_on_the_wire_as_upstream_shapes_it() -> None:
+    event = Novnc(61123, "/novnc/abc", process="n")
+    assert encode_run_event(event, "") == (
+        '{"type": "novnc", "data": {"port": 61123, "path": "/novnc/abc"}, '
+        '"client": "", "process": "n"}'
+    )
