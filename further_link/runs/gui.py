@@ -154,26 +154,6 @@ def write_wildcard_cookie(path: Path, cookie: bytes) -> None:
         file.write(entry)
 
 
-def _display_group(run_group: RunGroup) -> RunGroup:
-    """``display/`` below each of the run's cgroups; limits are the run's (hierarchical)."""
-    group = RunGroup(
-        run_group.unified / DISPLAY_DIR if run_group.unified is not None else None,
-        {name: path / DISPLAY_DIR for name, path in run_group.v1.items()},
-        run_group.limits,
-    )
-    made: list[Path] = []
-    try:
-        for directory in group.directories:
-            directory.mkdir()
-            made.append(directory)
-    except OSError:
-        for directory in reversed(made):
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        raise
-    return group
-
-
 class VirtualDisplay:
     """One run's X display and VNC server; ``start`` it, then ``close`` it (owner's duty).
 
@@ -237,7 +217,7 @@ class VirtualDisplay:
         self.directory.mkdir(mode=0o700)
         write_wildcard_cookie(self._auth_file, secrets.token_bytes(16))
         if run_group is not None:
-            self._group = _display_group(run_group)
+            self._group = run_group.child(DISPLAY_DIR)
         env = {name: base_env[name] for name in ("PATH", "LANG") if name in base_env}
         env["HOME"] = str(self.directory)  # x11vnc and Xlib look there; nothing of the user's
         number_r, number_w = os.pipe()
