@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import aiohttp
-from _client import BenchClientError, close_ws, connect, http_session, within
-from _context import BenchContext, record_server_log
+from _client import BenchClientError, within
+from _context import BenchContext
 from _report import BenchResult, Target, summarise
 
 READY_TARGET_MS = 1500.0
@@ -109,20 +109,15 @@ async def bench_gui(ctx: BenchContext) -> BenchResult:
     novnc: list[float] = []
     rfb: list[float] = []
     bare: list[float] = []
-    async with contextlib.AsyncExitStack() as stack:
-        server = await stack.enter_async_context(ctx.server())
-        http = await stack.enter_async_context(http_session())
-        ws = await connect(http, server.run_url.replace("/run-py", "/run", 1))
+    async with ctx.serve(result) as served:
+        server = served.server
         base = f"ws://127.0.0.1:{server.port}"
-        try:
+        async with served.client(server.run_url.replace("/run-py", "/run", 1)) as ws:
             for _ in range(runs):
                 bare.append(await bare_display())
-                to_novnc, to_rfb = await gui_run(http, ws, base, server.token)
+                to_novnc, to_rfb = await gui_run(served.http, ws, base, server.token)
                 novnc.append(to_novnc)
                 rfb.append(to_rfb)
-        finally:
-            await close_ws(ws)
-        record_server_log(result, server)
     result.add_percentiles("start -> novnc", novnc, bare, "bare Xvfb+x11vnc", labels=("p50", "max"))
     result.add_percentiles(
         "start -> RFB through proxy",

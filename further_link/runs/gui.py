@@ -111,6 +111,18 @@ class GuiTools:
         return xvfb, x11vnc, xwd
 
 
+@dataclass(frozen=True)
+class DisplayRequest:
+    """A run's wish for its own display (v5 ``novncOptions``), in pixels (None: default).
+
+    ``port`` is the server port the client came in on, named in ``novnc``.
+    """
+
+    width: int | None
+    height: int | None
+    port: int
+
+
 class DisplayRegistry:
     """The server's live displays by their unguessable key (the proxy's path looks them up)."""
 

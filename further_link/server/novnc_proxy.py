@@ -17,7 +17,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from further_link.runs.session import Services
+from further_link.runs.services import Services
 from further_link.server.access import check_origin, check_token
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from typing import Any, Callable
 from aiohttp import web
 
 from further_link.config import Config
-from further_link.protocol.run import encode_run_event, parse_options
+from further_link.protocol.run import encode_run_event, parse_options, parse_run_command
 from further_link.runs.run_session import RunSession
-from further_link.runs.session import Services
+from further_link.runs.services import Services
 from further_link.server.access import check_origin, check_token
 from further_link.server.outbox import Outbox
 
@@ -32,7 +32,7 @@ class Wiring:
     config: web.AppKey[Config]
     services: web.AppKey[Services]
     websocket: Callable[..., Any]
-    serve: Callable[[web.Request, Any, RunSession, Outbox], Awaitable[None]]
+    serve: Callable[[web.Request, Any, RunSession, Outbox, Callable[[str], Any]], Awaitable[None]]
 
 
 def setup_run_api(app: web.Application, wiring: Wiring) -> None:
@@ -60,5 +60,5 @@ async def _serve_run(request: web.Request, wiring: Wiring) -> web.WebSocketRespo
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
     port = sockname[1] if isinstance(sockname, tuple) and len(sockname) >= 2 else None
     session = RunSession(app[wiring.services], outbox, options, gui_port=port)
-    await wiring.serve(request, ws, session, outbox)
+    await wiring.serve(request, ws, session, outbox, parse_run_command)
     return ws
