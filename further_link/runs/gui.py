@@ -195,11 +195,6 @@ class VirtualDisplay:
         assert self.number is not None, "display not started"
         return {"DISPLAY": f":{self.number}", "XAUTHORITY": str(self._auth_file)}
 
-    @property
-    def pids(self) -> list[int]:
-        """The display's own processes (Xvfb, x11vnc) while they live."""
-        return [p.pid for p in self._processes if p.returncode is None]
-
     async def start(
         self,
         tools: GuiTools,
@@ -252,6 +247,9 @@ class VirtualDisplay:
                 rlimits,
                 pass_fds=(number_w,),
             )
+        except BaseException:
+            os.close(number_r)
+            raise
         finally:
             os.close(number_w)
         self.number = await self._read_display_number(number_r)
