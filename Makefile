@@ -12,7 +12,7 @@ RUN_STAMP := $(VENV)/.installed-run
 # tests/test_service.py checks the systemd unit with systemd-analyze (Debian's systemd).
 # tests/test_display.py opens tkinter windows on a real Xvfb display, seen with xwininfo.
 DEBIAN_TEST_PACKAGES := python3-numpy python3-pil chromium systemd xvfb python3-tk x11-utils \
-  python3-matplotlib
+  python3-matplotlib x11vnc x11-apps
 
 .PHONY: run test lint format bench clean system-deps deb web
 

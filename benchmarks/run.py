@@ -35,6 +35,7 @@ from bench_cgroup import bench_cgroup
 from bench_concurrency import bench_concurrency
 from bench_flood import bench_flood
 from bench_footprint import bench_footprint
+from bench_gui import bench_gui
 from bench_latency import bench_latency
 from bench_page import bench_page
 from bench_plots import bench_plots
@@ -59,6 +60,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "cgroup": bench_cgroup,
     "page": bench_page,
     "plots": bench_plots,
+    "gui": bench_gui,
 }
 # As root, programs run as another account that cannot read a virtualenv kept
 # under /root; then they get the system's interpreter, as in the test suite.

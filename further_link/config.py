@@ -73,6 +73,8 @@ class Config:
     origins: tuple[str, ...] = DEFAULT_ORIGINS
     # Where X displays' sockets are (only tests look elsewhere).
     x11_socket_dir: Path = Path("/tmp/.X11-unix")
+    # The X server of GUI runs' virtual displays (novncOptions), a name on PATH or a path.
+    xvfb: str = "Xvfb"
     program_env: Mapping[str, str] = field(default_factory=dict)
     # Names besides the device's own that requests may carry in Host.
     hosts: tuple[str, ...] = ()
@@ -363,6 +365,7 @@ def load_config(
         # output (its pong is then only behind that output; see liveness.py).
         heartbeat=_number(env, "FURTHER_LINK_HEARTBEAT", DEFAULT_HEARTBEAT, float),
         x11_socket_dir=Path(env.get("FURTHER_LINK_X11_SOCKET_DIR") or "/tmp/.X11-unix"),
+        xvfb=env.get("FURTHER_LINK_XVFB") or "Xvfb",
         max_message_bytes=_number(env, "FURTHER_LINK_MAX_MESSAGE_BYTES", 16 * MiB),
         max_source_bytes=_number(env, "FURTHER_LINK_MAX_SOURCE_BYTES", 16 * MiB),
         max_upload_files=_number(env, "FURTHER_LINK_MAX_UPLOAD_FILES", 1000),

@@ -124,6 +124,15 @@ class Controls:
 
 
 @dataclass(frozen=True)
+class Novnc:
+    """The run's own display: a websocket speaking RFB at ``path`` on ``port`` (runs/gui.py)."""
+
+    port: int
+    path: str
+    process: str | None = None
+
+
+@dataclass(frozen=True)
 class Uploaded:
     version: str | None = None  # the directory's new version (files/projects.py)
 
@@ -143,5 +152,5 @@ class ErrorEvent:
 
 ProgramOutput = Union[Output, Video, Plot]
 Event = Union[
-    Started, Stopped, Output, Video, KeyListen, Plot, Controls, Uploaded, Pong, ErrorEvent
+    Started, Stopped, Output, Video, KeyListen, Plot, Controls, Novnc, Uploaded, Pong, ErrorEvent
 ]

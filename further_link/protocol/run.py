@@ -24,6 +24,7 @@ from further_link.protocol.events import (
     ErrorEvent,
     Event,
     KeyListen,
+    Novnc,
     Output,
     Ping,
     Plot,
@@ -89,7 +90,7 @@ def RunStdin(process: str, input: str) -> Stdin:
 
 @dataclass(frozen=True)
 class NovncOptions:
-    """A virtual display for GUI programs (parsed; not served by further-link)."""
+    """A virtual display for GUI programs (runs/gui.py); sizes in pixels, None: default."""
 
     enabled: bool
     width: int | None = None
@@ -275,6 +276,8 @@ def _kind_and_data(event: Event) -> tuple[str, dict[str, Any] | None]:
         return "stopped", {"exitCode": event.exit_code}
     if isinstance(event, KeyListen):
         return "keylisten", {"output": event.key}
+    if isinstance(event, Novnc):
+        return "novnc", {"port": event.port, "path": event.path}
     if isinstance(event, ErrorEvent):
         return "error", {"message": event.message}
     if isinstance(event, Pong):

@@ -23,6 +23,7 @@ from further_link.protocol.events import Controls as Controls
 from further_link.protocol.events import ErrorEvent as ErrorEvent
 from further_link.protocol.events import Event as Event
 from further_link.protocol.events import KeyListen as KeyListen
+from further_link.protocol.events import Novnc as Novnc
 from further_link.protocol.events import Output as Output
 from further_link.protocol.events import Ping, Stdin, Stop, UseControl
 from further_link.protocol.events import Plot as Plot
@@ -128,6 +129,8 @@ def encode_event(event: Event) -> str:
         kind, data = "keylisten", {"output": event.key}
     elif isinstance(event, (Plot, Controls)):
         kind, data = side_event_data(event)
+    elif isinstance(event, Novnc):  # only v5 starts GUI runs; named as there
+        kind, data = "novnc", {"port": event.port, "path": event.path}
     else:  # pragma: no cover - the Event union holds only the above
         raise TypeError(f"not a /run-py event: {event!r}")
     return json.dumps({"type": kind, "data": data}, ensure_ascii=False)

@@ -218,6 +218,32 @@ class RunGroup:
         base = self.unified or self.v1.get("pids") or next(iter(self.v1.values()))
         return base / "cgroup.procs"
 
+    def create(self) -> None:
+        """Make the group's directories, all or none; raises OSError."""
+        made: list[Path] = []
+        try:
+            for directory in self.directories:
+                directory.mkdir()
+                made.append(directory)
+        except OSError:
+            for directory in reversed(made):
+                _rmdir(directory)
+            raise
+
+    def child(self, name: str) -> RunGroup:
+        """A new group ``name`` below each of this one's, under its (hierarchical) limits.
+
+        Raises OSError. Its processes are not among this group's ``pids()``;
+        ``cgroup.kill`` of this group ends them too.
+        """
+        group = RunGroup(
+            self.unified / name if self.unified is not None else None,
+            {controller: path / name for controller, path in self.v1.items()},
+            self.limits,
+        )
+        group.create()
+        return group
+
     def open_join_fds(self) -> list[int]:
         """Descriptors a child writes ``0`` to, before exec, to join every cgroup of the run."""
         fds: list[int] = []
@@ -500,15 +526,11 @@ class Containment:
         unified = self._unified / name if self._unified is not None else None
         v1 = {controller: path / name for controller, path in self._v1.items()}
         group = RunGroup(unified, v1, self.limits)
-        made: list[Path] = []
+        group.create()
         try:
-            for directory in group.directories:
-                directory.mkdir()
-                made.append(directory)
             _apply_limits(unified, v1, self.limits, self._v2_limits)
         except OSError:
-            for directory in reversed(made):
-                _rmdir(directory)
+            group.remove()
             raise
         return group
 

@@ -126,6 +126,8 @@ class WarmPool:
 
     def fits(self, spec: ProgramSpec) -> bool:
         """Whether a waiting interpreter can become exactly this program."""
+        if not spec.warm:
+            return False
         argv = list(spec.argv)
         if argv[:2] != [self._python, "-u"] or len(argv) < 3:
             return False

@@ -77,6 +77,10 @@ class ProgramSpec:
     env: Mapping[str, str]
     group: RunGroup | None = None  # the run's cgroups, which the program joins before exec
     rlimits: Limits | None = None  # set as rlimits when there is no cgroup (best-effort)
+    # A waiting interpreter may become this program. Not when processes of the
+    # run already live in a child of ``group`` (a GUI run's display): a warm
+    # start takes over the interpreter's own cgroup and recycles ``group``'s.
+    warm: bool = True
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ later owner may replace, named by ``process`` (the v5 process id, ``None`` on
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import enum
@@ -28,8 +29,9 @@ from pathlib import Path
 from typing import Callable
 
 from further_link.errors import StartError
-from further_link.protocol.events import Output, Started, Stopped
+from further_link.protocol.events import Novnc, Output, Started, Stopped, Video
 from further_link.runs.containment import RunGroup
+from further_link.runs.gui import DisplayRequest, VirtualDisplay, env_on_display, open_display
 from further_link.runs.process import Program, ProgramSpec
 from further_link.runs.pty import PtyLauncher
 from further_link.runs.rundirs import RunPlace
@@ -55,6 +57,7 @@ class RunPlan:
     spec: ProgramSpec
     release: tuple[Callable[[], None], ...] = ()  # e.g. a temporary script's ``remove``
     terminal: PtyLauncher | None = None  # a pseudo-terminal; None: pipes
+    display: DisplayRequest | None = None  # its own X display (v5 novncOptions; gui.py)
 
 
 Planner = Callable[[Path], RunPlan]  # the run dir -> the plan; raises StartError
@@ -86,6 +89,7 @@ class Run:
         self._plan: RunPlan | None = None
         self._terminal: PtyLauncher | None = None
         self._group: RunGroup | None = None
+        self._display: VirtualDisplay | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
 
@@ -117,6 +121,7 @@ class Run:
             self.state = RunState.STOPPED
             raise
         self.state = RunState.RUNNING
+        self._announce_display()
         self.sink.put(Started(process=self.process))
         self._task = asyncio.ensure_future(self._supervise())
 
@@ -131,11 +136,25 @@ class Run:
             raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
         plan: RunPlan | None = None
         group: RunGroup | None = None
+        display: VirtualDisplay | None = None
         try:
             plan = planner(place.directory)
             group, rlimits = contain_run(services)
+            spec = dataclasses.replace(plan.spec, group=group, rlimits=rlimits)
+            if plan.display is not None:
+                wish = plan.display
+                display = await open_display(
+                    place.directory,
+                    wish.width,
+                    wish.height,
+                    config.xvfb,
+                    config.program_env,
+                    group,
+                    rlimits,
+                )
+                spec = dataclasses.replace(spec, env=env_on_display(spec.env, display), warm=False)
             program = Program(
-                dataclasses.replace(plan.spec, group=group, rlimits=rlimits),
+                spec,
                 self._deliver_output,
                 config.kill_grace,
                 plan.terminal or services.launcher,
@@ -154,6 +173,8 @@ class Run:
                 await channel.close()
                 raise
         except BaseException as exc:
+            if display is not None:
+                await display.close()
             self._discard(place, group, plan)
             if isinstance(exc, OSError) and exc.errno not in SHORTAGES:
                 # E.g. another program (same account) changed the run dir under us.
@@ -162,6 +183,7 @@ class Run:
             raise
         self._program, self._channel, self._group = program, channel, group
         self._run_dir, self._plan, self._terminal = place.directory, plan, plan.terminal
+        self._display = display
 
     @staticmethod
     def _discard(place: RunPlace, group: RunGroup | None, plan: RunPlan | None) -> None:
@@ -210,7 +232,12 @@ class Run:
         if self.state is not RunState.RUNNING:
             return
         self.state = RunState.STOPPING
-        self._stopping = asyncio.ensure_future(self.program.stop())
+        self._stopping = asyncio.ensure_future(self._stop_program())
+
+    async def _stop_program(self) -> None:
+        if self._display is not None:
+            await self._display.capture()  # its windows vanish with the program
+        await self.program.stop()
 
     async def _supervise(self) -> None:
         """Wait for the program to end, release what the run owns, say ``Stopped``."""
@@ -219,7 +246,9 @@ class Run:
             code = await program.wait()
             assert self._channel is not None
             await self._channel.close()
+            await self._send_last_screen()
         finally:
+            await self._close_display()
             self._release()
         # Not in ``finally``: when cancelled, ``close`` removes it after ending the run.
         await remove_group(self._group)
@@ -227,6 +256,33 @@ class Run:
         if self._on_ended is not None:
             self._on_ended(self)
         self.sink.put(Stopped(code, program.ending_signal, process=self.process))
+
+    # ------------------------------------------------------------ display
+
+    def _announce_display(self) -> None:
+        """``novnc`` (before ``Started``, as upstream): where the page shows the window."""
+        if self._display is None:
+            return
+        assert self._plan is not None and self._plan.display is not None
+        self._services.displays.add(self._display)
+        path = f"/novnc/{self._display.key}"
+        self.sink.put(Novnc(self._plan.display.port, path, process=self.process))
+
+    async def _send_last_screen(self) -> None:
+        if self._display is None:
+            return
+        frame = await self._display.finish()
+        if frame is not None:
+            with contextlib.suppress(SinkClosed):
+                await self.sink.put_output(
+                    Video(base64.b64encode(frame).decode("ascii"), process=self.process)
+                )
+
+    async def _close_display(self) -> None:
+        display, self._display = self._display, None
+        if display is not None:
+            self._services.displays.discard(display)
+            await display.close()
 
     def _release(self) -> None:
         """Remove the plan's files, the pty and the run dir (idempotent)."""
@@ -250,6 +306,7 @@ class Run:
             assert self._channel is not None
             await self._channel.close()
         finally:
+            await self._close_display()
             self._release()
         await remove_group(self._group)
         if self._stopping is not None:

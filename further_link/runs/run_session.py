@@ -22,6 +22,7 @@ from pathlib import Path
 from further_link.errors import FurtherLinkError, ProcessMessageError, SessionStateError, StartError
 from further_link.protocol.events import ErrorEvent, Ping, Pong, Stdin, Stop, UseControl
 from further_link.protocol.run import RunCommand, RunKeyEvent, RunOptions, RunResize, RunStart
+from further_link.runs.gui import DisplayRequest
 from further_link.runs.pty import PtyLauncher
 from further_link.runs.run import Run, RunPlan
 from further_link.runs.runners import plan_run
@@ -37,8 +38,16 @@ MAX_PROCESSES = 64
 class RunSession:
     """What one v5 /run connection may do: its processes, by id."""
 
-    def __init__(self, services: Services, sink: EventSink, options: RunOptions) -> None:
+    def __init__(
+        self,
+        services: Services,
+        sink: EventSink,
+        options: RunOptions,
+        gui_port: int | None = None,
+    ) -> None:
+        """``gui_port``: the server port this connection came in on, named in ``novnc``."""
         self._services = services
+        self._gui_port = gui_port
         self._config = services.config
         self.sink = sink
         self.options = options
@@ -120,10 +129,16 @@ class RunSession:
     def _plan(self, command: RunStart, run_dir: Path) -> RunPlan:
         planned = plan_run(command, self._config, self._services.library_dir, run_dir)
         script = planned.script
+        novnc = command.novnc
+        display = None
+        if novnc is not None and novnc.enabled:
+            port = self._gui_port if self._gui_port is not None else self._config.port
+            display = DisplayRequest(novnc.width, novnc.height, port)
         return RunPlan(
             planned.spec,
             release=(script.remove,) if script is not None else (),
             terminal=PtyLauncher() if self.options.pty else None,
+            display=display,
         )
 
     def _ended(self, run: Run) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -13,6 +13,7 @@ from further_link.config import Config
 from further_link.errors import StartError
 from further_link.files.upload import UrlCache
 from further_link.runs.containment import BEST_EFFORT, Containment, Limits, RunGroup
+from further_link.runs.gui import DisplayRegistry
 from further_link.runs.pool import WarmPool
 from further_link.runs.process import Launcher, cold_launch
 from further_link.runs.rundirs import RunPlace, RunPlaces, make_run_place
@@ -41,6 +42,7 @@ class Services:
     run_places: RunPlaces | None = None  # run directories made ahead
     containment: Containment | None = None  # per-run cgroups; None: best-effort tracking
     admission: Admission | None = None  # None: every start goes ahead
+    displays: DisplayRegistry = field(default_factory=DisplayRegistry)  # GUI runs' (gui.py)
 
     @property
     def launcher(self) -> Launcher:

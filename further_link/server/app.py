@@ -37,6 +37,7 @@ from further_link.server.device import DEVICE_STATUS, setup_device
 from further_link.server.further_http import setup_further_http
 from further_link.server.liveness import bytes_acked, made_progress
 from further_link.server.netguard import hold_clock
+from further_link.server.novnc_proxy import setup_novnc_proxy
 from further_link.server.outbox import Outbox, OutboxClosed
 from further_link.server.projects import setup_projects
 from further_link.server.run_ws import Wiring, setup_run_api
@@ -401,6 +402,7 @@ def create_app(
     app.router.add_get("/version", version)
     app.router.add_get("/run-py", run_py)
     setup_run_api(app, Wiring(CONFIG, SERVICES, RunPyWebSocket, serve_connection))
+    setup_novnc_proxy(app, SERVICES)
     app.router.add_post("/upload", make_upload_handler(SERVICES))
     setup_further_http(app)
     setup_webpage(app)

@@ -56,6 +56,9 @@ async def _serve_run(request: web.Request, wiring: Wiring) -> web.WebSocketRespo
         config.output_queue_bytes, encode=lambda event: encode_run_event(event, options.client)
     )
     log.debug("/run options: pty=%s, client id of %d characters", options.pty, len(options.client))
-    session = RunSession(app[wiring.services], outbox, options)
+    # GUI runs name this very port in `novnc`: the page reaches the device as it does now.
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    port = sockname[1] if isinstance(sockname, tuple) and len(sockname) >= 2 else None
+    session = RunSession(app[wiring.services], outbox, options, gui_port=port)
     await wiring.serve(request, ws, session, outbox, parse_run_command)
     return ws

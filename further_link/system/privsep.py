@@ -108,6 +108,14 @@ LATE_MODULES = (
     "further_link.runs.launch",
     "further_link.runs.streams",
     "further_link.trust.control",
+    # GUI runs (runs/gui.py): reading the screen and saving it as JPEG (Pillow's
+    # save imports these five plugins at its first call).
+    "PIL.Image",
+    "PIL.BmpImagePlugin",
+    "PIL.GifImagePlugin",
+    "PIL.JpegImagePlugin",
+    "PIL.PpmImagePlugin",
+    "PIL.PngImagePlugin",
 )
 # Imported when present: the server runs without them.
 OPTIONAL_MODULES = ("aiodns", "brotli", "brotlicffi", "charset_normalizer", "certifi")
