@@ -7,6 +7,7 @@ imports only the standard library so that the import stays fast.
 
 from further_link.channel import ChannelError, send_image
 from further_link.keyboard import KeyboardButton
+from further_link.sharing import ClaimError, ClaimTimeout, claim
 
 # further-link's own release: the package version, `further-link --version`.
 PACKAGE_VERSION = "0.1.0"
@@ -14,4 +15,13 @@ PACKAGE_VERSION = "0.1.0"
 # upload): what GET /version reports, so that Further's minimum-version checks pass,
 # and what programs written for upstream compare.
 __version__ = "5.11.2"
-__all__ = ["PACKAGE_VERSION", "ChannelError", "KeyboardButton", "__version__", "send_image"]
+__all__ = [
+    "PACKAGE_VERSION",
+    "ChannelError",
+    "ClaimError",
+    "ClaimTimeout",
+    "KeyboardButton",
+    "__version__",
+    "claim",
+    "send_image",
+]

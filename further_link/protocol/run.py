@@ -25,6 +25,7 @@ from further_link.protocol.runpy import (
     KeyListen,
     Output,
     Pong,
+    Queued,
     Started,
     Stopped,
     Video,
@@ -280,13 +281,15 @@ def encode_run_event(event: Event, client: str) -> str:
 
 def _kind_and_data(event: Event) -> tuple[str, dict[str, Any] | None]:
     if isinstance(event, Started):
-        return "started", None
+        return "started", None if event.run_id is None else {"runId": event.run_id}
     if isinstance(event, Stopped):
         return "stopped", {"exitCode": event.exit_code}
     if isinstance(event, KeyListen):
         return "keylisten", {"output": event.key}
     if isinstance(event, ErrorEvent):
         return "error", {"message": event.message}
+    if isinstance(event, Queued):
+        return "queued", event.data()
     if isinstance(event, Pong):
         return "pong", None
     raise TypeError(f"not a /run event: {event!r}")  # Uploaded belongs to /run-py

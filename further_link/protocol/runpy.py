@@ -83,6 +83,7 @@ Command = Union[StartCommand, StopCommand, StdinCommand, PingCommand, UploadComm
 @dataclass(frozen=True)
 class Started:
     process: str | None = None
+    run_id: str | None = None  # names the run device-wide: for attach and GET /runs
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,23 @@ class KeyListen:
 
 
 @dataclass(frozen=True)
+class Queued:
+    """A run waits: for a claimed ``resource`` held by run ``held_by``, or (exclusive
+    mode, ``resource`` None) for its turn to start. ``position`` 1 is next."""
+
+    position: int
+    resource: str | None = None
+    held_by: str | None = None
+    process: str | None = None
+
+    def data(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"position": self.position}
+        if self.resource is not None:
+            data.update(resource=self.resource, heldBy=self.held_by)
+        return data
+
+
+@dataclass(frozen=True)
 class Uploaded:
     pass
 
@@ -133,7 +151,7 @@ class ErrorEvent:
     process: str | None = None
 
 
-Event = Union[Started, Stopped, Output, Video, KeyListen, Uploaded, Pong, ErrorEvent]
+Event = Union[Started, Stopped, Output, Video, KeyListen, Queued, Uploaded, Pong, ErrorEvent]
 
 
 def encode_event(event: Event) -> str:
@@ -155,7 +173,9 @@ def encode_event(event: Event) -> str:
     elif isinstance(event, ErrorEvent):
         kind, data = "error", {"message": event.message}
     elif isinstance(event, Started):
-        kind, data = "started", {}
+        kind, data = "started", {} if event.run_id is None else {"runId": event.run_id}
+    elif isinstance(event, Queued):
+        kind, data = "queued", event.data()
     elif isinstance(event, Uploaded):
         kind, data = "uploaded", {}
     elif isinstance(event, Pong):

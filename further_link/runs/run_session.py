@@ -38,7 +38,17 @@ from further_link.protocol.run import (
     RunStop,
     parse_run_command,
 )
-from further_link.protocol.runpy import ErrorEvent, KeyListen, Output, Pong, Started, Stopped, Video
+from further_link.protocol.runpy import (
+    ErrorEvent,
+    KeyListen,
+    Output,
+    Pong,
+    Queued,
+    Started,
+    Stopped,
+    Video,
+)
+from further_link.runs.claims import RunClaims, new_run_id
 from further_link.runs.containment import RunGroup
 from further_link.runs.process import Program
 from further_link.runs.pty import PtyLauncher
@@ -71,9 +81,12 @@ class Process:
     group: RunGroup | None = None  # the process's cgroups (containment), when there are any
     state: ProcessState = ProcessState.RUNNING
     task: asyncio.Task[None] | None = None
+    claims: RunClaims | None = None
 
     def release(self) -> None:
         """Remove the temporary script, the pty and the run dir (idempotent)."""
+        if self.claims is not None:
+            self.claims.release_all()
         if self.script is not None:
             self.script.remove()
         if self.terminal is not None:
@@ -163,6 +176,14 @@ class RunSession:
         script: ScriptFile | None = None
         group: RunGroup | None = None
         terminal = PtyLauncher() if self.options.pty else None
+        run_id = new_run_id()
+        claims = RunClaims(
+            self._services.claims,
+            run_id,
+            lambda resource, position, held_by: self.outbox.put(
+                Queued(position, resource, held_by, process=process_id)
+            ),
+        )
         try:
             planned = plan_run(command, self._config, self._services.library_dir, place.directory)
             script = planned.script
@@ -179,6 +200,7 @@ class RunSession:
                 self._config.max_message_bytes,
                 listener=place.listener,
                 peer_group=group,
+                claims=claims,
             )
             await channel.start()
             try:
@@ -200,10 +222,17 @@ class RunSession:
                 raise StartError(f"could not prepare the run: {exc.strerror}{where}") from None
             raise
         process = Process(
-            process_id, program, channel, place.directory, script, terminal, group=group
+            process_id,
+            program,
+            channel,
+            place.directory,
+            script,
+            terminal,
+            group=group,
+            claims=claims,
         )
         self._processes[process_id] = process
-        self.outbox.put(Started(process=process_id))
+        self.outbox.put(Started(process=process_id, run_id=run_id))
         process.task = asyncio.ensure_future(self._supervise(process))
 
     def _check_user(self) -> None:

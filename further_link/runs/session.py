@@ -22,7 +22,7 @@ import errno
 import logging
 import shutil
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from further_link.protocol.runpy import (
     Output,
     PingCommand,
     Pong,
+    Queued,
     StartCommand,
     Started,
     StdinCommand,
@@ -52,6 +53,7 @@ from further_link.protocol.runpy import (
     Video,
     parse_command,
 )
+from further_link.runs.claims import ClaimRegistry, RunClaims, new_run_id
 from further_link.runs.containment import BEST_EFFORT, Containment, Limits, RunGroup
 from further_link.runs.launch import Plan, plan_program
 from further_link.runs.pool import WarmPool
@@ -84,6 +86,7 @@ class Services:
     pool: WarmPool | None = None  # pre-started interpreters, when the pool is on
     run_places: RunPlaces | None = None  # run directories made ahead
     containment: Containment | None = None  # per-run cgroups; None: best-effort tracking
+    claims: ClaimRegistry = field(default_factory=ClaimRegistry)  # hardware claims, device-wide
 
     @property
     def launcher(self) -> Launcher:
@@ -106,9 +109,12 @@ class Run:
     project_script: ProjectScript | None = None
     group: RunGroup | None = None
     task: asyncio.Task[None] | None = None
+    claims: RunClaims | None = None
 
     def remove_files(self) -> None:
         """Remove what the run wrote: its private dir and its script in the project."""
+        if self.claims is not None:
+            self.claims.release_all()
         shutil.rmtree(self.run_dir, ignore_errors=True)
         if self.project_script is not None:
             self.project_script.remove()
@@ -177,6 +183,14 @@ class Session:
                 raise
             raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
         run_dir = place.directory
+        run_id = new_run_id()
+        claims = RunClaims(
+            self._services.claims,
+            run_id,
+            lambda resource, position, held_by: self.outbox.put(
+                Queued(position, resource, held_by)
+            ),
+        )
         plan: Plan | None = None
         group: RunGroup | None = None
         try:
@@ -194,10 +208,12 @@ class Session:
                     self._config.max_message_bytes,
                     listener=place.listener,
                     peer_group=group,
+                    claims=claims,
                 ),
                 run_dir,
                 plan.project_script,
                 group,
+                claims=claims,
             )
             await run.channel.start()
             try:
@@ -220,7 +236,7 @@ class Session:
         self._run = run
         self._ran = True
         self.state = State.RUNNING
-        self.outbox.put(Started())
+        self.outbox.put(Started(run_id=run_id))
         run.task = asyncio.ensure_future(self._supervise(run))
 
     async def _supervise(self, run: Run) -> None:
