@@ -90,6 +90,15 @@ class Config:
     temp_dir: Path = Path("/tmp")  # default `path` of /run starts (FURTHER_LINK_TEMP_DIR)
     venv: Path | None = None  # FURTHER_VENV: the python3 runner's virtualenv
     miniscreen_projects_dir: Path | None = None  # FURTHER_LINK_MINISCREEN_PROJECTS_DIR
+    # Detach and re-attach (issue 13): seconds a run outlives its connection when
+    # `start` names no keepAlive; the most a client may ask for; how many runs may
+    # wait detached at once; the output each keeps for whoever attaches.
+    keep_alive: float = 0.0
+    max_keep_alive: float = 3600.0
+    max_detached_runs: int = 16
+    kept_output_bytes: int = 1 * MiB
+    # One program at a time on the device: further starts queue (FURTHER_LINK_EXCLUSIVE).
+    exclusive: bool = False
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with some fields replaced (``None`` values are ignored)."""
@@ -368,6 +377,11 @@ def load_config(
             if miniscreen_raw
             else run_as.home / "Desktop" / "Projects" / "Further"
         ),
+        keep_alive=_number(env, "FURTHER_LINK_KEEP_ALIVE", 0.0, float),
+        max_keep_alive=_number(env, "FURTHER_LINK_MAX_KEEP_ALIVE", 3600.0, float),
+        max_detached_runs=_number(env, "FURTHER_LINK_MAX_DETACHED_RUNS", 16),
+        kept_output_bytes=_size(env, "FURTHER_LINK_KEPT_OUTPUT_BYTES", 1 * MiB),
+        exclusive=_flag(env, "FURTHER_LINK_EXCLUSIVE"),
     )
     config = config.with_overrides(**overrides)
     if not 0 <= config.port <= 65535:
