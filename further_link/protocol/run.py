@@ -33,10 +33,12 @@ from further_link.protocol.runpy import (
     _json_ascii_string,
     _json_string,
     _kind_of,
+    parse_keep_alive,
+    parse_run_id,
 )
 
 RUNNERS = ("python3", "exec", "shell")
-COMMAND_TYPES = ("ping", "start", "stdin", "resize", "stop", "keyevent")
+COMMAND_TYPES = ("ping", "start", "stdin", "resize", "stop", "keyevent", "attach")
 MAX_PROCESS_ID_CHARS = 256
 MAX_TERMINAL_CELLS = 65535  # a terminal's rows and columns are unsigned shorts
 _TRUE_WORDS = ("1", "true")
@@ -90,6 +92,15 @@ class RunStart:
     code: str | None = None
     path: str | None = None
     novnc: NovncOptions | None = None
+    keep_alive: float | None = None  # seconds the run outlives its connection; None: default
+
+
+@dataclass(frozen=True)
+class RunAttach:
+    """Follow the run ``run_id`` on this connection, known here as ``process``."""
+
+    process: str
+    run_id: str
 
 
 @dataclass(frozen=True)
@@ -123,7 +134,7 @@ class RunKeyEvent:
     event: str
 
 
-RunCommand = Union[RunPing, RunStart, RunStdin, RunResize, RunStop, RunKeyEvent]
+RunCommand = Union[RunPing, RunStart, RunStdin, RunResize, RunStop, RunKeyEvent, RunAttach]
 
 
 # ----------------------------------------------------------------- parsing
@@ -191,6 +202,8 @@ def _parse_for_process(kind: str, process: str, data: dict[str, Any]) -> RunComm
         return RunStop(process)
     if kind == "keyevent":
         return RunKeyEvent(process, _string(data, "key", kind), _string(data, "event", kind))
+    if kind == "attach":
+        return RunAttach(process, parse_run_id(data, kind))
     _check_text(kind, "type")
     raise ProtocolError(
         f"unknown message type {kind!r}; expected one of {', '.join(COMMAND_TYPES)}"
@@ -208,7 +221,14 @@ def _parse_start(process: str, data: dict[str, Any]) -> RunStart:
         raise ProtocolError("start: data.path is empty; leave it out or name a file or directory")
     if path is not None and "\0" in path:
         raise ProtocolError("start: data.path contains a NUL character")
-    return RunStart(process, runner, code, path, _novnc(data.get("novncOptions")))
+    return RunStart(
+        process,
+        runner,
+        code,
+        path,
+        _novnc(data.get("novncOptions")),
+        parse_keep_alive(data, "start"),
+    )
 
 
 def _novnc(value: Any) -> NovncOptions | None:

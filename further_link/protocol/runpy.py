@@ -14,7 +14,8 @@ from typing import Any, Union
 
 from further_link.errors import ProtocolError, excerpt
 
-COMMAND_TYPES = ("start", "stop", "stdin", "upload", "ping")
+COMMAND_TYPES = ("start", "stop", "stdin", "upload", "ping", "attach")
+MAX_RUN_ID_CHARS = 64
 
 
 # ---------------------------------------------------------------- commands
@@ -27,6 +28,14 @@ class StartCommand:
     source_script: str | None = None
     source_path: str | None = None
     directory_name: str | None = None
+    keep_alive: float | None = None  # seconds the run outlives its connection; None: default
+
+
+@dataclass(frozen=True)
+class AttachCommand:
+    """Follow the run ``run_id`` (kept output, then live, then ``stopped``) on this connection."""
+
+    run_id: str
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,7 @@ class UploadCommand:
     files: dict[str, UploadFile] = field(default_factory=dict)
 
 
-Command = Union[StartCommand, StopCommand, StdinCommand, PingCommand, UploadCommand]
+Command = Union[StartCommand, StopCommand, StdinCommand, PingCommand, UploadCommand, AttachCommand]
 
 
 # ------------------------------------------------------------------ events
@@ -234,6 +243,8 @@ def parse_command(text: str) -> Command:
         return _parse_upload(data)
     if kind == "ping":
         return PingCommand()
+    if kind == "attach":
+        return AttachCommand(parse_run_id(data, "attach"))
     _check_text(kind, "type")
     raise ProtocolError(f"unknown message type {excerpt(kind)}; expected one of {_known_types()}")
 
@@ -248,7 +259,36 @@ def _parse_start(data: dict[str, Any]) -> StartCommand:
         raise ProtocolError("start takes data.sourceScript or data.sourcePath, not both")
     if path is not None and path == "":
         raise ProtocolError("start: data.sourcePath is empty; give the path of a .py file")
-    return StartCommand(source_script=script, source_path=path, directory_name=directory)
+    return StartCommand(
+        source_script=script,
+        source_path=path,
+        directory_name=directory,
+        keep_alive=parse_keep_alive(data, "start"),
+    )
+
+
+def parse_keep_alive(data: dict[str, Any], command: str) -> float | None:
+    """``data.keepAlive``: seconds (a number, 0 or more), or None when absent."""
+    value = data.get("keepAlive")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ProtocolError(
+            f"{command}: data.keepAlive must be a number of seconds, 0 or more, "
+            f"not {_describe(value) if not isinstance(value, (int, float)) else value}"
+        )
+    return float(min(value, 1e9))  # JSON may hold numbers no timer takes
+
+
+def parse_run_id(data: dict[str, Any], command: str) -> str:
+    """``data.runId`` as ``started`` gave it."""
+    value = _required_str(data, "runId", command)
+    if not value or len(value) > MAX_RUN_ID_CHARS:
+        raise ProtocolError(
+            f"{command}: data.runId must be the runId a 'started' message gave "
+            f"(1 to {MAX_RUN_ID_CHARS} characters)"
+        )
+    return value
 
 
 def _parse_upload(data: dict[str, Any]) -> UploadCommand:
