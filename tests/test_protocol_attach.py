@@ -35,7 +35,7 @@ def test_keep_alive_and_attach_parse_on_run() -> None:
 
 @pytest.mark.parametrize("value", [-1, "10", True, [], {"s": 1}])
 def test_bad_keep_alive_is_refused_with_its_name(value: Any) -> None:
-    with pytest.raises(ProtocolError, match="data.keepAlive must be a number of seconds"):
+    with pytest.raises(ProtocolError, match=r"data\.keepAlive must be a number of seconds"):
         parse_command(
             json.dumps({"type": "start", "data": {"sourceScript": "", "keepAlive": value}})
         )

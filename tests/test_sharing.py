@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any, Callable
 
-from v5client import V5Connect, connect_run
-
 from conftest import Client
+from v5client import V5Connect, connect_run
 
 __all__ = ["connect_run"]
 
