@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any, Callable
 
-from conftest import Client
+from conftest import Client, RunningServer
 from v5client import V5Connect, connect_run
 
 __all__ = ["connect_run"]
 
 Connect = Callable[..., Awaitable[Client]]
+StartServer = Callable[..., Awaitable[RunningServer]]
 
 
 def holder_script(name: str = "motors") -> str:
@@ -191,3 +192,33 @@ async def test_claims_are_device_wide_across_both_apis(
     result = await v5.collect("7")
     assert result.exit_code == 0
     assert "in " in result.stdout and "out " in result.stdout
+
+
+async def test_exclusive_mode_queues_starts_and_runs_them_in_turn(
+    start_server: StartServer, connect: Connect
+) -> None:
+    server = await start_server(environ={"FURTHER_LINK_EXCLUSIVE": "1"})
+    first, second, third = [await connect(server) for _ in range(3)]
+    await first.send("start", {"sourceScript": holder_script("nothing")})
+    await started_run_id(first)
+    first_in = await read_line(first)
+    stamp = "import time\nprint('in', time.monotonic())\nprint('out', time.monotonic())\n"
+    await second.send("start", {"sourceScript": stamp})
+    assert await second.receive() == {"type": "queued", "data": {"position": 1}}
+    await third.send("start", {"sourceScript": stamp})
+    assert await third.receive() == {"type": "queued", "data": {"position": 2}}
+    # A queued start is one program on its connection: stop takes it out of the queue.
+    await third.send("stop")
+    assert await third.receive() == {"type": "stopped", "data": {"exitCode": -15}}
+
+    await first.send("stdin", {"input": "\n"})
+    first_result = await first.collect()
+    second_id = await started_run_id(second)
+    second_result = await second.collect()
+    assert first_result.exit_code == second_result.exit_code == 0
+    a, b = stamps(first_in + first_result.stdout), stamps(second_result.stdout)
+    assert a["out"] <= b["in"]
+    assert second_id
+    # Nothing of the third ever ran.
+    await third.send("ping")
+    assert await third.receive() == {"type": "pong", "data": {}}
