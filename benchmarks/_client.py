@@ -16,7 +16,7 @@ import json
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -78,6 +78,30 @@ async def close_ws(ws: aiohttp.ClientWebSocketResponse) -> None:
     """Close politely; if the server does not answer in time, aiohttp drops the connection."""
     with contextlib.suppress(asyncio.TimeoutError):
         await within(ws.close(), CLOSE_TIMEOUT)
+
+
+@contextlib.asynccontextmanager
+async def open_ws(
+    http: aiohttp.ClientSession, url: str, receive_buffer: int | None = None
+) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    """A websocket for the body of an ``async with``, closed (within a bound) after it."""
+    ws = await connect(http, url, receive_buffer)
+    try:
+        yield ws
+    finally:
+        await close_ws(ws)
+
+
+@contextlib.asynccontextmanager
+async def open_many(
+    http: aiohttp.ClientSession, url: str, count: int
+) -> AsyncIterator[list[aiohttp.ClientWebSocketResponse]]:
+    """``count`` websockets opened at once, all closed after the body."""
+    sockets = list(await asyncio.gather(*(connect(http, url) for _ in range(count))))
+    try:
+        yield sockets
+    finally:
+        await asyncio.gather(*(close_ws(ws) for ws in sockets))
 
 
 async def send(ws: aiohttp.ClientWebSocketResponse, kind: str, **data: Any) -> None:

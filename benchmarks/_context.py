@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from _bare import ProgramAccount, spawn_hello
+import aiohttp
+from _bare import BareServer, ProgramAccount, bare_ws_server, spawn_hello
+from _client import http_session, open_many, open_ws
 from _report import BenchResult
 from _server import RunningServer, running_server
 
@@ -61,6 +63,32 @@ QUICK = Scale(
 
 
 @dataclass(frozen=True)
+class Served:
+    """A benchmark's running server, its client session and, when asked for, the bare server."""
+
+    server: RunningServer
+    http: aiohttp.ClientSession
+    bare: BareServer | None = None
+
+    def client(
+        self, url: str | None = None, receive_buffer: int | None = None
+    ) -> contextlib.AbstractAsyncContextManager[aiohttp.ClientWebSocketResponse]:
+        """A websocket to ``url`` (default: the server's /run-py), closed after the body."""
+        return open_ws(self.http, url or self.server.run_url, receive_buffer)
+
+    def clients(
+        self, count: int
+    ) -> contextlib.AbstractAsyncContextManager[list[aiohttp.ClientWebSocketResponse]]:
+        """``count`` websockets to the server's /run-py, opened at once, closed after the body."""
+        return open_many(self.http, self.server.run_url, count)
+
+    @property
+    def bare_server(self) -> BareServer:
+        assert self.bare is not None, "serve(..., bare=True) starts the bare server"
+        return self.bare
+
+
+@dataclass(frozen=True)
 class BenchContext:
     server_python: str  # runs the server and the bare websocket server
     program_python: str  # runs programs, for the server and the bare spawns alike
@@ -70,9 +98,23 @@ class BenchContext:
     hello_script: Path  # print('hi') for bare spawns
     scale: Scale
 
-    def server(self) -> contextlib.AbstractAsyncContextManager[RunningServer]:
-        """A freshly started further-link server."""
-        return running_server(self.server_python, self.repo_root, self.server_settings)
+    @contextlib.asynccontextmanager
+    async def serve(
+        self, result: BenchResult, bare: bool = False, settings: Mapping[str, str] | None = None
+    ) -> AsyncIterator[Served]:
+        """A fresh server (``settings`` over the usual ones) and a client session; with
+        ``bare``, the bare websocket server first. The server's warnings go into ``result``."""
+        async with contextlib.AsyncExitStack() as stack:
+            bare_server = None
+            if bare:
+                bare_server = await stack.enter_async_context(bare_ws_server(self.server_python))
+            all_settings = {**self.server_settings, **(settings or {})}
+            server = await stack.enter_async_context(
+                running_server(self.server_python, self.repo_root, all_settings)
+            )
+            http = await stack.enter_async_context(http_session())
+            yield Served(server, http, bare_server)
+            record_server_log(result, server)
 
     async def spawn_hello(self) -> float:
         """One bare spawn of print('hi'): the limit for a run's latency."""

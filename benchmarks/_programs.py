@@ -26,7 +26,7 @@ for index in range({blocks}):
 
 
 def flood_source(max_blocks: int) -> str:
-    """Writes the pattern stream until SIGTERM, then reports how much on stderr.
+    """Writes the pattern stream until SIGINT or SIGTERM, then reports how much on stderr.
 
     The handler only sets a flag, so a write it interrupts is finished first
     and the count is exact; the benchmark compares it with what it received.
@@ -38,6 +38,8 @@ import sys
 sys.path.insert(0, {str(BENCH_DIR)!r})
 from _patterns import pattern_block
 stopping = []
+# `stop` sends SIGINT first (KeyboardInterrupt), then SIGTERM.
+signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
 signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
 written = 0
 for index in range({max_blocks}):

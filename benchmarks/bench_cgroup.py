@@ -25,10 +25,7 @@ from pathlib import Path
 from _client import (
     BenchClientError,
     check_hello,
-    close_ws,
     collect_until_stopped,
-    connect,
-    http_session,
     run_program,
     send,
     wait_for_event,
@@ -36,7 +33,6 @@ from _client import (
 from _context import BenchContext
 from _programs import HELLO_SOURCE
 from _report import BenchResult, Target, summarise
-from _server import running_server
 
 from further_link.runs.containment import CGROUP, Containment, Limits
 
@@ -91,7 +87,9 @@ async def bench_cgroup(ctx: BenchContext) -> BenchResult:
                 plain.append(_plain_directory(Path(scratch), number))
     finally:
         contained.close()
-    beside_bomb, alone = await _hello_beside_a_fork_bomb(ctx, BOMB_ROUNDS[count == COUNT[True]])
+    beside_bomb, alone = await _hello_beside_a_fork_bomb(
+        ctx, result, BOMB_ROUNDS[count == COUNT[True]]
+    )
     result.add_percentiles(
         "print('hi') beside a fork bomb",
         beside_bomb,
@@ -115,30 +113,27 @@ async def bench_cgroup(ctx: BenchContext) -> BenchResult:
 
 
 async def _hello_beside_a_fork_bomb(
-    ctx: BenchContext, rounds: int
+    ctx: BenchContext, result: BenchResult, rounds: int
 ) -> tuple[list[float], list[float]]:
     beside: list[float] = []
     alone: list[float] = []
-    settings = {**ctx.server_settings, "FURTHER_LINK_MAX_TASKS": str(BOMB_TASKS)}
-    server_context = running_server(ctx.server_python, ctx.repo_root, settings)
-    async with server_context as server, http_session() as http:
-        bomber = await connect(http, server.run_url)
-        other = await connect(http, server.run_url)
-        try:
-            for _ in range(rounds):
-                outcome = await run_program(other, HELLO_SOURCE)
-                check_hello(outcome)
-                alone.append(outcome.seconds)
-                await send(bomber, "start", sourceScript=FORK_BOMB)
-                await wait_for_event(bomber, "stdout", BOMB_TIMEOUT)
-                outcome = await run_program(other, HELLO_SOURCE)
-                check_hello(outcome)
-                beside.append(outcome.seconds)
-                ended = await collect_until_stopped(bomber, time.monotonic() + BOMB_TIMEOUT)
-                if BOMB_WORDS not in "".join(ended.stderr):
-                    raise BenchClientError(f"the fork bomb ended without the words: {ended}")
-                await asyncio.sleep(0.1)
-        finally:
-            await close_ws(bomber)
-            await close_ws(other)
+    settings = {"FURTHER_LINK_MAX_TASKS": str(BOMB_TASKS)}
+    async with (
+        ctx.serve(result, settings=settings) as served,
+        served.client() as bomber,
+        served.client() as other,
+    ):
+        for _ in range(rounds):
+            outcome = await run_program(other, HELLO_SOURCE)
+            check_hello(outcome)
+            alone.append(outcome.seconds)
+            await send(bomber, "start", sourceScript=FORK_BOMB)
+            await wait_for_event(bomber, "stdout", BOMB_TIMEOUT)
+            outcome = await run_program(other, HELLO_SOURCE)
+            check_hello(outcome)
+            beside.append(outcome.seconds)
+            ended = await collect_until_stopped(bomber, time.monotonic() + BOMB_TIMEOUT)
+            if BOMB_WORDS not in "".join(ended.stderr):
+                raise BenchClientError(f"the fork bomb ended without the words: {ended}")
+            await asyncio.sleep(0.1)
     return beside, alone

@@ -12,8 +12,8 @@ import statistics
 import time
 
 import aiohttp
-from _client import check_hello, close_ws, connect, http_session, run_program
-from _context import BenchContext, record_server_log
+from _client import check_hello, run_program
+from _context import BenchContext
 from _programs import HELLO_SOURCE
 from _report import BenchResult
 
@@ -42,16 +42,13 @@ async def bench_concurrency(ctx: BenchContext) -> BenchResult:
     result = BenchResult("concurrency")
     rounds = ctx.scale.concurrency_rounds
     largest = max(ctx.scale.concurrency)
-    async with ctx.server() as server, http_session() as http:
+    async with ctx.serve(result) as served:
         for count in ctx.scale.concurrency:
             server_walls: list[float] = []
             server_slowest: list[float] = []
             bare_walls: list[float] = []
             bare_slowest: list[float] = []
-            sockets = list(
-                await asyncio.gather(*(connect(http, server.run_url) for _ in range(count)))
-            )
-            try:
+            async with served.clients(count) as sockets:
                 for _ in range(rounds):
                     wall, slowest = await all_at_once_bare(ctx, count)
                     bare_walls.append(wall)
@@ -59,8 +56,6 @@ async def bench_concurrency(ctx: BenchContext) -> BenchResult:
                     wall, slowest = await all_at_once_server(sockets)
                     server_walls.append(wall)
                     server_slowest.append(slowest)
-            finally:
-                await asyncio.gather(*(close_ws(ws) for ws in sockets))
             wall = statistics.median(server_walls) * 1000
             limit = statistics.median(bare_walls) * 1000
             suffix = f", median of {rounds}" if rounds > 1 else ""
@@ -91,5 +86,4 @@ async def bench_concurrency(ctx: BenchContext) -> BenchResult:
                 "bare_wall_ms": [s * 1000 for s in bare_walls],
                 "bare_slowest_ms": [s * 1000 for s in bare_slowest],
             }
-        record_server_log(result, server)
     return result

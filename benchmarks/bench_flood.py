@@ -22,15 +22,12 @@ import aiohttp
 from _client import (
     BenchClientError,
     check_hello,
-    close_ws,
     collect_until_stopped,
-    connect,
-    http_session,
     run_program,
     send,
     wait_for_event,
 )
-from _context import BenchContext, record_server_log
+from _context import BenchContext
 from _patterns import StreamChecker
 from _programs import FLOOD_TOTAL_PREFIX, HELLO_SOURCE, flood_source, sleep_source
 from _report import BenchResult, MiB, Target, percentile, summarise
@@ -93,42 +90,41 @@ def written_by_program(stderr: str) -> int | None:
 async def bench_flood(ctx: BenchContext) -> BenchResult:
     result = BenchResult("flood")
     stall = ctx.scale.flood_seconds
-    async with ctx.server() as server, http_session() as http:
-        other = await connect(http, server.run_url)
-        flooder = await connect(http, server.run_url, receive_buffer=RECEIVE_BUFFER)
+    async with (
+        ctx.serve(result) as served,
+        served.client() as other,
+        served.client(receive_buffer=RECEIVE_BUFFER) as flooder,
+    ):
+        server = served.server
+        stop_idle = [await stop_to_stopped_idle(flooder) for _ in range(STOP_LIMIT_RUNS)]
+        idle: list[float] = []
+        for _ in range(ctx.scale.flood_idle_runs):
+            outcome = await run_program(other, HELLO_SOURCE)
+            check_hello(outcome)
+            idle.append(outcome.seconds)
+        rss_before = server.footprint().rss_bytes
+
+        sampler = RssSampler(server)
+        done = asyncio.Event()
+        sampling = asyncio.ensure_future(sampler.sample_until(done, stall + DRAIN_TIMEOUT * 2))
         try:
-            stop_idle = [await stop_to_stopped_idle(flooder) for _ in range(STOP_LIMIT_RUNS)]
-            idle: list[float] = []
-            for _ in range(ctx.scale.flood_idle_runs):
-                outcome = await run_program(other, HELLO_SOURCE)
-                check_hello(outcome)
-                idle.append(outcome.seconds)
-            rss_before = server.footprint().rss_bytes
+            await send(flooder, "start", sourceScript=flood_source(MAX_FLOOD_BLOCKS))
+            deadline = time.monotonic() + stall
+            during = await hello_runs_until(other, deadline)
+            await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+            rss_stalled = server.footprint().rss_bytes
 
-            sampler = RssSampler(server)
-            done = asyncio.Event()
-            sampling = asyncio.ensure_future(sampler.sample_until(done, stall + DRAIN_TIMEOUT * 2))
-            try:
-                await send(flooder, "start", sourceScript=flood_source(MAX_FLOOD_BLOCKS))
-                deadline = time.monotonic() + stall
-                during = await hello_runs_until(other, deadline)
-                await asyncio.sleep(max(0.0, deadline - time.monotonic()))
-                rss_stalled = server.footprint().rss_bytes
-
-                checker = StreamChecker()
-                began = time.perf_counter()
-                await send(flooder, "stop")
-                collected = await collect_until_stopped(
-                    flooder, time.monotonic() + DRAIN_TIMEOUT, on_stdout=checker.feed
-                )
-                stop_seconds = time.perf_counter() - began
-            finally:
-                done.set()
-                await sampling
-            rss_after = server.footprint().rss_bytes
+            checker = StreamChecker()
+            began = time.perf_counter()
+            await send(flooder, "stop")
+            collected = await collect_until_stopped(
+                flooder, time.monotonic() + DRAIN_TIMEOUT, on_stdout=checker.feed
+            )
+            stop_seconds = time.perf_counter() - began
         finally:
-            await asyncio.gather(close_ws(other), close_ws(flooder))
-        record_server_log(result, server)
+            done.set()
+            await sampling
+        rss_after = server.footprint().rss_bytes
 
     written = written_by_program("".join(collected.stderr))
     if not during:

@@ -9,13 +9,11 @@ closed and the server gets a moment to settle before it is measured again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import asdict
 
-from _bare import bare_ws_server
-from _client import check_hello, close_ws, connect, http_session, run_program
-from _context import BenchContext, record_server_log
+from _client import check_hello, run_program
+from _context import BenchContext, Served
 from _programs import HELLO_SOURCE
 from _report import BenchResult, MiB
 from _server import ProcessFootprint, RunningServer
@@ -39,23 +37,19 @@ async def settled_footprint(server: RunningServer, idle: ProcessFootprint) -> Pr
     return footprint
 
 
-async def hello_runs(server: RunningServer, runs: int, connections: int) -> float:
+async def hello_runs(served: Served, runs: int, connections: int) -> float:
     """``runs`` runs of ``print('hi')`` spread over parallel connections; seconds taken."""
     shares = [
         runs // connections + (1 if i < runs % connections else 0) for i in range(connections)
     ]
-    async with http_session() as http:
-        sockets = [await connect(http, server.run_url) for _ in range(connections)]
+    async with served.clients(connections) as sockets:
 
         async def run_share(index: int) -> None:
             for _ in range(shares[index]):
                 check_hello(await run_program(sockets[index], HELLO_SOURCE))
 
         began = time.perf_counter()
-        try:
-            await asyncio.gather(*(run_share(i) for i in range(connections)))
-        finally:
-            await asyncio.gather(*(close_ws(ws) for ws in sockets))
+        await asyncio.gather(*(run_share(i) for i in range(connections)))
         return time.perf_counter() - began
 
 
@@ -63,17 +57,15 @@ async def bench_footprint(ctx: BenchContext) -> BenchResult:
     result = BenchResult("footprint")
     runs = ctx.scale.footprint_runs
     connections = ctx.scale.footprint_connections
-    async with contextlib.AsyncExitStack() as stack:
-        bare = await stack.enter_async_context(bare_ws_server(ctx.server_python))
-        server = await stack.enter_async_context(ctx.server())
+    async with ctx.serve(result, bare=True) as served:
+        server = served.server
         await asyncio.sleep(SETTLE_SECONDS)
-        bare_idle = bare.footprint()
+        bare_idle = served.bare_server.footprint()
         idle = server.footprint()
-        await hello_runs(server, 1, 1)
+        await hello_runs(served, 1, 1)
         after_one = await settled_footprint(server, idle)
-        seconds = await hello_runs(server, runs, connections)
+        seconds = await hello_runs(served, runs, connections)
         after_many = await settled_footprint(server, idle)
-        record_server_log(result, server)
 
     result.add(
         "idle RSS",

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 
-from _client import check_hello, close_ws, connect, http_session, run_program
-from _context import BenchContext, record_server_log
+from _client import check_hello, run_program
+from _context import BenchContext
 from _programs import HELLO_SOURCE
 from _report import BenchResult, Target, percentile, summarise
 
@@ -24,33 +24,25 @@ async def bench_latency(ctx: BenchContext) -> BenchResult:
     one_connection: list[float] = []
     fresh: list[float] = []
     fresh_with_connect: list[float] = []
-    async with ctx.server() as server, http_session() as http:
-        ws = await connect(http, server.run_url)
-        try:
-            for iteration in range(WARMUP_RUNS + ctx.scale.latency_runs):
-                bare_seconds = await ctx.spawn_hello()
+    async with ctx.serve(result) as served, served.client() as ws:
+        for iteration in range(WARMUP_RUNS + ctx.scale.latency_runs):
+            bare_seconds = await ctx.spawn_hello()
 
-                outcome = await run_program(ws, HELLO_SOURCE)
-                check_hello(outcome)
-                one_seconds = outcome.seconds
+            outcome = await run_program(ws, HELLO_SOURCE)
+            check_hello(outcome)
+            one_seconds = outcome.seconds
 
-                connect_began = time.perf_counter()
-                fresh_ws = await connect(http, server.run_url)
-                try:
-                    outcome = await run_program(fresh_ws, HELLO_SOURCE)
-                    with_connect = time.perf_counter() - connect_began
-                finally:
-                    await close_ws(fresh_ws)
-                check_hello(outcome)
+            connect_began = time.perf_counter()
+            async with served.client() as fresh_ws:
+                outcome = await run_program(fresh_ws, HELLO_SOURCE)
+                with_connect = time.perf_counter() - connect_began
+            check_hello(outcome)
 
-                if iteration >= WARMUP_RUNS:
-                    bare.append(bare_seconds)
-                    one_connection.append(one_seconds)
-                    fresh.append(outcome.seconds)
-                    fresh_with_connect.append(with_connect)
-        finally:
-            await close_ws(ws)
-        record_server_log(result, server)
+            if iteration >= WARMUP_RUNS:
+                bare.append(bare_seconds)
+                one_connection.append(one_seconds)
+                fresh.append(outcome.seconds)
+                fresh_with_connect.append(with_connect)
 
     target = Target(
         "p50", "<= limit + 2 ms", lambda value, limit: value <= limit + P50_ALLOWANCE * 1000

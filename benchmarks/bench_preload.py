@@ -16,10 +16,10 @@ import time
 import aiohttp
 import psutil
 from _bare import ProgramAccount
-from _client import close_ws, collect_until_stopped, connect, http_session, send, wait_for_event
-from _context import SCRIPT_CWD, BenchContext, record_server_log
+from _client import collect_until_stopped, send, wait_for_event
+from _context import SCRIPT_CWD, BenchContext
 from _report import BenchResult, percentile, summarise
-from _server import RunningServer, running_server
+from _server import RunningServer
 
 PROGRAMS = {
     "numpy": "import numpy; print(1)",
@@ -100,15 +100,12 @@ async def bench_preload(ctx: BenchContext) -> BenchResult:
     stopped: dict[str, list[float]] = {}
     rss: dict[str, list[int]] = {}
     for kind, preload in (("preloaded", PRELOAD), ("plain pool", "none")):
-        settings = {**ctx.server_settings, "FURTHER_LINK_POOL_PRELOAD": preload}
-        async with (
-            running_server(ctx.server_python, ctx.repo_root, settings) as server,
-            http_session() as http,
-        ):
+        settings = {"FURTHER_LINK_POOL_PRELOAD": preload}
+        async with ctx.serve(result, settings=settings) as served:
+            server = served.server
             await settle(server)
             rss[kind] = waiting_rss(server)
-            ws = await connect(http, server.run_url)
-            try:
+            async with served.client() as ws:
                 for name, source in PROGRAMS.items():
                     samples = first.setdefault((kind, name), [])
                     for iteration in range(WARMUP_RUNS + runs):
@@ -120,9 +117,6 @@ async def bench_preload(ctx: BenchContext) -> BenchResult:
                                 stopped.setdefault(kind, []).append(to_stopped)
                             if kind == "preloaded":
                                 started.append(to_started)
-            finally:
-                await close_ws(ws)
-            record_server_log(result, server)
     for name, source in PROGRAMS.items():
         bare = first[("bare", name)] = []
         for _ in range(runs):

@@ -12,24 +12,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import statistics
 import time
 from collections.abc import Callable
 
 import aiohttp
-from _bare import bare_ws_server
 from _client import (
     MAX_EVENTS,
     RUN_TIMEOUT,
     BenchClientError,
-    close_ws,
-    connect,
-    http_session,
     within,
 )
-from _context import BenchContext, record_server_log
+from _context import BenchContext
 from _patterns import BLOCK_BYTES, StreamChecker
 from _programs import HELLO_SOURCE, throughput_source
 from _report import BenchResult, MiB, Target, percentile, summarise
@@ -127,41 +122,32 @@ async def bench_run_v5(ctx: BenchContext) -> BenchResult:
     pipe_in_order: list[bool] = []
     concurrent: list[float] = []
     bare_concurrent: list[float] = []
-    async with contextlib.AsyncExitStack() as stack:
-        bare_ws = await stack.enter_async_context(bare_ws_server(ctx.server_python))
-        server = await stack.enter_async_context(ctx.server())
-        http = await stack.enter_async_context(http_session())
-        ws = await connect(http, v5_url(server.run_url))
-        pty_ws = await connect(http, v5_url(server.run_url, pty=True))
-        try:
-            for iteration in range(WARMUP_RUNS + ctx.scale.latency_runs):
-                bare_seconds = await ctx.spawn_hello()
-                seconds = await hello_v5(ws)
-                if iteration >= WARMUP_RUNS:
-                    bare.append(bare_seconds)
-                    latency.append(seconds)
-            for _ in range(ctx.scale.throughput_rounds):
-                bare_client = await connect(http, bare_ws.url("/push", blocks=blocks))
-                try:
-                    bare_rates.append(
-                        (await receive_stream(bare_client, source, expected)).mib_per_second
-                    )
-                finally:
-                    await close_ws(bare_client)
-                seconds, received, ok = await stream_v5(ws, source, check=True)
-                pipe_rates.append(received / MiB / seconds)
-                pipe_in_order.append(ok and received == expected)
-                seconds, received, _ = await stream_v5(pty_ws, source, check=False)
-                pty_rates.append(received / MiB / seconds)
-            for _ in range(ctx.scale.concurrency_rounds):
-                began = time.perf_counter()
-                await asyncio.gather(*(ctx.spawn_hello() for _ in range(CONCURRENT)))
-                bare_concurrent.append(time.perf_counter() - began)
-                concurrent.append(await hello_v5(ws, CONCURRENT))
-        finally:
-            await close_ws(ws)
-            await close_ws(pty_ws)
-        record_server_log(result, server)
+    async with (
+        ctx.serve(result, bare=True) as served,
+        served.client(v5_url(served.server.run_url)) as ws,
+        served.client(v5_url(served.server.run_url, pty=True)) as pty_ws,
+    ):
+        for iteration in range(WARMUP_RUNS + ctx.scale.latency_runs):
+            bare_seconds = await ctx.spawn_hello()
+            seconds = await hello_v5(ws)
+            if iteration >= WARMUP_RUNS:
+                bare.append(bare_seconds)
+                latency.append(seconds)
+        for _ in range(ctx.scale.throughput_rounds):
+            async with served.client(served.bare_server.url("/push", blocks=blocks)) as bare_client:
+                bare_rates.append(
+                    (await receive_stream(bare_client, source, expected)).mib_per_second
+                )
+            seconds, received, ok = await stream_v5(ws, source, check=True)
+            pipe_rates.append(received / MiB / seconds)
+            pipe_in_order.append(ok and received == expected)
+            seconds, received, _ = await stream_v5(pty_ws, source, check=False)
+            pty_rates.append(received / MiB / seconds)
+        for _ in range(ctx.scale.concurrency_rounds):
+            began = time.perf_counter()
+            await asyncio.gather(*(ctx.spawn_hello() for _ in range(CONCURRENT)))
+            bare_concurrent.append(time.perf_counter() - began)
+            concurrent.append(await hello_v5(ws, CONCURRENT))
 
     result.add_percentiles(
         "/run latency, one connection",

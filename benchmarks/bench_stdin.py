@@ -7,22 +7,17 @@ is the bare websocket server echoing the same messages to the same client.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import aiohttp
-from _bare import bare_ws_server
 from _client import (
     BenchClientError,
-    close_ws,
     collect_until_stopped,
-    connect,
-    http_session,
     receive_event,
     send,
     wait_for_event,
 )
-from _context import BenchContext, record_server_log
+from _context import BenchContext
 from _programs import echo_source
 from _report import BenchResult, Target, summarise
 
@@ -68,22 +63,12 @@ async def bench_stdin(ctx: BenchContext) -> BenchResult:
     lines = ctx.scale.stdin_lines
     server_samples: list[float] = []
     bare_samples: list[float] = []
-    async with contextlib.AsyncExitStack() as stack:
-        bare = await stack.enter_async_context(bare_ws_server(ctx.server_python))
-        server = await stack.enter_async_context(ctx.server())
-        http = await stack.enter_async_context(http_session())
+    async with ctx.serve(result, bare=True) as served:
         for _ in range(ctx.scale.stdin_rounds):
-            bare_ws = await connect(http, bare.url("/echo", lines=lines))
-            try:
+            async with served.client(served.bare_server.url("/echo", lines=lines)) as bare_ws:
                 bare_samples += await round_trips(bare_ws, lines)
-            finally:
-                await close_ws(bare_ws)
-            ws = await connect(http, server.run_url)
-            try:
+            async with served.client() as ws:
                 server_samples += await round_trips(ws, lines)
-            finally:
-                await close_ws(ws)
-        record_server_log(result, server)
 
     result.add_percentiles(
         f"{lines} lines x {ctx.scale.stdin_rounds},",

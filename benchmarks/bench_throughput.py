@@ -8,14 +8,12 @@ Rounds alternate between the two; the median is reported.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 from dataclasses import dataclass
 
 import aiohttp
-from _bare import bare_ws_server
-from _client import BenchClientError, close_ws, connect, http_session, run_program
-from _context import BenchContext, record_server_log
+from _client import BenchClientError, run_program
+from _context import BenchContext
 from _patterns import BLOCK_BYTES, StreamChecker
 from _programs import throughput_source
 from _report import BenchResult, MiB
@@ -58,22 +56,11 @@ async def bench_throughput(ctx: BenchContext) -> BenchResult:
     source = throughput_source(blocks)
     server_runs: list[Transfer] = []
     bare_runs: list[Transfer] = []
-    async with contextlib.AsyncExitStack() as stack:
-        bare = await stack.enter_async_context(bare_ws_server(ctx.server_python))
-        server = await stack.enter_async_context(ctx.server())
-        http = await stack.enter_async_context(http_session())
-        ws = await connect(http, server.run_url)
-        try:
-            for _ in range(ctx.scale.throughput_rounds):
-                bare_ws = await connect(http, bare.url("/push", blocks=blocks))
-                try:
-                    bare_runs.append(await receive_stream(bare_ws, source, expected))
-                finally:
-                    await close_ws(bare_ws)
-                server_runs.append(await receive_stream(ws, source, expected))
-        finally:
-            await close_ws(ws)
-        record_server_log(result, server)
+    async with ctx.serve(result, bare=True) as served, served.client() as ws:
+        for _ in range(ctx.scale.throughput_rounds):
+            async with served.client(served.bare_server.url("/push", blocks=blocks)) as bare_ws:
+                bare_runs.append(await receive_stream(bare_ws, source, expected))
+            server_runs.append(await receive_stream(ws, source, expected))
 
     rate = statistics.median(run.mib_per_second for run in server_runs)
     limit = statistics.median(run.mib_per_second for run in bare_runs)

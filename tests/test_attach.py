@@ -15,10 +15,17 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from blip import Blip, blip_to, blips
+from test_sharing import holder_script, read_line
 
 from conftest import TIMEOUT, Client, RunningServer, alive, write_pid_code
+from v5client import V5Client, V5Connect, connect_run, run_url
 
-__all__ = ["blips"]
+__all__ = ["blips", "connect_run"]
+
+
+def server_port(server: RunningServer) -> int:
+    return urlsplit(server.base_url).port or 0
+
 
 StartServer = Callable[..., Awaitable[RunningServer]]
 
@@ -264,3 +271,100 @@ async def test_runs_are_listed_for_token_holders_only(
             break
         await asyncio.sleep(0.05)
     assert entry["state"] == "detached" and entry["attached"] == 0
+
+
+async def test_v5_run_is_attached_under_the_new_process_id(
+    server: RunningServer,
+    http: aiohttp.ClientSession,
+    connect_run: V5Connect,
+    shared: Path,
+    blips: list[Blip],
+) -> None:
+    go = shared / "go"
+    blip = await blip_to(urlsplit(server.base_url).port or 0, blips)
+    first = V5Client(
+        await http.ws_connect(run_url(server).replace(f":{server_port(server)}/", f":{blip.port}/"))
+    )
+    code = "import os\nprint('one')\n" + wait_for_file_code(go) + "print('two')\n"
+    await first.send("start", "1", {"runner": "python3", "code": code, "keepAlive": 60})
+    run_id = (await first.expect("1", "started"))["data"]["runId"]
+    await first.read_output("1", "one\n")
+    blip.cut()
+    second = await connect_run()
+    await second.send("attach", "9", {"runId": run_id})
+    await second.read_output("9", "one\n")
+    go.touch()
+    result = await second.collect("9")
+    assert result.stdout == "two\n" and result.exit_code == 0
+
+
+async def test_a_second_attach_takes_the_run_over(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
+    first = await connect_via(http, server)
+    await first.send("start", {"sourceScript": "print('up')\nprint(input())\n", "keepAlive": 60})
+    run_id = (await first.receive())["data"]["runId"]
+    await read_text(first, "up\n")
+    second = await connect_via(http, server)
+    await second.send("attach", {"runId": run_id})
+    await read_text(second, "up\n")
+    error = await first.receive()
+    assert error == {
+        "type": "error",
+        "data": {"message": "this program was attached from another connection"},
+    }
+    # The first connection has no program any more; the second drives it.
+    await first.send("stop")
+    assert "no program is running" in (await first.receive())["data"]["message"]
+    await second.send("stdin", {"input": "mine\n"})
+    text, messages = await output_until_stopped(second)
+    assert text == "mine\n" and messages[-1]["data"] == {"exitCode": 0}
+
+
+async def test_a_connection_let_in_by_origin_alone_cannot_attach_or_list(
+    start_server: StartServer, http: aiohttp.ClientSession
+) -> None:
+    further = "https://further.pi-top.com"
+    server = await start_server(environ={"FURTHER_LINK_AUTH": "origin"})
+    owner = await connect_via(http, server)
+    await owner.send("start", {"sourceScript": "input()\n", "keepAlive": 60})
+    run_id = (await owner.receive())["data"]["runId"]
+    page = V5Client(
+        await http.ws_connect(run_url(server, token=False), headers={"Origin": further})
+    )
+    await page.send("attach", "1", {"runId": run_id})
+    refusal = await page.expect("1", "error")
+    assert "attach needs a connection with the device token" in refusal["data"]["message"]
+    async with http.get(server.base_url + "/runs", headers={"Origin": further}) as response:
+        assert response.status == 401
+    await owner.send("stop")
+    assert (await owner.receive_type("stopped"))["data"]["exitCode"] == -15
+
+
+async def test_claims_and_the_queue_are_listed_in_runs_and_device(
+    start_server: StartServer, http: aiohttp.ClientSession
+) -> None:
+    server = await start_server(environ={"FURTHER_LINK_EXCLUSIVE": "1"})
+    holder = await connect_via(http, server)
+    await holder.send("start", {"sourceScript": holder_script()})
+    holder_id = (await holder.receive())["data"]["runId"]
+    assert (await read_line(holder)).startswith("in ")
+    waiting = await connect_via(http, server)
+    await waiting.send("start", {"sourceScript": "print('my turn')\n"})
+    assert await waiting.receive() == {"type": "queued", "data": {"position": 1}}
+    headers = {"Authorization": f"Bearer {server.token}"}
+    async with http.get(server.base_url + "/runs", headers=headers) as response:
+        runs = await response.json()
+    async with http.get(server.base_url + "/device", headers=headers) as response:
+        device = await response.json()
+    assert runs["exclusive"] is True
+    assert runs["claims"] == {"motors": {"heldBy": holder_id, "waiting": []}}
+    (queued_id,) = runs["queue"]
+    states = {run["runId"]: (run["state"], run["claims"]) for run in runs["runs"]}
+    assert states == {holder_id: ("running", ["motors"]), queued_id: ("queued", [])}
+    assert device["claims"] == runs["claims"] and device["queue"] == [queued_id]
+    await holder.send("stdin", {"input": "\n"})
+    await holder.receive_type("stopped")
+    started = await waiting.receive()
+    assert started == {"type": "started", "data": {"runId": queued_id}}
+    await read_text(waiting, "my turn\n")

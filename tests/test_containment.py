@@ -30,7 +30,7 @@ from test_process_tree import all_gone, left_behind, marked_pids, program, start
 
 from further_link.runs import containment
 from further_link.runs.containment import CGROUP, detect
-from further_link.runs.session import Services
+from further_link.runs.services import Services
 from further_link.server.app import SERVICES
 
 from conftest import AS_ROOT, POOL_SIZE, TIMEOUT, Client, RunningServer

@@ -27,9 +27,11 @@ import pytest
 from test_cli import ServerProcess
 
 from further_link.files.upload import UrlCache
+from further_link.protocol.runpy import parse_command
 from further_link.runs import proctree
 from further_link.runs.launch import prepare_library_dir
-from further_link.runs.session import Services, Session
+from further_link.runs.services import Services
+from further_link.runs.session import Session
 from further_link.server.outbox import Outbox
 
 from conftest import (
@@ -396,7 +398,7 @@ async def test_program_starting_while_the_session_closes_is_ended(
         async with aiohttp.ClientSession() as http:
             services = Services(config, UrlCache(config.cache_dir, http, 1), library_dir)
             session = Session(services, Outbox(1024))
-            starting = asyncio.ensure_future(session.receive(json.dumps(start)))
+            starting = asyncio.ensure_future(session.handle(parse_command(json.dumps(start))))
             await asyncio.sleep(0)  # the start is under way, its program not yet spawned
             await session.close()  # the server's shutdown
             await starting

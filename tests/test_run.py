@@ -321,3 +321,14 @@ async def test_ending_input_is_never_an_error(client: Client) -> None:
     await client.send("stdin", {"eof": True})
     await client.send("ping")
     assert await client.receive() == {"type": "pong", "data": {}}
+
+
+async def test_keyboard_button_is_announced_as_keylisten_not_as_a_frame(client: Client) -> None:
+    """`KeyboardButton(key)` says which key it wants, in words, as on /run; no bogus image."""
+    script = "from further_link import KeyboardButton\nKeyboardButton('ArrowUp')\nprint('ready')"
+    result = await client.run({"sourceScript": script})
+    assert result.exit_code == 0, result
+    assert result.stdout == "ready\n"
+    assert result.frames == []
+    listens = [message for message in result.messages if message["type"] == "keylisten"]
+    assert listens == [{"type": "keylisten", "data": {"output": "ArrowUp"}}]

@@ -7,8 +7,8 @@ always the four keys ``type``, ``data``, ``client``, ``process`` in that order,
 ``data`` and ``process`` ``null`` when empty, formatted as ``json.dumps`` does.
 
 Unlike upstream, every refusal names what was wrong, and an error about a
-process carries that process's id. The events are protocol.py's, which both
-APIs share; this module only knows the v5 shapes.
+process carries that process's id. The commands and events both APIs share
+are events.py's; this module only knows the v5 shapes.
 """
 
 from __future__ import annotations
@@ -19,20 +19,26 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from further_link.errors import ProcessMessageError, ProtocolError
-from further_link.protocol.runpy import (
+from further_link.protocol.events import (
     ErrorEvent,
     Event,
     KeyListen,
     Output,
+    Ping,
     Pong,
     Queued,
     Started,
+    Stdin,
+    Stop,
     Stopped,
     Video,
-    _check_text,
-    _json_ascii_string,
-    _json_string,
-    _kind_of,
+)
+from further_link.protocol.wire import (
+    check_text,
+    json_string,
+    kind_of,
+    optional_str,
+    output_type_and_data,
     parse_keep_alive,
     parse_run_id,
 )
@@ -69,9 +75,14 @@ def parse_options(query: Mapping[str, str]) -> RunOptions:
 # ---------------------------------------------------------------- commands
 
 
-@dataclass(frozen=True)
-class RunPing:
-    """Keep-alive; answered with ``pong``."""
+# The shared commands, under this module's names (events.py).
+RunPing = Ping
+RunStop = Stop
+
+
+def RunStdin(process: str, input: str) -> Stdin:
+    """The v5 ``stdin``: text for ``process``, as given (nothing is appended, no eof)."""
+    return Stdin(input, process=process)
 
 
 @dataclass(frozen=True)
@@ -104,25 +115,12 @@ class RunAttach:
 
 
 @dataclass(frozen=True)
-class RunStdin:
-    """Bytes for the process's input, as given (nothing is appended)."""
-
-    process: str
-    input: str
-
-
-@dataclass(frozen=True)
 class RunResize:
     """New terminal size in character cells (pty mode only)."""
 
     process: str
     rows: int
     cols: int
-
-
-@dataclass(frozen=True)
-class RunStop:
-    process: str
 
 
 @dataclass(frozen=True)
@@ -134,7 +132,7 @@ class RunKeyEvent:
     event: str
 
 
-RunCommand = Union[RunPing, RunStart, RunStdin, RunResize, RunStop, RunKeyEvent, RunAttach]
+RunCommand = Union[Ping, RunStart, Stdin, RunResize, Stop, RunKeyEvent, RunAttach]
 
 
 # ----------------------------------------------------------------- parsing
@@ -157,13 +155,13 @@ def parse_run_command(text: str) -> RunCommand:
         raise ProcessMessageError("message is nested too deeply or holds a huge number") from None
     if not isinstance(message, dict):
         raise ProcessMessageError(
-            f"message must be a JSON object with a 'type', not {_kind_of(message)}"
+            f"message must be a JSON object with a 'type', not {kind_of(message)}"
         )
     kind = message.get("type")
     if not isinstance(kind, str):
         raise ProcessMessageError(
             f"message needs a string 'type' (one of {', '.join(COMMAND_TYPES)}), "
-            f"not {_kind_of(kind)}"
+            f"not {kind_of(kind)}"
         )
     if kind == "ping":
         return RunPing()
@@ -181,13 +179,13 @@ def _process_id(value: Any, kind: str) -> str:
     if not isinstance(value, str) or value == "":
         raise ProcessMessageError(
             f"a {kind} message needs 'process', a non-empty string naming the process, "
-            f"not {_kind_of(value) if value != '' else 'an empty string'}"
+            f"not {kind_of(value) if value != '' else 'an empty string'}"
         )
     if len(value) > MAX_PROCESS_ID_CHARS:
         raise ProcessMessageError(
             f"'process' is {len(value)} characters long; the limit is {MAX_PROCESS_ID_CHARS}"
         )
-    _check_text(value, "'process'")
+    check_text(value, "'process'")
     return value
 
 
@@ -204,7 +202,7 @@ def _parse_for_process(kind: str, process: str, data: dict[str, Any]) -> RunComm
         return RunKeyEvent(process, _string(data, "key", kind), _string(data, "event", kind))
     if kind == "attach":
         return RunAttach(process, parse_run_id(data, kind))
-    _check_text(kind, "type")
+    check_text(kind, "type")
     raise ProtocolError(
         f"unknown message type {kind!r}; expected one of {', '.join(COMMAND_TYPES)}"
     )
@@ -213,10 +211,10 @@ def _parse_for_process(kind: str, process: str, data: dict[str, Any]) -> RunComm
 def _parse_start(process: str, data: dict[str, Any]) -> RunStart:
     runner = data.get("runner")
     if runner not in RUNNERS:
-        shown = repr(runner) if isinstance(runner, str) else _kind_of(runner)
+        shown = repr(runner) if isinstance(runner, str) else kind_of(runner)
         raise ProtocolError(f"start needs data.runner, one of {', '.join(RUNNERS)}; got {shown}")
-    code = _optional_string(data, "code", "start")
-    path = _optional_string(data, "path", "start")
+    code = optional_str(data, "code", "start")
+    path = optional_str(data, "path", "start")
     if path == "":
         raise ProtocolError("start: data.path is empty; leave it out or name a file or directory")
     if path is not None and "\0" in path:
@@ -248,19 +246,9 @@ def _is_int(value: Any) -> bool:
 
 
 def _string(data: dict[str, Any], key: str, command: str) -> str:
-    value = _optional_string(data, key, command)
+    value = optional_str(data, key, command)
     if value is None:
         raise ProtocolError(f"{command} needs data.{key}, a string")
-    return value
-
-
-def _optional_string(data: dict[str, Any], key: str, command: str) -> str | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ProtocolError(f"{command}: data.{key} must be a string, not {_kind_of(value)}")
-    _check_text(value, f"{command}: data.{key}")
     return value
 
 
@@ -268,7 +256,7 @@ def _cells(data: dict[str, Any], key: str) -> int:
     value = data.get(key)
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_TERMINAL_CELLS:
         return value
-    shown = value if _is_int(value) else _kind_of(value)
+    shown = value if _is_int(value) else kind_of(value)
     raise ProtocolError(
         f"resize needs data.{key}, a whole number from 1 to {MAX_TERMINAL_CELLS}; got {shown}"
     )
@@ -279,20 +267,14 @@ def _cells(data: dict[str, Any], key: str) -> int:
 
 def encode_run_event(event: Event, client: str) -> str:
     """One event as the v5 text frame: ``{"type", "data", "client", "process"}``."""
-    client_json = _json_string(client)
+    client_json = json_string(client)
     process: str | None = getattr(event, "process", None)  # Pong has none
-    process_json = "null" if process is None else _json_string(process)
+    process_json = "null" if process is None else json_string(process)
     if isinstance(event, (Output, Video)):
-        # The hot path under heavy output, as in protocol.encode_event.
-        kind = event.stream if isinstance(event, Output) else "video"
-        text = event.output
-        encoded = _json_ascii_string(text) if text.isascii() else _json_string(text)
-        return (
-            f'{{"type": "{kind}", "data": {{"output": {encoded}}}, '
-            f'"client": {client_json}, "process": {process_json}}}'
-        )
-    kind, data = _kind_and_data(event)
-    data_json = "null" if data is None else json.dumps(data, ensure_ascii=False)
+        kind, data_json = output_type_and_data(event)
+    else:
+        kind, data = _kind_and_data(event)
+        data_json = "null" if data is None else json.dumps(data, ensure_ascii=False)
     return (
         f'{{"type": "{kind}", "data": {data_json}, '
         f'"client": {client_json}, "process": {process_json}}}'
@@ -302,14 +284,14 @@ def encode_run_event(event: Event, client: str) -> str:
 def _kind_and_data(event: Event) -> tuple[str, dict[str, Any] | None]:
     if isinstance(event, Started):
         return "started", None if event.run_id is None else {"runId": event.run_id}
+    if isinstance(event, Queued):
+        return "queued", event.data()
     if isinstance(event, Stopped):
         return "stopped", {"exitCode": event.exit_code}
     if isinstance(event, KeyListen):
         return "keylisten", {"output": event.key}
     if isinstance(event, ErrorEvent):
         return "error", {"message": event.message}
-    if isinstance(event, Queued):
-        return "queued", event.data()
     if isinstance(event, Pong):
         return "pong", None
     raise TypeError(f"not a /run event: {event!r}")  # Uploaded belongs to /run-py

@@ -3,7 +3,9 @@
 Text from the websocket becomes a typed command or a ``ProtocolError`` whose
 message names the field and what was wrong; typed events become text. The
 shapes follow the 2020 README that existing clients already speak:
-``{"type": str, "data": {...}}`` in both directions.
+``{"type": str, "data": {...}}`` in both directions. The commands and events
+both APIs share are events.py's; this module keeps the 2020 shapes of ``start``
+and ``upload``.
 """
 
 from __future__ import annotations
@@ -14,8 +16,28 @@ from typing import Any, Union
 
 from further_link.errors import ProtocolError, excerpt
 
+# Re-exported: the events (and commands) are shared with v5 /run (events.py).
+from further_link.protocol.events import ErrorEvent as ErrorEvent
+from further_link.protocol.events import Event as Event
+from further_link.protocol.events import KeyListen as KeyListen
+from further_link.protocol.events import Output as Output
+from further_link.protocol.events import Ping, Stdin, Stop
+from further_link.protocol.events import Pong as Pong
+from further_link.protocol.events import Queued as Queued
+from further_link.protocol.events import Started as Started
+from further_link.protocol.events import Stopped as Stopped
+from further_link.protocol.events import Uploaded as Uploaded
+from further_link.protocol.events import Video as Video
+from further_link.protocol.wire import (
+    check_text,
+    kind_of,
+    optional_str,
+    output_type_and_data,
+    parse_keep_alive,
+    parse_run_id,
+)
+
 COMMAND_TYPES = ("start", "stop", "stdin", "upload", "ping", "attach")
-MAX_RUN_ID_CHARS = 64
 
 
 # ---------------------------------------------------------------- commands
@@ -38,22 +60,10 @@ class AttachCommand:
     run_id: str
 
 
-@dataclass(frozen=True)
-class StopCommand:
-    """End the running program and everything it started."""
-
-
-@dataclass(frozen=True)
-class StdinCommand:
-    """Text for the program's stdin; ``eof`` then closes it, as Ctrl-D would."""
-
-    input: str
-    eof: bool = False
-
-
-@dataclass(frozen=True)
-class PingCommand:
-    """Liveness check from the client; answered with ``pong``."""
+# The shared commands, under the names this module has always given them.
+StopCommand = Stop
+StdinCommand = Stdin
+PingCommand = Ping
 
 
 @dataclass(frozen=True)
@@ -85,82 +95,7 @@ class UploadCommand:
 Command = Union[StartCommand, StopCommand, StdinCommand, PingCommand, UploadCommand, AttachCommand]
 
 
-# ------------------------------------------------------------------ events
-# Shared by both wire APIs: ``process`` is the v5 /run process id (None on /run-py).
-
-
-@dataclass(frozen=True)
-class Started:
-    process: str | None = None
-    run_id: str | None = None  # names the run device-wide: for attach and GET /runs
-
-
-@dataclass(frozen=True)
-class Stopped:
-    exit_code: int
-    signal: int | None = None  # the signal that actually ended the program, if one did
-    process: str | None = None
-
-
-@dataclass(frozen=True)
-class Output:
-    """Text the program wrote; ``stream`` is ``stdout`` or ``stderr``."""
-
-    stream: str
-    output: str
-    process: str | None = None
-
-
-@dataclass(frozen=True)
-class Video:
-    """One JPEG frame, base64-encoded, sent by ``further_link.send_image``."""
-
-    output: str
-    process: str | None = None
-
-
-@dataclass(frozen=True)
-class KeyListen:
-    """The program wants browser key events for ``key`` (v5 /run only)."""
-
-    key: str
-    process: str | None = None
-
-
-@dataclass(frozen=True)
-class Queued:
-    """A run waits: for a claimed ``resource`` held by run ``held_by``, or (exclusive
-    mode, ``resource`` None) for its turn to start. ``position`` 1 is next."""
-
-    position: int
-    resource: str | None = None
-    held_by: str | None = None
-    process: str | None = None
-
-    def data(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"position": self.position}
-        if self.resource is not None:
-            data.update(resource=self.resource, heldBy=self.held_by)
-        return data
-
-
-@dataclass(frozen=True)
-class Uploaded:
-    pass
-
-
-@dataclass(frozen=True)
-class Pong:
-    pass
-
-
-@dataclass(frozen=True)
-class ErrorEvent:
-    message: str
-    process: str | None = None
-
-
-Event = Union[Started, Stopped, Output, Video, KeyListen, Queued, Uploaded, Pong, ErrorEvent]
+# ---------------------------------------------------------------- encoding
 
 
 def encode_event(event: Event) -> str:
@@ -168,13 +103,8 @@ def encode_event(event: Event) -> str:
     kind: str
     data: dict[str, Any]
     if isinstance(event, (Output, Video)):
-        # The hot path under heavy output: the same text json.dumps would give,
-        # built around the C string encoder without a dict per message.
-        kind = event.stream if isinstance(event, Output) else "video"
-        text = event.output
-        # isascii() is O(1) in CPython, and the ASCII encoder is twice as fast.
-        encoded = _json_ascii_string(text) if text.isascii() else _json_string(text)
-        return f'{{"type": "{kind}", "data": {{"output": {encoded}}}}}'
+        kind, data_json = output_type_and_data(event)
+        return f'{{"type": "{kind}", "data": {data_json}}}'
     if isinstance(event, Stopped):
         kind, data = "stopped", {"exitCode": event.exit_code}
         if event.signal is not None:
@@ -189,13 +119,12 @@ def encode_event(event: Event) -> str:
         kind, data = "uploaded", {}
     elif isinstance(event, Pong):
         kind, data = "pong", {}
-    else:  # pragma: no cover - KeyListen exists only on /run
+    elif isinstance(event, KeyListen):
+        # Not in the 2020 API, whose clients ignore unknown types; as v5 names it.
+        kind, data = "keylisten", {"output": event.key}
+    else:  # pragma: no cover - the Event union holds only the above
         raise TypeError(f"not a /run-py event: {event!r}")
     return json.dumps({"type": kind, "data": data}, ensure_ascii=False)
-
-
-_json_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
-_json_ascii_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
 # ----------------------------------------------------------------- parsing
@@ -216,17 +145,17 @@ def parse_command(text: str) -> Command:
         # Valid JSON that Python refuses to build: an integer with thousands of digits.
         raise ProtocolError("message contains a number with too many digits to read") from None
     if not isinstance(message, dict):
-        raise ProtocolError(f"message must be a JSON object with a 'type', not {_kind_of(message)}")
+        raise ProtocolError(f"message must be a JSON object with a 'type', not {kind_of(message)}")
     kind = message.get("type")
     if kind is None:
         raise ProtocolError("message has no 'type'; expected one of " + _known_types())
     if not isinstance(kind, str):
-        raise ProtocolError(f"'type' must be a string, not {_kind_of(kind)}")
+        raise ProtocolError(f"'type' must be a string, not {kind_of(kind)}")
     data = message.get("data")
     if data is None:
         data = {}
     elif not isinstance(data, dict):
-        raise ProtocolError(f"'data' of a {kind} message must be an object, not {_kind_of(data)}")
+        raise ProtocolError(f"'data' of a {kind} message must be an object, not {kind_of(data)}")
 
     if kind == "start":
         return _parse_start(data)
@@ -235,7 +164,7 @@ def parse_command(text: str) -> Command:
     if kind == "stdin":
         eof = data.get("eof", False)
         if not isinstance(eof, bool):
-            raise ProtocolError(f"stdin: data.eof must be true or false, not {_kind_of(eof)}")
+            raise ProtocolError(f"stdin: data.eof must be true or false, not {kind_of(eof)}")
         if eof and data.get("input") is None:
             return StdinCommand(input="", eof=True)
         return StdinCommand(input=_required_str(data, "input", "stdin"), eof=eof)
@@ -245,14 +174,14 @@ def parse_command(text: str) -> Command:
         return PingCommand()
     if kind == "attach":
         return AttachCommand(parse_run_id(data, "attach"))
-    _check_text(kind, "type")
+    check_text(kind, "type")
     raise ProtocolError(f"unknown message type {excerpt(kind)}; expected one of {_known_types()}")
 
 
 def _parse_start(data: dict[str, Any]) -> StartCommand:
-    script = _optional_str(data, "sourceScript", "start")
-    path = _optional_str(data, "sourcePath", "start")
-    directory = _optional_str(data, "directoryName", "start")
+    script = optional_str(data, "sourceScript", "start")
+    path = optional_str(data, "sourcePath", "start")
+    directory = optional_str(data, "directoryName", "start")
     if script is None and path is None:
         raise ProtocolError("start needs data.sourceScript or data.sourcePath")
     if script is not None and path is not None:
@@ -267,36 +196,12 @@ def _parse_start(data: dict[str, Any]) -> StartCommand:
     )
 
 
-def parse_keep_alive(data: dict[str, Any], command: str) -> float | None:
-    """``data.keepAlive``: seconds (a number, 0 or more), or None when absent."""
-    value = data.get("keepAlive")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ProtocolError(
-            f"{command}: data.keepAlive must be a number of seconds, 0 or more, "
-            f"not {_describe(value) if not isinstance(value, (int, float)) else value}"
-        )
-    return float(min(value, 1e9))  # JSON may hold numbers no timer takes
-
-
-def parse_run_id(data: dict[str, Any], command: str) -> str:
-    """``data.runId`` as ``started`` gave it."""
-    value = _required_str(data, "runId", command)
-    if not value or len(value) > MAX_RUN_ID_CHARS:
-        raise ProtocolError(
-            f"{command}: data.runId must be the runId a 'started' message gave "
-            f"(1 to {MAX_RUN_ID_CHARS} characters)"
-        )
-    return value
-
-
 def _parse_upload(data: dict[str, Any]) -> UploadCommand:
     directory = data.get("directory")
     if not isinstance(directory, dict):
         raise ProtocolError(
             "upload needs data.directory, an object with 'name' and 'files'"
-            + ("" if directory is None else f", not {_kind_of(directory)}")
+            + ("" if directory is None else f", not {kind_of(directory)}")
         )
     name = _required_str(directory, "name", "upload", prefix="data.directory.")
     if "files" not in directory:
@@ -308,19 +213,19 @@ def _parse_upload(data: dict[str, Any]) -> UploadCommand:
     if not isinstance(files_in, dict):
         raise ProtocolError(
             f"upload: data.directory.files must be an object of alias -> file, "
-            f"not {_kind_of(files_in)}"
+            f"not {kind_of(files_in)}"
         )
     files: dict[str, UploadFile] = {}
     for alias, spec in files_in.items():
-        _check_text(alias, "data.directory.files key")
+        check_text(alias, "data.directory.files key")
         where = f"data.directory.files[{excerpt(alias)}]"
         if not isinstance(spec, dict):
-            raise ProtocolError(f"upload: {where} must be an object, not {_kind_of(spec)}")
+            raise ProtocolError(f"upload: {where} must be an object, not {kind_of(spec)}")
         file_type = spec.get("type")
         content = spec.get("content")
         if not isinstance(content, dict):
             raise ProtocolError(
-                f"upload: {where}.content must be an object, not {_kind_of(content)}"
+                f"upload: {where}.content must be an object, not {kind_of(content)}"
             )
         if file_type == "text":
             files[alias] = TextFile(
@@ -348,46 +253,8 @@ def _known_types() -> str:
     return ", ".join(COMMAND_TYPES)
 
 
-def _kind_of(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__  # pragma: no cover - json yields no other types
-
-
 def _describe(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else _kind_of(value)
-
-
-def _check_text(value: str, where: str) -> None:
-    """Refuse strings that cannot be encoded as UTF-8 (lone surrogates)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        bad = value[exc.start]
-        raise ProtocolError(
-            f"{where} contains a lone surrogate (\\u{ord(bad):04x}) at position {exc.start}, "
-            "which is not valid text"
-        ) from None
-
-
-def _optional_str(data: dict[str, Any], key: str, command: str) -> str | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ProtocolError(f"{command}: data.{key} must be a string, not {_kind_of(value)}")
-    _check_text(value, f"{command}: data.{key}")
-    return value
+    return repr(value) if isinstance(value, str) else kind_of(value)
 
 
 def _required_str(data: dict[str, Any], key: str, command: str, prefix: str = "data.") -> str:
@@ -395,6 +262,6 @@ def _required_str(data: dict[str, Any], key: str, command: str, prefix: str = "d
     if value is None:
         raise ProtocolError(f"{command} needs {prefix}{key}")
     if not isinstance(value, str):
-        raise ProtocolError(f"{command}: {prefix}{key} must be a string, not {_kind_of(value)}")
-    _check_text(value, f"{command}: {prefix}{key}")
+        raise ProtocolError(f"{command}: {prefix}{key} must be a string, not {kind_of(value)}")
+    check_text(value, f"{command}: {prefix}{key}")
     return value

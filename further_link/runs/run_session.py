@@ -1,7 +1,7 @@
 """One v5 ``/run`` connection: any number of processes, each under a client-chosen id.
 
-Each process is a ``Process`` entry, from a successful ``start`` until its
-``stopped`` is queued; then its id is free again. Per process::
+Each process is a ``Run`` (run.py, the core /run-py shares), from a successful
+``start`` until its ``stopped`` is queued; then its id is free again. Per process::
 
     (absent) --start--> RUNNING --stop--> STOPPING
         ^                  |                  |
@@ -16,46 +16,25 @@ connection stays usable. Closing the connection ends every process.
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import dataclasses
-import enum
 import logging
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from further_link.errors import FurtherLinkError, ProcessMessageError, SessionStateError, StartError
+from further_link.protocol.events import ErrorEvent, Ping, Pong, Stdin, Stop
 from further_link.protocol.run import (
+    RunAttach,
     RunCommand,
     RunKeyEvent,
     RunOptions,
-    RunPing,
     RunResize,
     RunStart,
-    RunStdin,
-    RunStop,
-    parse_run_command,
 )
-from further_link.protocol.runpy import (
-    ErrorEvent,
-    KeyListen,
-    Output,
-    Pong,
-    Queued,
-    Started,
-    Stopped,
-    Video,
-)
-from further_link.runs.claims import RunClaims, new_run_id
-from further_link.runs.containment import RunGroup
-from further_link.runs.process import Program
 from further_link.runs.pty import PtyLauncher
-from further_link.runs.runners import ScriptFile, plan_run
-from further_link.runs.session import Services, contain_run, remove_group
-from further_link.runs.streams import KIND_KEYLISTEN, SideChannel
-from further_link.server.outbox import Outbox, OutboxClosed
+from further_link.runs.run import Run, RunPlan
+from further_link.runs.runners import plan_run
+from further_link.runs.services import Services
+from further_link.runs.session import keep_alive_for
+from further_link.runs.sink import EventSink
 
 log = logging.getLogger(__name__)
 
@@ -63,46 +42,18 @@ log = logging.getLogger(__name__)
 MAX_PROCESSES = 64
 
 
-class ProcessState(enum.Enum):
-    RUNNING = "running"
-    STOPPING = "stopping"
-
-
-@dataclass
-class Process:
-    """One started process of the connection and everything it owns."""
-
-    process_id: str
-    program: Program
-    channel: SideChannel
-    run_dir: Path
-    script: ScriptFile | None
-    terminal: PtyLauncher | None
-    group: RunGroup | None = None  # the process's cgroups (containment), when there are any
-    state: ProcessState = ProcessState.RUNNING
-    task: asyncio.Task[None] | None = None
-    claims: RunClaims | None = None
-
-    def release(self) -> None:
-        """Remove the temporary script, the pty and the run dir (idempotent)."""
-        if self.claims is not None:
-            self.claims.release_all()
-        if self.script is not None:
-            self.script.remove()
-        if self.terminal is not None:
-            self.terminal.close()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-
-
 class RunSession:
-    def __init__(self, services: Services, outbox: Outbox, options: RunOptions) -> None:
+    """What one v5 /run connection may do: its processes, by id."""
+
+    def __init__(self, services: Services, sink: EventSink, options: RunOptions) -> None:
         self._services = services
         self._config = services.config
-        self.outbox = outbox
+        self.sink = sink
         self.options = options
-        self._processes: dict[str, Process] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._processes: dict[str, Run] = {}
         self._closed = False
+        # Only a connection that presented the device token may take over a run.
+        self.may_attach = False
 
     @property
     def process_ids(self) -> list[str]:
@@ -110,49 +61,51 @@ class RunSession:
 
     # ------------------------------------------------------------ inbound
 
-    async def receive(self, text: str) -> None:
-        """Handle one text frame; a refusal becomes an ``error`` event."""
-        process: str | None = None
+    async def handle(self, command: RunCommand) -> None:
+        """Carry out one command; a refusal becomes an ``error`` event with its process id."""
+        process = getattr(command, "process", None)
         try:
-            command = parse_run_command(text)
-            process = getattr(command, "process", None)
             log.debug("command %s", type(command).__name__)
             await self._dispatch(command)
         except ProcessMessageError as exc:
             log.info("refused: %s", exc.message)
-            self.outbox.put(ErrorEvent(exc.message, process=exc.process))
+            self.sink.put(ErrorEvent(exc.message, process=exc.process))
         except FurtherLinkError as exc:
             log.info("refused: %s", exc.message)
-            self.outbox.put(ErrorEvent(exc.message, process=process))
-
-    def receive_binary(self) -> None:
-        self.outbox.put(
-            ErrorEvent("binary messages are not understood; send JSON as a text message")
-        )
+            self.sink.put(ErrorEvent(exc.message, process=process))
+        except OSError as exc:
+            # The device is short of something (descriptors, memory, disk), as on /run-py.
+            log.warning("could not carry out a command: %s", exc)
+            message = f"the device could not do this now: {exc.strerror or exc}"
+            self.sink.put(ErrorEvent(message, process=process))
 
     async def _dispatch(self, command: RunCommand) -> None:
-        if isinstance(command, RunPing):
-            self.outbox.put(Pong())
+        if isinstance(command, Ping):
+            self.sink.put(Pong())
         elif isinstance(command, RunStart):
             await self._start(command)
-        elif isinstance(command, RunStdin):
-            self._running(command.process, "stdin").program.write_stdin(command.input)
+        elif isinstance(command, Stdin):
+            assert command.process is not None  # parse_run_command requires one
+            self._running(command.process, "stdin").write_stdin(command.input)
         elif isinstance(command, RunResize):
             self._resize(command)
-        elif isinstance(command, RunStop):
-            self._stop(command.process)
+        elif isinstance(command, Stop):
+            assert command.process is not None
+            self._running(command.process, "stop").stop()
+        elif isinstance(command, RunAttach):
+            await self._attach(command)
         elif isinstance(command, RunKeyEvent):
-            self._running(command.process, "keyevent").channel.push_key(command.key, command.event)
+            self._running(command.process, "keyevent").push_key(command.key, command.event)
         else:  # pragma: no cover - parse_run_command returns only the above
             raise ProcessMessageError(f"unsupported command {command!r}")
 
-    def _running(self, process_id: str, what: str) -> Process:
-        process = self._processes.get(process_id)
-        if process is None:
+    def _running(self, process_id: str, what: str) -> Run:
+        run = self._processes.get(process_id)
+        if run is None:
             raise SessionStateError(
                 f"{what}: no process {process_id!r} is running on this connection"
             )
-        return process
+        return run
 
     # ------------------------------------------------------------ start
 
@@ -169,71 +122,51 @@ class RunSession:
                 f"{MAX_PROCESSES} processes are already running on this connection; stop one first"
             )
         self._check_user()
-        try:
-            place = self._services.take_run_place()
-        except OSError as exc:
-            raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
-        script: ScriptFile | None = None
-        group: RunGroup | None = None
-        terminal = PtyLauncher() if self.options.pty else None
-        run_id = new_run_id()
-        claims = RunClaims(
-            self._services.claims,
-            run_id,
-            lambda resource, position, held_by: self.outbox.put(
-                Queued(position, resource, held_by, process=process_id)
-            ),
-        )
-        try:
-            planned = plan_run(command, self._config, self._services.library_dir, place.directory)
-            script = planned.script
-            group, rlimits = contain_run(self._services)
-            program = Program(
-                dataclasses.replace(planned.spec, group=group, rlimits=rlimits),
-                lambda stream, text: self._deliver_output(process_id, stream, text),
-                self._config.kill_grace,
-                terminal or self._services.launcher,
-            )
-            channel = SideChannel(
-                place.socket_path,
-                lambda kind, payload: self._deliver_frame(process_id, program, kind, payload),
-                self._config.max_message_bytes,
-                listener=place.listener,
-                peer_group=group,
-                claims=claims,
-            )
-            await channel.start()
-            try:
-                await program.start()
-            except BaseException:
-                await channel.close()
-                raise
-        except BaseException as exc:
-            place.discard()
-            if group is not None:
-                group.kill()
-                group.remove()
-            if script is not None:
-                script.remove()
-            if terminal is not None:
-                terminal.close()
-            if isinstance(exc, OSError):
-                where = f" ({exc.filename})" if exc.filename else ""
-                raise StartError(f"could not prepare the run: {exc.strerror}{where}") from None
-            raise
-        process = Process(
+        run = Run(
+            self._services,
+            self.sink,
             process_id,
-            program,
-            channel,
-            place.directory,
-            script,
-            terminal,
-            group=group,
-            claims=claims,
+            on_ended=self._ended,
+            keep_alive=keep_alive_for(command.keep_alive, self._config),
         )
-        self._processes[process_id] = process
-        self.outbox.put(Started(process=process_id, run_id=run_id))
-        process.task = asyncio.ensure_future(self._supervise(process))
+        run.on_taken = self._ended
+        await run.start(lambda run_dir: self._plan(command, run_dir))
+        self._processes[process_id] = run
+
+    async def _attach(self, command: RunAttach) -> None:
+        process_id = command.process
+        if self._closed:
+            raise SessionStateError("the connection is closing; nothing can be attached")
+        if not self.may_attach:
+            raise SessionStateError(
+                "attach needs a connection with the device token (pairing), "
+                "not one let in by its origin alone"
+            )
+        if process_id in self._processes:
+            raise SessionStateError(
+                f"process {process_id!r} is still running; attach under a new id"
+            )
+        if len(self._processes) >= MAX_PROCESSES:
+            raise SessionStateError(
+                f"{MAX_PROCESSES} processes are already running on this connection; stop one first"
+            )
+        run = await self._services.runs.attach(
+            command.run_id, self.sink, process_id, self._ended, self._ended
+        )
+        self._processes[process_id] = run
+
+    def _plan(self, command: RunStart, run_dir: Path) -> RunPlan:
+        planned = plan_run(command, self._config, self._services.library_dir, run_dir)
+        script = planned.script
+        return RunPlan(
+            planned.spec,
+            release=(script.remove,) if script is not None else (),
+            terminal=PtyLauncher() if self.options.pty else None,
+        )
+
+    def _ended(self, run: Run) -> None:
+        if run.process is not None and self._processes.get(run.process) is run:
+            del self._processes[run.process]
 
     def _check_user(self) -> None:
         requested = self.options.user
@@ -245,76 +178,25 @@ class RunSession:
             f"{run_as.name!r} only; connect without ?user= or with ?user={run_as.name}"
         )
 
-    async def _supervise(self, process: Process) -> None:
-        """Wait for the program to end, release what it owns, free its id, say ``stopped``."""
-        try:
-            code = await process.program.wait()
-            await process.channel.close()
-        finally:
-            process.release()
-        # Not in ``finally``: when cancelled, ``close`` removes it after ending the run.
-        await remove_group(process.group)
-        self._processes.pop(process.process_id, None)
-        self.outbox.put(Stopped(code, process.program.ending_signal, process=process.process_id))
-
-    async def _deliver_output(self, process_id: str, stream: str, text: str) -> None:
-        with contextlib.suppress(OutboxClosed):
-            await self.outbox.put_output(Output(stream, text, process=process_id))
-
-    async def _deliver_frame(
-        self, process_id: str, program: Program, kind: bytes, payload: bytes
-    ) -> None:
-        await program.sync_output()
-        if kind == KIND_KEYLISTEN:
-            self.outbox.put(KeyListen(payload.decode("utf-8", "replace"), process=process_id))
-            return
-        with contextlib.suppress(OutboxClosed):
-            await self.outbox.put_output(
-                Video(base64.b64encode(payload).decode("ascii"), process=process_id)
-            )
-
-    # ------------------------------------------------------ stop / resize
-
-    def _stop(self, process_id: str) -> None:
-        process = self._running(process_id, "stop")
-        if process.state is ProcessState.STOPPING:
-            return
-        process.state = ProcessState.STOPPING
-        task = asyncio.ensure_future(process.program.stop())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    # ------------------------------------------------------------ resize
 
     def _resize(self, command: RunResize) -> None:
-        process = self._running(command.process, "resize")
-        if process.terminal is None:
+        run = self._running(command.process, "resize")
+        if run.terminal is None:
             raise ProcessMessageError(
                 "resize works only for a terminal: connect with /run?pty=true", command.process
             )
-        process.terminal.resize(command.rows, command.cols)
+        run.terminal.resize(command.rows, command.cols)
 
     # ------------------------------------------------------------- close
 
     async def close(self) -> None:
         """The connection is gone: end every process tree and every task."""
         self._closed = True
-        processes = list(self._processes.values())
+        runs = list(self._processes.values())
         self._processes.clear()
-        await asyncio.gather(*(self._end(process) for process in processes))
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _end(self, process: Process) -> None:
-        if process.task is not None:
-            process.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await process.task
-        try:
-            await process.program.abort()
-            await process.channel.close()
-        finally:
-            process.release()
-        await remove_group(process.group)
+        book = self._services.runs
+        await asyncio.gather(*(run.close() for run in runs if not book.detach(run)))
 
     async def __aenter__(self) -> RunSession:
         return self

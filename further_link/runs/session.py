@@ -7,67 +7,36 @@ States (the only legal ones)::
       +----- program ended: `stopped` ----+
 
 ``upload`` and ``ping`` are allowed in every state. Every ``FurtherLinkError``
-raised while handling a message becomes one ``error`` event here, and the
-session stays usable.
+raised while handling a command becomes one ``error`` event here, and the
+session stays usable. The program itself is a ``Run`` (run.py), the core the
+v5 ``RunSession`` shares; events go to the sink, which the server encodes.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import contextlib
-import dataclasses
 import enum
-import errno
 import logging
-import shutil
-from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from further_link.config import Config
 from further_link.errors import (
     FurtherLinkError,
     ProtocolError,
     SessionStateError,
-    StartError,
     UploadError,
 )
-from further_link.files.project import ProjectScript
-from further_link.files.upload import UploadLimits, UrlCache, materialise_upload
-from further_link.protocol.runpy import (
-    Command,
-    ErrorEvent,
-    Output,
-    PingCommand,
-    Pong,
-    Queued,
-    StartCommand,
-    Started,
-    StdinCommand,
-    StopCommand,
-    Stopped,
-    UploadCommand,
-    Uploaded,
-    Video,
-    parse_command,
-)
-from further_link.runs.claims import ClaimRegistry, RunClaims, new_run_id
-from further_link.runs.containment import BEST_EFFORT, Containment, Limits, RunGroup
-from further_link.runs.launch import Plan, plan_program
-from further_link.runs.pool import WarmPool
-from further_link.runs.process import Launcher, Program, cold_launch
-from further_link.runs.rundirs import RunPlace, RunPlaces, make_run_place
-from further_link.runs.streams import SideChannel
-from further_link.server.outbox import Outbox, OutboxClosed
+from further_link.files.upload import UploadLimits, materialise_upload
+from further_link.protocol.events import ErrorEvent, Ping, Pong, Stdin, Stop, Uploaded
+from further_link.protocol.runpy import AttachCommand, Command, StartCommand, UploadCommand
+from further_link.runs.launch import plan_program
+from further_link.runs.run import Run, RunPlan, RunState
+from further_link.runs.services import SHORTAGES as SHORTAGES
+from further_link.runs.services import Services as Services
+from further_link.runs.services import contain_run as contain_run
+from further_link.runs.services import remove_group as remove_group
+from further_link.runs.sink import EventSink
 
 log = logging.getLogger(__name__)
-
-# The device itself is short of something: receive() says so, not "could not prepare the run".
-SHORTAGES = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC, errno.EDQUOT, errno.ENOBUFS}
-)
 
 
 class State(enum.Enum):
@@ -76,94 +45,54 @@ class State(enum.Enum):
     STOPPING = "stopping"
 
 
-@dataclass(frozen=True)
-class Services:
-    """What all sessions of one server share."""
+class Session:
+    """What one /run-py connection may do: one program at a time, uploads, pings."""
 
-    config: Config
-    cache: UrlCache
-    library_dir: Path  # holds the `further_link` client package; on every program's import path
-    pool: WarmPool | None = None  # pre-started interpreters, when the pool is on
-    run_places: RunPlaces | None = None  # run directories made ahead
-    containment: Containment | None = None  # per-run cgroups; None: best-effort tracking
-    claims: ClaimRegistry = field(default_factory=ClaimRegistry)  # hardware claims, device-wide
+    def __init__(self, services: Services, sink: EventSink) -> None:
+        self._services = services
+        self._config: Config = services.config
+        self.sink = sink
+        self._run: Run | None = None
+        self._closed = False
+        # Only a connection that presented the device token may take over a run.
+        self.may_attach = False
+        self._ran = False  # a program has run on this connection (late input is dropped)
 
     @property
-    def launcher(self) -> Launcher:
-        return self.pool.launch if self.pool is not None else cold_launch
-
-    def take_run_place(self) -> RunPlace:
-        """A directory (and side-channel socket) for a new run; raises ``OSError``."""
-        if self.run_places is not None:
-            return self.run_places.take()
-        return make_run_place()
-
-
-@dataclass
-class Run:
-    """One program execution and everything it owns."""
-
-    program: Program
-    channel: SideChannel
-    run_dir: Path
-    project_script: ProjectScript | None = None
-    group: RunGroup | None = None
-    task: asyncio.Task[None] | None = None
-    claims: RunClaims | None = None
-
-    def remove_files(self) -> None:
-        """Remove what the run wrote: its private dir and its script in the project."""
-        if self.claims is not None:
-            self.claims.release_all()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-        if self.project_script is not None:
-            self.project_script.remove()
-
-
-class Session:
-    def __init__(self, services: Services, outbox: Outbox) -> None:
-        self._services = services
-        self._config = services.config
-        self.outbox = outbox
-        self.state = State.IDLE
-        self._run: Run | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._closed = False
-        self._ran = False  # a program has run on this connection (late input is dropped)
+    def state(self) -> State:
+        if self._run is None:
+            return State.IDLE
+        return State.STOPPING if self._run.state is RunState.STOPPING else State.RUNNING
 
     # ------------------------------------------------------------ inbound
 
-    async def receive(self, text: str) -> None:
-        """Handle one text frame; errors become an ``error`` event."""
+    async def handle(self, command: Command) -> None:
+        """Carry out one command; a refusal becomes an ``error`` event."""
         try:
-            command = parse_command(text)
             log.debug("command %s", type(command).__name__)
             await self._dispatch(command)
         except FurtherLinkError as exc:
             log.info("refused: %s", exc.message)
-            self.outbox.put(ErrorEvent(exc.message))
+            self.sink.put(ErrorEvent(exc.message))
         except OSError as exc:
             # The device itself is short of something (descriptors, memory, disk):
             # the client hears why and the connection stays usable.
             log.warning("could not carry out a command: %s", exc)
-            self.outbox.put(ErrorEvent(f"the device could not do this now: {exc.strerror or exc}"))
-
-    def receive_binary(self) -> None:
-        self.outbox.put(
-            ErrorEvent("binary messages are not understood; send JSON as a text message")
-        )
+            self.sink.put(ErrorEvent(f"the device could not do this now: {exc.strerror or exc}"))
 
     async def _dispatch(self, command: Command) -> None:
         if isinstance(command, StartCommand):
             await self._start(command)
-        elif isinstance(command, StopCommand):
+        elif isinstance(command, Stop):
             self._stop()
-        elif isinstance(command, StdinCommand):
+        elif isinstance(command, Stdin):
             self._stdin(command)
         elif isinstance(command, UploadCommand):
             await self._upload(command)
-        elif isinstance(command, PingCommand):
-            self.outbox.put(Pong())
+        elif isinstance(command, Ping):
+            self.sink.put(Pong())
+        elif isinstance(command, AttachCommand):
+            await self._attach(command)
         else:  # pragma: no cover - parse_command returns only the above
             raise ProtocolError(f"unsupported command {command!r}")
 
@@ -176,107 +105,56 @@ class Session:
             raise SessionStateError("the program is still stopping; start again after 'stopped'")
         if self.state is not State.IDLE:
             raise SessionStateError("a program is already running; send stop first")
-        try:
-            place = self._services.take_run_place()
-        except OSError as exc:
-            if exc.errno in SHORTAGES:
-                raise
-            raise StartError(f"could not create a directory for the run: {exc.strerror}") from None
-        run_dir = place.directory
-        run_id = new_run_id()
-        claims = RunClaims(
-            self._services.claims,
-            run_id,
-            lambda resource, position, held_by: self.outbox.put(
-                Queued(position, resource, held_by)
-            ),
+        run = Run(
+            self._services,
+            self.sink,
+            on_ended=self._ended,
+            keep_alive=keep_alive_for(command.keep_alive, self._config),
         )
-        plan: Plan | None = None
-        group: RunGroup | None = None
-        try:
-            plan = plan_program(command, self._config, self._services.library_dir, run_dir)
-            group, rlimits = contain_run(self._services)
-            spec = dataclasses.replace(plan.spec, group=group, rlimits=rlimits)
-            program = Program(
-                spec, self._deliver_output, self._config.kill_grace, self._services.launcher
-            )
-            run = Run(
-                program,
-                SideChannel(
-                    place.socket_path,
-                    lambda kind, payload: self._deliver_frame(program, payload),
-                    self._config.max_message_bytes,
-                    listener=place.listener,
-                    peer_group=group,
-                    claims=claims,
-                ),
-                run_dir,
-                plan.project_script,
-                group,
-                claims=claims,
-            )
-            await run.channel.start()
-            try:
-                await program.start()
-            except BaseException:
-                await run.channel.close()
-                raise
-        except BaseException as exc:
-            place.discard()
-            if group is not None:
-                group.kill()
-                group.remove()
-            if plan is not None and plan.project_script is not None:
-                plan.project_script.remove()
-            if isinstance(exc, OSError) and exc.errno not in SHORTAGES:
-                # E.g. another program (same account) changed the run dir under us.
-                where = f" ({exc.filename})" if exc.filename else ""
-                raise StartError(f"could not prepare the run: {exc.strerror}{where}") from None
-            raise
+        run.on_taken = self._ended
+        await run.start(lambda run_dir: self._plan(command, run_dir))
         self._run = run
         self._ran = True
-        self.state = State.RUNNING
-        self.outbox.put(Started(run_id=run_id))
-        run.task = asyncio.ensure_future(self._supervise(run))
 
-    async def _supervise(self, run: Run) -> None:
-        """Wait for the program to end, then release what the run owns."""
-        try:
-            code = await run.program.wait()
-            await run.channel.close()
-        finally:
-            run.remove_files()
-        # Not in ``finally``: when cancelled, ``close`` removes it after ending the run.
-        await remove_group(run.group)
-        self._run = None
-        self.state = State.IDLE
-        self.outbox.put(Stopped(code, run.program.ending_signal))
+    async def _attach(self, command: AttachCommand) -> None:
+        if self._closed:
+            raise SessionStateError("the connection is closing; nothing can be attached")
+        if not self.may_attach:
+            raise SessionStateError(
+                "attach needs a connection with the device token (pairing), "
+                "not one let in by its origin alone"
+            )
+        if self._run is not None and self._run.run_id != command.run_id:
+            raise SessionStateError(
+                "a program is already running on this connection; attach on another one"
+            )
+        self._run = await self._services.runs.attach(
+            command.run_id, self.sink, None, self._ended, self._ended
+        )
+        self._ran = True
 
-    async def _deliver_output(self, stream: str, text: str) -> None:
-        with contextlib.suppress(OutboxClosed):
-            await self.outbox.put_output(Output(stream, text))
+    def _plan(self, command: StartCommand, run_dir: Path) -> RunPlan:
+        plan = plan_program(command, self._config, self._services.library_dir, run_dir)
+        script = plan.project_script
+        return RunPlan(plan.spec, release=(script.remove,) if script is not None else ())
 
-    async def _deliver_frame(self, program: Program, jpeg: bytes) -> None:
-        await program.sync_output()
-        with contextlib.suppress(OutboxClosed):
-            await self.outbox.put_output(Video(base64.b64encode(jpeg).decode("ascii")))
+    def _ended(self, run: Run) -> None:
+        if self._run is run:
+            self._run = None
 
     # ------------------------------------------------------ stop / stdin
 
     def _stop(self) -> None:
-        if self.state is State.IDLE or self._run is None:
+        if self._run is None:
             raise SessionStateError("no program is running")
-        if self.state is State.STOPPING:
-            return
-        self.state = State.STOPPING
-        self._spawn(self._run.program.stop())
+        self._run.stop()
 
-    def _stdin(self, command: StdinCommand) -> None:
+    def _stdin(self, command: Stdin) -> None:
         if command.eof and not command.input:
             # Ending input is idempotent: a client's end of input may cross the
             # program's own exit, and that is no error.
             if self._run is not None:
-                self._run.program.close_stdin()
+                self._run.close_stdin()
             return
         if self._run is None:
             if self._ran:
@@ -285,9 +163,9 @@ class Session:
                 log.debug("dropped input that arrived after the program ended")
                 return
             raise SessionStateError("no program is running to read this input")
-        self._run.program.write_stdin(command.input)
+        self._run.write_stdin(command.input)
         if command.eof:
-            self._run.program.close_stdin()
+            self._run.close_stdin()
 
     # ------------------------------------------------------------ upload
 
@@ -299,14 +177,9 @@ class Session:
         except OSError as exc:
             where = f" ({exc.filename})" if exc.filename else ""
             raise UploadError(f"upload failed: {exc.strerror}{where}") from None
-        self.outbox.put(Uploaded())
+        self.sink.put(Uploaded())
 
     # ------------------------------------------------------------- close
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         """The connection is gone: end the program tree and every task.
@@ -316,19 +189,8 @@ class Session:
         """
         self._closed = True
         run, self._run = self._run, None
-        if run is not None:
-            if run.task is not None:
-                run.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await run.task
-            await run.program.abort()
-            await run.channel.close()
-            run.remove_files()
-            await remove_group(run.group)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.state = State.IDLE
+        if run is not None and not self._services.runs.detach(run):
+            await run.close()
 
     async def __aenter__(self) -> Session:
         return self
@@ -337,23 +199,8 @@ class Session:
         await self.close()
 
 
-def contain_run(services: Services) -> tuple[RunGroup | None, Limits | None]:
-    """A new run's own cgroup, or the limits to set as rlimits (best-effort).
-
-    Raises ``StartError`` when the cgroup cannot be made. Shared by /run-py and /run.
-    """
-    containment = services.containment
-    if containment is None:
-        return None, None
-    if containment.mode == BEST_EFFORT:
-        return None, containment.rlimits
-    try:
-        return containment.new_run(), None
-    except OSError as exc:
-        raise StartError(f"could not create the program's cgroup: {exc.strerror}") from None
-
-
-async def remove_group(group: RunGroup | None) -> None:
-    if group is not None:
-        # Waits (briefly) for the kernel to finish tearing the processes down.
-        await asyncio.get_running_loop().run_in_executor(None, group.remove)
+def keep_alive_for(requested: float | None, config: Config) -> float:
+    """Seconds a run outlives its connection: the client's ask (or the server's default),
+    at most ``FURTHER_LINK_MAX_KEEP_ALIVE``. Shared by /run-py and /run."""
+    seconds = config.keep_alive if requested is None else requested
+    return min(seconds, config.max_keep_alive)

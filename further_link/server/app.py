@@ -11,7 +11,7 @@ import shutil
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -19,15 +19,21 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from further_link import PACKAGE_VERSION, __version__
 from further_link.compat import app_key
 from further_link.config import Config
+from further_link.errors import ProcessMessageError, ProtocolError
 from further_link.files.egress import DownloadPolicy, PolicyResolver
 from further_link.files.project import remove_stale_scripts
 from further_link.files.upload import UrlCache
+from further_link.protocol.events import ErrorEvent
+from further_link.protocol.runpy import parse_command
 from further_link.runs import proctree
+from further_link.runs.claims import ClaimRegistry
 from further_link.runs.containment import Containment, Limits
+from further_link.runs.detach import RunBook
 from further_link.runs.launch import prepare_library_dir, program_env
 from further_link.runs.pool import WarmPool
 from further_link.runs.rundirs import RunPlaces
-from further_link.runs.session import Services, Session
+from further_link.runs.services import Services
+from further_link.runs.session import Session
 from further_link.server.access import GUARD, TOKENS, check_origin, check_token, setup_access
 from further_link.server.device import DEVICE_STATUS, setup_device
 from further_link.server.further_http import setup_further_http
@@ -35,6 +41,7 @@ from further_link.server.liveness import bytes_acked, made_progress
 from further_link.server.netguard import hold_clock
 from further_link.server.outbox import Outbox, OutboxClosed
 from further_link.server.run_ws import Wiring, setup_run_api
+from further_link.server.runs_http import holds_token, setup_runs_http
 from further_link.server.upload_http import make_upload_handler
 from further_link.server.webpage import setup_webpage
 from further_link.system.interpreter import check_interpreter
@@ -119,22 +126,28 @@ async def run_py(request: web.Request) -> web.WebSocketResponse:
     ws = RunPyWebSocket(max_msg_size=config.max_message_bytes, heartbeat=config.heartbeat or None)
     await ws.prepare(request)
     outbox = Outbox(config.output_queue_bytes)
-    await serve_connection(request, ws, Session(app[SERVICES], outbox), outbox)
+    session = Session(app[SERVICES], outbox)
+    session.may_attach = holds_token(request)
+    await serve_connection(request, ws, session, outbox, parse_command)
     return ws
 
 
 class Connection(Protocol):
     """What a websocket's session is to this glue: /run-py's Session, /run's RunSession."""
 
-    async def receive(self, text: str) -> None: ...
-    def receive_binary(self) -> None: ...
+    async def handle(self, command: Any) -> None: ...
     async def close(self) -> None: ...
 
 
 async def serve_connection(
-    request: web.Request, ws: RunPyWebSocket, session: Connection, outbox: Outbox
+    request: web.Request,
+    ws: RunPyWebSocket,
+    session: Connection,
+    outbox: Outbox,
+    parse: Callable[[str], Any],
 ) -> None:
-    """Feed the client's messages to ``session`` until the socket ends, then end it all."""
+    """Feed the client's messages, parsed by ``parse``, to ``session`` until the
+    socket ends, then end it all."""
     app = request.app
     app[CONNECTIONS][session] = ws
     writer = asyncio.ensure_future(_send_events(ws, outbox))
@@ -155,9 +168,16 @@ async def serve_connection(
             if ws.closed:
                 break
             if message.type is WSMsgType.TEXT:
-                await session.receive(message.data)
+                try:
+                    command = parse(message.data)
+                except ProtocolError as exc:
+                    _refuse(outbox, exc)
+                else:
+                    await session.handle(command)
             elif message.type is WSMsgType.BINARY:
-                session.receive_binary()
+                outbox.put(
+                    ErrorEvent("binary messages are not understood; send JSON as a text message")
+                )
             elif message.type is WSMsgType.ERROR:
                 log.info("closed the connection from %s: %s", request.remote, message.data)
     finally:
@@ -168,6 +188,13 @@ async def serve_connection(
         watchdog.cancel()
         await asyncio.gather(writer, watchdog, return_exceptions=True)
         log.debug("client from %s disconnected", request.remote)
+
+
+def _refuse(outbox: Outbox, error: ProtocolError) -> None:
+    """A message that is no command: say why (on /run, naming its process when it had one)."""
+    log.info("refused: %s", error.message)
+    process = error.process if isinstance(error, ProcessMessageError) else None
+    outbox.put(ErrorEvent(error.message, process=process))
 
 
 STALL_CHECK_INTERVAL = 1.0
@@ -225,12 +252,16 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         pool=pool,
         run_places=run_places,
         containment=containment,
+        runs=RunBook(ClaimRegistry(), config.exclusive, config.max_detached_runs),
     )
+    app[DEVICE_STATUS].runs = app[SERVICES].runs
     watcher = asyncio.ensure_future(_watch_token(app)) if config.auth else None
     control = await _serve_control(app) if CONTROL in app else None
     try:
         yield
     finally:
+        # Connections are closed by now; what they left detached ends here.
+        await app[SERVICES].runs.close()
         if control is not None:
             control.close()
         if watcher is not None:
@@ -374,6 +405,7 @@ def create_app(
     setup_further_http(app)
     setup_webpage(app)
     setup_device(app, config)
+    setup_runs_http(app, SERVICES)
     app.cleanup_ctx.append(_services)
     app.on_shutdown.append(_close_connections)
     return app

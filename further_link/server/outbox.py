@@ -18,18 +18,22 @@ import time
 from collections import deque
 from typing import Callable
 
-from further_link.protocol.runpy import ErrorEvent, Event, Output, Video, encode_event
+from further_link.protocol.events import ErrorEvent, Event, Output, ProgramOutput
+from further_link.protocol.runpy import encode_event
+from further_link.runs.sink import SinkClosed
 
 MERGE_LIMIT = 1024 * 1024
 # What a small control event (started, pong, ...) counts for, in bytes.
 CONTROL_EVENT_BYTES = 64
 
 
-class OutboxClosed(Exception):
+class OutboxClosed(SinkClosed):
     """The connection has gone; nothing more will be sent."""
 
 
 class Outbox:
+    """A connection's ``EventSink`` (runs/sink.py); ``get`` gives the encoded text."""
+
     def __init__(self, limit_bytes: int, encode: Callable[[Event], str] = encode_event) -> None:
         self._limit = max(1, limit_bytes)
         self._encode = encode
@@ -66,7 +70,7 @@ class Outbox:
             return 0.0
         return time.monotonic() - self._full_since
 
-    async def put_output(self, event: Output | Video) -> None:
+    async def put_output(self, event: ProgramOutput) -> None:
         """Queue program output, waiting while the backlog is over the limit."""
         while self._queued_bytes >= self._limit and not self._closed:
             self._room.clear()

@@ -16,11 +16,12 @@ from typing import Any, Callable
 from aiohttp import web
 
 from further_link.config import Config
-from further_link.protocol.run import encode_run_event, parse_options
+from further_link.protocol.run import encode_run_event, parse_options, parse_run_command
 from further_link.runs.run_session import RunSession
-from further_link.runs.session import Services
+from further_link.runs.services import Services
 from further_link.server.access import check_origin, check_token
 from further_link.server.outbox import Outbox
+from further_link.server.runs_http import holds_token
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class Wiring:
     config: web.AppKey[Config]
     services: web.AppKey[Services]
     websocket: Callable[..., Any]
-    serve: Callable[[web.Request, Any, RunSession, Outbox], Awaitable[None]]
+    serve: Callable[[web.Request, Any, RunSession, Outbox, Callable[[str], Any]], Awaitable[None]]
 
 
 def setup_run_api(app: web.Application, wiring: Wiring) -> None:
@@ -56,5 +57,7 @@ async def _serve_run(request: web.Request, wiring: Wiring) -> web.WebSocketRespo
         config.output_queue_bytes, encode=lambda event: encode_run_event(event, options.client)
     )
     log.debug("/run options: pty=%s, client id of %d characters", options.pty, len(options.client))
-    await wiring.serve(request, ws, RunSession(app[wiring.services], outbox, options), outbox)
+    session = RunSession(app[wiring.services], outbox, options)
+    session.may_attach = holds_token(request)
+    await wiring.serve(request, ws, session, outbox, parse_run_command)
     return ws

@@ -40,7 +40,7 @@ from further_link.files.paths import confine_path
 from further_link.files.upload import UploadLimits, materialise_upload
 from further_link.protocol.runpy import UploadCommand, UrlFile, _parse_upload
 from further_link.runs.runners import close_dir, open_directory
-from further_link.runs.session import Services
+from further_link.runs.services import Services
 from further_link.server.access import check_origin, check_token
 
 log = logging.getLogger(__name__)

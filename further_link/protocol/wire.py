@@ -1,0 +1,95 @@
+"""JSON pieces both wire formats use: describing a client's value, checking text,
+and the fast encoding of program output.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from further_link.errors import ProtocolError
+from further_link.protocol.events import Output, ProgramOutput
+
+json_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_json_ascii_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+
+
+def output_type_and_data(event: ProgramOutput) -> tuple[str, str]:
+    """``("stdout", '{"output": "..."}')``: the message type and its data as JSON text.
+
+    The hot path under heavy output: the same text ``json.dumps`` would give,
+    built around the C string encoder without a dict per message.
+    """
+    kind = event.stream if isinstance(event, Output) else "video"
+    text = event.output
+    # isascii() is O(1) in CPython, and the ASCII encoder is twice as fast.
+    encoded = _json_ascii_string(text) if text.isascii() else json_string(text)
+    return kind, f'{{"output": {encoded}}}'
+
+
+def kind_of(value: Any) -> str:
+    """What a JSON value is, in words: ``"a string"``, ``"null"``, ``"an array"``..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__  # pragma: no cover - json yields no other types
+
+
+def check_text(value: str, where: str) -> None:
+    """Refuse strings that cannot be encoded as UTF-8 (lone surrogates): ``ProtocolError``."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start]
+        raise ProtocolError(
+            f"{where} contains a lone surrogate (\\u{ord(bad):04x}) at position {exc.start}, "
+            "which is not valid text"
+        ) from None
+
+
+def optional_str(data: dict[str, Any], key: str, command: str) -> str | None:
+    """``data[key]`` as valid text; ``None`` when absent or null; else ``ProtocolError``."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ProtocolError(f"{command}: data.{key} must be a string, not {kind_of(value)}")
+    check_text(value, f"{command}: data.{key}")
+    return value
+
+
+MAX_RUN_ID_CHARS = 64
+
+
+def parse_keep_alive(data: dict[str, Any], command: str) -> float | None:
+    """``data.keepAlive``: seconds (a number, 0 or more), or None when absent."""
+    value = data.get("keepAlive")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        shown = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        raise ProtocolError(
+            f"{command}: data.keepAlive must be a number of seconds, 0 or more, "
+            f"not {kind_of(value) if shown is None else shown}"
+        )
+    return float(min(value, 1e9))  # JSON may hold numbers no timer takes
+
+
+def parse_run_id(data: dict[str, Any], command: str) -> str:
+    """``data.runId`` as ``started`` gave it, or ``ProtocolError``."""
+    value = optional_str(data, "runId", command)
+    if not value or len(value) > MAX_RUN_ID_CHARS:
+        raise ProtocolError(
+            f"{command} needs data.runId, the runId a 'started' message gave "
+            f"(1 to {MAX_RUN_ID_CHARS} characters)"
+        )
+    return value
