@@ -95,6 +95,25 @@ async def read_text(client: Client, expected: str) -> None:
     assert text == expected
 
 
+async def start_then_drop(
+    http: aiohttp.ClientSession,
+    server: RunningServer,
+    blips: list[Blip],
+    script: str,
+    first_output: str,
+) -> str:
+    """Start ``script`` with keepAlive 60 through a relay, read ``first_output``, cut the
+    connection as a Wi-Fi drop would; returns the run's id from ``started``."""
+    blip = await blip_to(server_port(server), blips)
+    first = await connect_via(http, server, blip)
+    await first.send("start", {"sourceScript": script, "keepAlive": 60})
+    started = await first.receive()
+    assert started["type"] == "started", started
+    await read_text(first, first_output)
+    blip.cut()
+    return str(started["data"]["runId"])
+
+
 async def test_a_kept_run_survives_a_drop_and_attach_gets_everything_once_in_order(
     server: RunningServer, http: aiohttp.ClientSession, shared: Path, blips: list[Blip]
 ) -> None:
@@ -108,15 +127,7 @@ async def test_a_kept_run_survives_a_drop_and_attach_gets_everything_once_in_ord
         + "line = input()\n"
         "print('after attach:', line)\n"
     )
-    blip = await blip_to(urlsplit(server.base_url).port or 0, blips)
-    first = await connect_via(http, server, blip)
-    await first.send("start", {"sourceScript": script, "keepAlive": 60})
-    started = await first.receive()
-    assert started["type"] == "started"
-    run_id = started["data"]["runId"]
-    await read_text(first, "before the drop\n")
-
-    blip.cut()
+    run_id = await start_then_drop(http, server, blips, script, "before the drop\n")
     go.touch()
     await wait_for_file(printed)  # printed while nobody was attached
 
@@ -139,12 +150,7 @@ async def test_a_run_that_ended_while_detached_is_attached_with_its_end(
     script = (
         "import os\nprint('one')\n" + wait_for_file_code(go) + "print('two')\nraise SystemExit(4)\n"
     )
-    blip = await blip_to(urlsplit(server.base_url).port or 0, blips)
-    first = await connect_via(http, server, blip)
-    await first.send("start", {"sourceScript": script, "keepAlive": 60})
-    run_id = (await first.receive())["data"]["runId"]
-    await read_text(first, "one\n")
-    blip.cut()
+    run_id = await start_then_drop(http, server, blips, script, "one\n")
     go.touch()
     second = await connect_via(http, server)
     # The program may end before or after the attach: the client sees the same.
@@ -158,7 +164,7 @@ async def test_without_keep_alive_a_dropped_connection_ends_its_program(
     server: RunningServer, http: aiohttp.ClientSession, shared: Path, blips: list[Blip]
 ) -> None:
     marker = shared / "pid"
-    blip = await blip_to(urlsplit(server.base_url).port or 0, blips)
+    blip = await blip_to(server_port(server), blips)
     first = await connect_via(http, server, blip)
     await first.send(
         "start",
@@ -180,7 +186,7 @@ async def test_a_detached_run_ends_after_its_keep_alive_and_with_the_server(
     start_server: StartServer, http: aiohttp.ClientSession, shared: Path, blips: list[Blip]
 ) -> None:
     server = await start_server()
-    blip = await blip_to(urlsplit(server.base_url).port or 0, blips)
+    blip = await blip_to(server_port(server), blips)
     pids = []
     for keep_alive, name in ((1, "short"), (600, "long")):
         client = await connect_via(http, server, blip)
@@ -212,12 +218,7 @@ async def test_kept_output_stays_bounded_while_a_detached_program_floods(
         "    sys.stdout.write(f'{i:010d}\\n')\n"
         "sys.stdout.flush()\n" + mark(flooded) + "input()\n"
     )
-    blip = await blip_to(urlsplit(server.base_url).port or 0, blips)
-    first = await connect_via(http, server, blip)
-    await first.send("start", {"sourceScript": script, "keepAlive": 60})
-    run_id = (await first.receive())["data"]["runId"]
-    await read_text(first, "start\n")
-    blip.cut()
+    run_id = await start_then_drop(http, server, blips, script, "start\n")
     go.touch()
     await wait_for_file(flooded)
     second = await connect_via(http, server)
@@ -244,7 +245,7 @@ async def test_kept_output_stays_bounded_while_a_detached_program_floods(
 async def test_runs_are_listed_for_token_holders_only(
     server: RunningServer, http: aiohttp.ClientSession, blips: list[Blip]
 ) -> None:
-    blip = await blip_to(urlsplit(server.base_url).port or 0, blips)
+    blip = await blip_to(server_port(server), blips)
     first = await connect_via(http, server, blip)
     await first.send("start", {"sourceScript": "print('up')\ninput()\n", "keepAlive": 60})
     run_id = (await first.receive())["data"]["runId"]
@@ -281,7 +282,7 @@ async def test_v5_run_is_attached_under_the_new_process_id(
     blips: list[Blip],
 ) -> None:
     go = shared / "go"
-    blip = await blip_to(urlsplit(server.base_url).port or 0, blips)
+    blip = await blip_to(server_port(server), blips)
     first = V5Client(
         await http.ws_connect(run_url(server).replace(f":{server_port(server)}/", f":{blip.port}/"))
     )

@@ -223,13 +223,21 @@ class RunBook:
         run_id: str,
         target: EventSink,
         process: str | None,
-        on_ended: Callable[[Run], None],
-        on_taken: Callable[[Run], None],
+        forget: Callable[[Run], None],
+        paired: bool,
     ) -> Run:
         """Hand the run ``run_id`` to a new connection: replay, then live events.
 
-        Raises ``SessionStateError`` when no such detachable run is on the device.
+        ``forget`` is the new owner's hook for the run's end and for its being
+        attached elsewhere later. Raises ``SessionStateError`` when the connection
+        is not ``paired`` (it presented no device token) or no such detachable
+        run is on the device.
         """
+        if not paired:
+            raise SessionStateError(
+                "attach needs a connection with the device token (pairing), "
+                "not one let in by its origin alone"
+            )
         entry = self._entries.get(run_id)
         run = entry.run if entry is not None else None
         if entry is None or run is None or run.relay is None:
@@ -243,7 +251,7 @@ class RunBook:
         previous_owner = run.on_taken
         if previous_owner is not None:
             previous_owner(run)
-        run.process, run.on_ended, run.on_taken = process, on_ended, on_taken
+        run.process, run.on_ended, run.on_taken = process, forget, forget
         if entry.ended:
             del self._entries[run_id]
         else:

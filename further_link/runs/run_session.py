@@ -113,14 +113,7 @@ class RunSession:
         process_id = command.process
         if self._closed:
             raise SessionStateError("the connection is closing; no process can start")
-        if process_id in self._processes:
-            raise SessionStateError(
-                f"process {process_id!r} is still running; use a new id or wait for its 'stopped'"
-            )
-        if len(self._processes) >= MAX_PROCESSES:
-            raise SessionStateError(
-                f"{MAX_PROCESSES} processes are already running on this connection; stop one first"
-            )
+        self._check_room(process_id, "use a new id or wait for its 'stopped'")
         self._check_user()
         run = Run(
             self._services,
@@ -137,23 +130,19 @@ class RunSession:
         process_id = command.process
         if self._closed:
             raise SessionStateError("the connection is closing; nothing can be attached")
-        if not self.may_attach:
-            raise SessionStateError(
-                "attach needs a connection with the device token (pairing), "
-                "not one let in by its origin alone"
-            )
+        self._check_room(process_id, "attach under a new id")
+        run = await self._services.runs.attach(
+            command.run_id, self.sink, process_id, self._ended, self.may_attach
+        )
+        self._processes[process_id] = run
+
+    def _check_room(self, process_id: str, hint: str) -> None:
         if process_id in self._processes:
-            raise SessionStateError(
-                f"process {process_id!r} is still running; attach under a new id"
-            )
+            raise SessionStateError(f"process {process_id!r} is still running; {hint}")
         if len(self._processes) >= MAX_PROCESSES:
             raise SessionStateError(
                 f"{MAX_PROCESSES} processes are already running on this connection; stop one first"
             )
-        run = await self._services.runs.attach(
-            command.run_id, self.sink, process_id, self._ended, self._ended
-        )
-        self._processes[process_id] = run
 
     def _plan(self, command: RunStart, run_dir: Path) -> RunPlan:
         planned = plan_run(command, self._config, self._services.library_dir, run_dir)

@@ -119,17 +119,12 @@ class Session:
     async def _attach(self, command: AttachCommand) -> None:
         if self._closed:
             raise SessionStateError("the connection is closing; nothing can be attached")
-        if not self.may_attach:
-            raise SessionStateError(
-                "attach needs a connection with the device token (pairing), "
-                "not one let in by its origin alone"
-            )
         if self._run is not None and self._run.run_id != command.run_id:
             raise SessionStateError(
                 "a program is already running on this connection; attach on another one"
             )
         self._run = await self._services.runs.attach(
-            command.run_id, self.sink, None, self._ended, self._ended
+            command.run_id, self.sink, None, self._ended, self.may_attach
         )
         self._ran = True
 
