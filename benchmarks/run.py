@@ -38,6 +38,7 @@ from bench_footprint import bench_footprint
 from bench_latency import bench_latency
 from bench_preload import bench_preload
 from bench_run_v5 import bench_run_v5
+from bench_sharing import bench_sharing
 from bench_stdin import bench_stdin
 from bench_throughput import bench_throughput
 
@@ -55,6 +56,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "run-v5": bench_run_v5,
     "preload": bench_preload,
     "cgroup": bench_cgroup,
+    "sharing": bench_sharing,
 }
 # As root, programs run as another account that cannot read a virtualenv kept
 # under /root; then they get the system's interpreter, as in the test suite.
