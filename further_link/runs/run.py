@@ -13,6 +13,14 @@ files its plan wrote, and the task that waits for its end. States::
 everything, in any state but STARTING. Events go to ``sink``, an attribute a
 later owner may replace, named by ``process`` (the v5 process id, ``None`` on
 /run-py). Every start of either API passes ``Services.admission`` first.
+
+Issue 13: a run has a ``run_id`` (unguessable: ``attach`` and ``GET /runs``
+name it). With ``keep_alive`` its sink is a ``RunRelay`` (detach.py) that keeps
+its output, so the run can outlive its connection and be attached again. In
+exclusive mode a start may wait in STARTING for its turn (``queued``) in a
+task of its own, so the connection stays free to ``stop`` it; every run is
+listed in ``Services.runs`` from its start to its end, and its claims
+(``further_link.claim``) are made on its side channel under its run id.
 """
 
 from __future__ import annotations

@@ -2,9 +2,12 @@
 
 States (the only legal ones)::
 
-    IDLE --start--> RUNNING --stop--> STOPPING
-      ^                |                  |
-      +----- program ended: `stopped` ----+
+    IDLE --start/attach--> RUNNING --stop--> STOPPING
+      ^                       |                  |
+      +-------- program ended: `stopped` --------+
+
+``attach`` adopts a run started with ``keepAlive`` (on any connection);
+closing the connection detaches such a run instead of ending it (detach.py).
 
 ``upload`` and ``ping`` are allowed in every state. Every ``FurtherLinkError``
 raised while handling a command becomes one ``error`` event here, and the
