@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 # The name exclusive mode queues whole runs under, apart from programs' own claims.
 DEVICE_TURN = "the device"
+# Keys a program listens to, replayed on attach; a program making endless
+# KeyboardButtons cannot grow this beyond it.
+MAX_REPLAYED_KEYS = 256
 
 
 class RunRelay:
@@ -63,7 +66,7 @@ class RunRelay:
         self.kept = KeptOutput(kept_bytes)
         self._target: EventSink | None = target
         self._process = process
-        self._keys: list[str] = []  # keys the program listens to, for a later attach
+        self._keys: dict[str, None] = {}  # keys the program listens to, for a later attach
         self._ended: Stopped | None = None
         # Held while output is passed on or replayed: an attach's replay is never
         # overtaken by live output.
@@ -76,8 +79,8 @@ class RunRelay:
     def put(self, event: Event) -> None:
         if isinstance(event, Stopped):
             self._ended = event
-        elif isinstance(event, KeyListen):
-            self._keys.append(event.key)
+        elif isinstance(event, KeyListen) and len(self._keys) < MAX_REPLAYED_KEYS:
+            self._keys[event.key] = None
         target = self._target
         if target is not None:
             target.put(self._addressed(event))
@@ -102,11 +105,17 @@ class RunRelay:
 
     async def attach(self, target: EventSink, process: str | None) -> EventSink | None:
         """Replay the kept output (and keys, and ``stopped`` if it came) to ``target``,
-        then pass on live events. Returns the sink that was attached before."""
+        then pass on live events. Returns the sink that was attached before.
+
+        When ``target``'s connection goes during the replay, the run stays
+        unattached; its new owner's closing detaches it again."""
         async with self._lock:
             previous, self._target = self._target, None
-            for stream, text in self.kept.replay():
-                await target.put_output(Output(stream, text, process=process))
+            try:
+                for stream, text in self.kept.replay():
+                    await target.put_output(Output(stream, text, process=process))
+            except SinkClosed:
+                return previous
             for key in self._keys:
                 target.put(KeyListen(key, process=process))
             self._target, self._process = target, process
