@@ -188,8 +188,10 @@ async def test_a_detached_run_ends_after_its_keep_alive_and_with_the_server(
     server = await start_server()
     blip = await blip_to(server_port(server), blips)
     pids = []
+    clients = []  # referenced until the cut: a collected client would close its socket early
     for keep_alive, name in ((1, "short"), (600, "long")):
         client = await connect_via(http, server, blip)
+        clients.append(client)
         marker = shared / name
         script = write_pid_code(marker) + "print('up')\nimport time\ntime.sleep(300)\n"
         await client.send("start", {"sourceScript": script, "keepAlive": keep_alive})
@@ -198,6 +200,7 @@ async def test_a_detached_run_ends_after_its_keep_alive_and_with_the_server(
         pids.append(int(marker.read_text()))
     cut_at = time.monotonic()
     blip.cut()
+    del clients
     await wait_until_dead(pids[0])
     assert time.monotonic() - cut_at >= 0.9, "ended before its keepAlive"
     assert alive(pids[1])
