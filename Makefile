@@ -13,7 +13,7 @@ RUN_STAMP := $(VENV)/.installed-run
 # tests/test_display.py opens tkinter windows on a real Xvfb display, seen with xwininfo.
 DEBIAN_TEST_PACKAGES := python3-numpy python3-pil chromium systemd xvfb python3-tk x11-utils
 
-.PHONY: run test lint format bench clean system-deps deb
+.PHONY: run test lint format bench clean system-deps deb web
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -46,14 +46,21 @@ format: $(STAMP)
 	$(BIN)/ruff format $(SOURCES)
 	$(BIN)/ruff check --fix $(SOURCES)
 
+# tests/test_web_build.py rebuilds the page with node and npm (Debian's, unless some are on PATH).
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  missing=$$(for p in $(DEBIAN_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  missing=$$(for p in $(DEBIAN_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done; \
+	    command -v npm >/dev/null || echo nodejs npm); \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing $$missing from Debian for the tests"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  fi; \
 	fi
+
+# The built-in page: its npm packages exactly as web/package-lock.json pins them,
+# bundled by esbuild into further_link/web/ (committed: installing needs no Node).
+web:
+	cd web && npm ci --no-audit --no-fund && node build.mjs
 
 # The Debian package, built from the checkout's files (tracked and new, not ignored ones)
 # with Debian's own tools, then checked by lintian: dist/further-link_<version>_all.deb.

@@ -8,6 +8,12 @@ too (after ``stopped`` is queued: not on a client's path). The limit is a
 plain directory made and opened the same way on tmpfs. Needs root or a
 delegated cgroup; elsewhere this benchmark cannot be measured.
 
+Moving a running process into a run cgroup is timed apart, after a pause of
+``MOVE_PAUSE`` (as between runs) and back to back: the kernel's RCU
+synchronisation makes the first move after a pause slow. A warm
+interpreter pays it while the pool refills, off the event loop; a cold
+start pays it in the child, between fork and exec, while the server waits.
+
 Then, on a real server with a task limit of ``BOMB_TASKS``: another
 client's ``print('hi')`` started while a fork bomb runs, from ``start`` to
 ``stopped``, against the same run with no bomb (interleaved, one of each per
@@ -46,6 +52,8 @@ FORK_BOMB = (
     "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
 )
 BOMB_WORDS = f"because it started more than {BOMB_TASKS} processes"
+MOVES = {True: 10, False: 40}
+MOVE_PAUSE = 0.05  # s
 
 
 def _plain_directory(parent: Path, number: int) -> float:
@@ -85,6 +93,7 @@ async def bench_cgroup(ctx: BenchContext) -> BenchResult:
                 group.remove()
                 removal.append(time.perf_counter() - began)
                 plain.append(_plain_directory(Path(scratch), number))
+        paused, back_to_back = await _moves(contained, MOVES[count == COUNT[True]])
     finally:
         contained.close()
     beside_bomb, alone = await _hello_beside_a_fork_bomb(
@@ -103,6 +112,13 @@ async def bench_cgroup(ctx: BenchContext) -> BenchResult:
         "run cgroup set-up", setup, plain, "plain dir", labels=("p50", "p90"), target=target
     )
     result.add_percentiles("run cgroup removal", removal, plain, "plain dir", labels=("p50",))
+    result.add_percentiles(
+        f"moving a process in, after {MOVE_PAUSE * 1000:.0f} ms",
+        paused,
+        back_to_back,
+        "back to back",
+        labels=("p50", "p90"),
+    )
     result.details.update(
         containment=contained.description,
         setup=summarise(setup),
@@ -110,6 +126,30 @@ async def bench_cgroup(ctx: BenchContext) -> BenchResult:
         plain=summarise(plain),
     )
     return result
+
+
+async def _moves(contained: Containment, count: int) -> tuple[list[float], list[float]]:
+    """Seconds per move of a sleeping process between two run cgroups: paused, back to back."""
+    groups = [contained.new_run(), contained.new_run()]
+    sleeper = await asyncio.create_subprocess_exec("sleep", "60")
+    paused: list[float] = []
+    back_to_back: list[float] = []
+    try:
+        for _ in range(count):
+            await asyncio.sleep(MOVE_PAUSE)
+            for move, times in enumerate((paused, back_to_back)):
+                group = groups[move]  # from the other one: always a real move
+                assert group is not None
+                began = time.perf_counter()
+                group.add(sleeper.pid)
+                times.append(time.perf_counter() - began)
+    finally:
+        sleeper.kill()
+        await sleeper.wait()
+        for group in groups:
+            if group is not None:
+                group.remove()
+    return paused, back_to_back
 
 
 async def _hello_beside_a_fork_bomb(

@@ -36,6 +36,7 @@ from bench_concurrency import bench_concurrency
 from bench_flood import bench_flood
 from bench_footprint import bench_footprint
 from bench_latency import bench_latency
+from bench_page import bench_page
 from bench_preload import bench_preload
 from bench_run_v5 import bench_run_v5
 from bench_sharing import bench_sharing
@@ -57,6 +58,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "preload": bench_preload,
     "cgroup": bench_cgroup,
     "sharing": bench_sharing,
+    "page": bench_page,
 }
 # As root, programs run as another account that cannot read a virtualenv kept
 # under /root; then they get the system's interpreter, as in the test suite.
@@ -135,6 +137,12 @@ def program_settings() -> tuple[str, ProgramAccount | None, dict[str, str]]:
     containment = os.environ.get("FURTHER_LINK_CONTAINMENT")
     if containment:
         settings["FURTHER_LINK_CONTAINMENT"] = containment
+    # The client reads a socket only while it runs a program there; on a machine so
+    # loaded that a gap exceeds half the heartbeat (2.5 s), FURTHER_LINK_HEARTBEAT=60
+    # keeps the server from closing it (the flood benchmark then stalls longer).
+    heartbeat = os.environ.get("FURTHER_LINK_HEARTBEAT")
+    if heartbeat:
+        settings["FURTHER_LINK_HEARTBEAT"] = heartbeat
     python = os.environ.get("FURTHER_LINK_PYTHON") or None
     account = None
     if os.geteuid() == 0:

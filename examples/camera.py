@@ -19,12 +19,16 @@ DURATION_SECONDS = 60
 
 
 def draw(t: float) -> np.ndarray:
-    """One RGB frame (HEIGHT x WIDTH x 3, uint8) at time ``t`` seconds."""
+    """One frame (HEIGHT x WIDTH x 3, uint8) at time ``t`` seconds.
+
+    Channels are blue, green, red, as OpenCV's camera frames (and so
+    ``send_image``) have them: red grows to the right, green downwards.
+    """
     ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH]
     frame = np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)
-    frame[..., 0] = (xs * 255 // WIDTH + int(t * 40)) % 256
-    frame[..., 1] = ys * 255 // HEIGHT
-    frame[..., 2] = 128
+    frame[..., 0] = 128  # blue
+    frame[..., 1] = ys * 255 // HEIGHT  # green
+    frame[..., 2] = (xs * 255 // WIDTH + int(t * 40)) % 256  # red
     cx = WIDTH / 2 + math.sin(t * 2.0) * WIDTH / 3
     cy = HEIGHT / 2 + math.cos(t * 3.0) * HEIGHT / 3
     ball = (xs - cx) ** 2 + (ys - cy) ** 2 < 20**2

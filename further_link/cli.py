@@ -25,6 +25,7 @@ from further_link.server.app import bind_listener, create_app
 from further_link.server.netguard import GuardedSite, raise_fd_limit
 from further_link.system.addresses import server_urls
 from further_link.system.firstrun import add_setup_command
+from further_link.system.memory import map_large_blocks
 from further_link.system.privsep import drop_privileges
 from further_link.system.service import add_service_command
 from further_link.trust.auth import TokenStore, pairing_code
@@ -163,6 +164,7 @@ async def serve(config: Config) -> None:
     tokens = TokenStore(config.config_dir)
     ssl_context = server_ssl_context(config) if config.ssl else None
     log.debug("open-file limit: %d", raise_fd_limit())
+    map_large_blocks()  # a flood of big messages must not pin the heap (memory.py)
     listener = bind_listener(config.host, config.port)
     control = None
     run_as = config.run_as

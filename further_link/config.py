@@ -79,6 +79,8 @@ class Config:
     # Hosts, addresses and CIDR networks url uploads may reach despite the policy.
     download_allow: tuple[str, ...] = ()
     quota_bytes: int = 1024 * MiB
+    # The quota's running total is checked against the disk at most this often.
+    quota_recount_seconds: float = 60.0
     max_connections: int = 512
     max_connections_per_address: int = 32
     # Seconds an unauthenticated peer may take for its TLS handshake and headers.
@@ -365,6 +367,7 @@ def load_config(
         hosts=hosts,
         download_allow=download_allow,
         quota_bytes=_number(env, "FURTHER_LINK_QUOTA_BYTES", 1024 * MiB),
+        quota_recount_seconds=_number(env, "FURTHER_LINK_QUOTA_RECOUNT_SECONDS", 60.0, float),
         max_connections=_number(env, "FURTHER_LINK_MAX_CONNECTIONS", 512),
         max_connections_per_address=_number(env, "FURTHER_LINK_MAX_CONNECTIONS_PER_ADDRESS", 32),
         header_timeout=_number(env, "FURTHER_LINK_HEADER_TIMEOUT", 10.0, float),

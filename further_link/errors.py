@@ -10,7 +10,9 @@
      |    +-- UnsafePathError   a client-supplied name would leave its directory
      |    +-- LimitExceededError a configured cap (files, bytes) was exceeded
      |    +-- DownloadError     a url file could not be fetched completely
-     |         +-- UnreachableError  ... because its host refused or could not be reached
+     |    |    +-- UnreachableError  ... because its host refused or could not be reached
+     |    +-- VersionConflictError  the project changed on the device since it was opened
+     |    +-- ProjectNotFoundError  GET /projects/{name} names no project
      +-- ConfigError            the server's own configuration is unusable
      +-- ClientError            `further-link run` / `pair` cannot go on (not paired,
      |    |                     refused, certificate changed, files it cannot send)
@@ -97,6 +99,14 @@ class UnreachableError(DownloadError):
     def __init__(self, url: str, message: str) -> None:
         super().__init__(message)
         self.url = url
+
+
+class VersionConflictError(UploadError):
+    """An upload's ``version`` is not the project's current one; nothing was written."""
+
+
+class ProjectNotFoundError(UploadError):
+    """No project directory of that name is in the work dir."""
 
 
 class ConfigError(FurtherLinkError):

@@ -13,7 +13,7 @@ import signal
 import ssl
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -173,6 +173,39 @@ class RunResult:
     frames: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Startup:
+    """What a starting `further-link serve` printed, up to the account its programs run as."""
+
+    port: int
+    account: str
+    log: str
+
+
+def read_startup(lines: Iterable[str]) -> Startup:
+    """Read a server's output until its "programs run as" line (it follows "listening on")."""
+    log = ""
+    for line in lines:
+        log += line
+        if "programs run as" in line:
+            break
+    port = re.search(r"listening on 127\.0\.0\.1:(\d+)", log)
+    account = re.search(r"programs run as '([^']+)'", log)
+    assert port and account, log
+    return Startup(int(port.group(1)), account.group(1), log)
+
+
+async def run_py_stdout(
+    http: aiohttp.ClientSession, url: str, source: str, tls: ssl.SSLContext | None = None
+) -> str:
+    """Run ``source`` over the /run-py websocket at ``url``; everything it printed."""
+    options: dict[str, Any] = {} if tls is None else {"ssl": tls}
+    async with http.ws_connect(url, **options) as ws:
+        result = await Client(ws).run({"sourceScript": source})
+    assert result.exit_code == 0, result
+    return result.stdout
 
 
 @pytest.fixture

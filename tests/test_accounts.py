@@ -9,7 +9,6 @@ test writes /etc or depends on which real accounts exist besides its own.
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import subprocess
@@ -24,9 +23,9 @@ import pytest
 
 from further_link.config import load_config, resolve_run_as
 from further_link.errors import ConfigError
-from further_link.system.accounts import SYSTEM_ACCOUNT, AccountBook, choose_account
+from further_link.system.accounts import SYSTEM_ACCOUNT, AccountBook, Choice, choose_account
 
-from conftest import AS_ROOT, TIMEOUT, Client, RunningServer
+from conftest import AS_ROOT, Client, RunningServer, read_startup, run_py_stdout
 
 needs_root = pytest.mark.skipif(not AS_ROOT, reason="creates real accounts: root only")
 
@@ -60,6 +59,10 @@ class FakeSystem:
         self.write("etc/passwd", "\n".join(self.lines) + "\n")
         return AccountBook(self.root, self.root / "etc" / "passwd")
 
+    def choose(self) -> Choice:
+        """The account this system's files make further-link choose."""
+        return choose_account(self.book())
+
 
 @pytest.fixture
 def system(tmp_path: Path) -> FakeSystem:
@@ -70,7 +73,7 @@ def test_pi_is_chosen_when_it_exists(system: FakeSystem) -> None:
     system.add("alice", 1000)
     system.add("pi", 1001)
     system.write("etc/lightdm/lightdm.conf", "[Seat:*]\nautologin-user=alice\n")
-    choice = choose_account(system.book())
+    choice = system.choose()
     assert choice.account.name == "pi"
     assert choice.reason == "the 'pi' account exists"
 
@@ -83,7 +86,7 @@ def test_lightdm_autologin_user_is_chosen_and_drop_ins_override(system: FakeSyst
         "etc/lightdm/lightdm.conf", "[Seat:*]\n#autologin-user=alice\nautologin-user=bob\n"
     )
     system.write("etc/lightdm/lightdm.conf.d/50-auto.conf", "[Seat:*]\nautologin-user=carol\n")
-    choice = choose_account(system.book())
+    choice = system.choose()
     assert choice.account.name == "carol"
     assert "/etc/lightdm/lightdm.conf.d/50-auto.conf" in choice.reason
 
@@ -94,11 +97,11 @@ def test_gdm_automatic_login_counts_only_when_enabled(system: FakeSystem) -> Non
     system.write(
         "etc/gdm3/daemon.conf", "[daemon]\nAutomaticLoginEnable=false\nAutomaticLogin=dave\n"
     )
-    assert choose_account(system.book()).account.name == "alice"
+    assert system.choose().account.name == "alice"
     system.write(
         "etc/gdm3/daemon.conf", "[daemon]\nAutomaticLoginEnable = True\nAutomaticLogin = dave\n"
     )
-    choice = choose_account(system.book())
+    choice = system.choose()
     assert choice.account.name == "dave"
     assert "/etc/gdm3/daemon.conf" in choice.reason
 
@@ -110,7 +113,7 @@ def test_raspi_config_console_autologin_is_chosen(system: FakeSystem) -> None:
         "etc/systemd/system/getty@tty1.service.d/autologin.conf",
         "[Service]\nExecStart=\nExecStart=-/sbin/agetty --autologin erin --noclear %I $TERM\n",
     )
-    assert choose_account(system.book()).account.name == "erin"
+    assert system.choose().account.name == "erin"
 
 
 def test_autologin_as_root_or_a_missing_account_is_ignored(system: FakeSystem) -> None:
@@ -119,7 +122,7 @@ def test_autologin_as_root_or_a_missing_account_is_ignored(system: FakeSystem) -
     system.write(
         "etc/gdm3/custom.conf", "[daemon]\nAutomaticLoginEnable=true\nAutomaticLogin=zed\n"
     )
-    assert choose_account(system.book()).account.name == "alice"
+    assert system.choose().account.name == "alice"
 
 
 def test_first_regular_account_is_the_lowest_uid_with_a_login_shell_and_a_home(
@@ -133,7 +136,7 @@ def test_first_regular_account_is_the_lowest_uid_with_a_login_shell_and_a_home(
     system.add("frank", 1600)
     system.add("gina", 1503)
     system.add("huge", 3001)  # above UID_MAX
-    choice = choose_account(system.book())
+    choice = system.choose()
     assert choice.account.name == "gina"
     assert choice.account.uid == 1503
     assert "first regular account (lowest uid in 1500..3000" in choice.reason
@@ -307,27 +310,13 @@ async def test_root_started_command_without_settings_serves_as_an_unprivileged_a
     )
     try:
         assert proc.stdout is not None
-        log: list[str] = []
-        for line in proc.stdout:
-            log.append(line)
-            if "programs run as" in line:
-                break
-        chosen = "".join(log).split("programs run as '", 1)[1].split("'", 1)[0]
-        entry = pwd.getpwnam(chosen)
-        assert entry.pw_uid != 0 and chosen == expected.name
-        port = int("".join(log).split("listening on 127.0.0.1:", 1)[1].split(",", 1)[0])
+        startup = read_startup(proc.stdout)
+        entry = pwd.getpwnam(startup.account)
+        assert entry.pw_uid != 0 and startup.account == expected.name
         token = (sandbox / "config" / "further-link" / "token").read_text().strip()
-        url = f"ws://127.0.0.1:{port}/run-py?token={token}"
-        async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
-            start = {"sourceScript": "import os\nprint('hi', os.getuid())"}
-            await ws.send_str(json.dumps({"type": "start", "data": start}))
-            out = ""
-            while True:
-                message = json.loads((await ws.receive(timeout=TIMEOUT)).data)
-                if message["type"] == "stdout":
-                    out += message["data"]["output"]
-                if message["type"] == "stopped":
-                    break
+        url = f"ws://127.0.0.1:{startup.port}/run-py?token={token}"
+        async with aiohttp.ClientSession() as http:
+            out = await run_py_stdout(http, url, "import os\nprint('hi', os.getuid())")
         assert out == f"hi {entry.pw_uid}\n"
     finally:
         proc.terminate()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import json
 import os
 import shlex
@@ -275,21 +276,24 @@ async def test_files_are_uploaded_with_sub_directories(
     assert not (uploaded / "__pycache__").exists()  # left out of the upload
 
 
-async def test_binary_files_are_refused_by_name_before_connecting(
-    sandbox: Path, client_env: dict[str, str]
+async def test_binary_files_are_uploaded_byte_exact_as_base64(
+    server: RunningServer, sandbox: Path, client_env: dict[str, str]
 ) -> None:
     project = sandbox / "pics"
     (project / "img").mkdir(parents=True)
-    (project / "img" / "cat.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
-    (project / "main.py").write_text("print('hi')\n")
-    script = str(project / "main.py")
-    # Nothing listens on port 1: the refusal comes before any connection.
-    result = await further_link(
-        "run", script, "--files", str(project), "--port", "1", env=client_env
+    picture = b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe" + bytes(range(256))
+    (project / "img" / "cat.png").write_bytes(picture)
+    script = program(
+        project,
+        "import hashlib\nprint(hashlib.sha256(open('img/cat.png', 'rb').read()).hexdigest())\n",
     )
-    assert result.code == EXIT_FAILED
-    assert "img/cat.png" in result.stderr and "binary" in result.stderr
-    assert "main.py" not in result.stderr
+    result = await further_link(
+        "run", script, "--files", str(project), *device_args(server), env=client_env
+    )
+    assert (result.code, result.stdout) == (0, hashlib.sha256(picture).hexdigest() + "\n"), (
+        result.stderr
+    )
+    assert (server.config.work_dir / "pics" / "img" / "cat.png").read_bytes() == picture
 
 
 async def test_the_devices_error_is_shown_and_nothing_runs(

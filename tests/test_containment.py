@@ -26,6 +26,7 @@ from typing import Callable
 
 import aiohttp
 import pytest
+from test_pool_fidelity import pool_of
 from test_process_tree import all_gone, left_behind, marked_pids, program, start_program
 
 from further_link.runs import containment
@@ -62,14 +63,27 @@ def waiting_interpreters(server: RunningServer) -> list[int]:
         services: Services = server.runner.app[SERVICES]
         assert services.pool is not None
         return services.pool.waiting_pids()
-    # A separate server process: its pool's cgroup, beside its own (prepare_delegation).
+    # A separate server process: each waits in the run cgroup it will run in,
+    # beside the server's own (prepare_delegation); no program runs yet.
     with open(f"/proc/{server.pid}/cgroup") as own, open("/proc/self/mountinfo") as mounts:
         layout = detect(mounts.read(), own.read())
     assert layout.unified is not None
     pids: list[int] = []
-    for procs in layout.unified.parent.glob("pool-*/cgroup.procs"):
+    for procs in layout.unified.parent.glob("run-*/cgroup.procs"):
         pids += [int(pid) for pid in procs.read_text().split()]
     return pids
+
+
+async def two_waiting(server: RunningServer) -> list[int]:
+    """Pids of the waiting interpreters once at least two wait (within TIMEOUT)."""
+    waiting: list[int] = []
+    for _ in range(int(TIMEOUT / 0.05)):
+        waiting = waiting_interpreters(server)
+        if len(waiting) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(waiting) >= 2
+    return waiting
 
 
 def escapee(marker: Path, keep_stdout: bool = False) -> str:
@@ -330,13 +344,7 @@ async def test_waiting_interpreters_cannot_be_read_by_programs(
 ) -> None:
     server = await start_server()
     client = await connect(server)
-    waiting: list[int] = []
-    for _ in range(int(TIMEOUT / 0.05)):
-        waiting = waiting_interpreters(server)
-        if waiting:
-            break
-        await asyncio.sleep(0.05)
-    assert waiting
+    waiting = await two_waiting(server)  # the program takes one; the other must refuse it
     await asyncio.sleep(1)  # past the interpreter's start-up, into its wait
     script = textwrap.dedent(
         f"""
@@ -502,3 +510,80 @@ def _a_pid_that_has_ended() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
+
+
+@pytest.mark.skipif(POOL_SIZE == "0", reason="the warm pool is off in this run")
+async def test_a_warm_run_s_cgroup_holds_exactly_its_own_processes(
+    start_server: StartServer, connect: ClientFactory
+) -> None:
+    # Waiting interpreters enter their run's cgroup ahead of the run: the run
+    # must still hold the program and its children, and nothing else.
+    server = await start_server()
+    await require_cgroup(server)
+    client = await connect(server)
+    waiting = await two_waiting(server)
+    script = textwrap.dedent(
+        """
+        import os, subprocess, sys
+        child = subprocess.Popen(["sleep", "60"])
+        own = [l for l in open("/proc/self/cgroup").read().splitlines() if l.startswith("0::")]
+        print(os.getpid(), child.pid, own[0], flush=True)
+        sys.stdin.readline()
+        """
+    )
+    await client.send("start", {"sourceScript": script})
+    await client.receive_type("started")
+    line = ""
+    while not line.endswith("\n"):
+        line += (await client.receive_type("stdout"))["data"]["output"]
+    pid, child, own = line.split()
+    assert int(pid) in waiting  # the program started in a waiting interpreter
+    with open("/proc/self/mountinfo") as mountinfo:
+        layout = detect(mountinfo.read(), own)
+    assert layout.unified is not None and layout.unified.name.startswith("run-")
+    members = {int(p) for p in (layout.unified / "cgroup.procs").read_text().split()}
+    assert members == {int(pid), int(child)}
+    # The interpreter still waiting is in a run cgroup of its own.
+    for other in set(waiting) - {int(pid)}:
+        with open(f"/proc/{other}/cgroup") as cgroups:
+            theirs = [line for line in cgroups.read().splitlines() if line.startswith("0::")]
+        assert theirs and theirs[0] != own and "/run-" in theirs[0]
+    await client.send("stop")
+    await client.receive_type("stopped")
+    assert await all_gone([int(child)])
+
+
+@pytest.mark.skipif(POOL_SIZE == "0", reason="the warm pool is off in this run")
+async def test_a_preloaded_run_gets_the_configured_cpu_weight_back(
+    start_server: StartServer, connect: ClientFactory
+) -> None:
+    # Preloading runs at a low CPU weight; the program must run at the run's.
+    server = await start_server(
+        environ={"FURTHER_LINK_POOL_PRELOAD": "json", "FURTHER_LINK_CPU_WEIGHT": "300"}
+    )
+    await require_cgroup(server)
+    client = await connect(server)
+    pool = pool_of(server)
+    await asyncio.wait_for(pool.ready(), TIMEOUT)
+    waiting = pool.waiting_pids()
+    script = (
+        "import os\nprint(os.getpid(), flush=True)\n"
+        "print(open('/proc/self/cgroup').read())\ninput()"
+    )
+    await client.send("start", {"sourceScript": script})
+    await client.receive_type("started")
+    output = ""
+    while not output.endswith("\n\n"):
+        output += (await client.receive_type("stdout"))["data"]["output"]
+    pid, _, cgroups = output.partition("\n")
+    assert int(pid) in waiting  # a preloaded interpreter ran it
+    with open("/proc/self/mountinfo") as mountinfo:
+        layout = detect(mountinfo.read(), cgroups)
+    if "cpu" in layout.v1:
+        shares = (layout.v1["cpu"] / "cpu.shares").read_text().split()
+        assert shares == [str(300 * 1024 // 100)]
+    else:
+        assert layout.unified is not None
+        assert (layout.unified / "cpu.weight").read_text().split() == ["300"]
+    await client.send("stdin", {"input": "\n"})
+    await client.receive_type("stopped")

@@ -10,7 +10,6 @@ port and keeps uploads in the sandbox: concurrent suites never meet it.
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import re
@@ -31,7 +30,7 @@ import pytest
 from further_link import PACKAGE_VERSION
 from further_link.system.accounts import SYSTEM_ACCOUNT
 
-from conftest import AS_ROOT, TIMEOUT
+from conftest import AS_ROOT, read_startup, run_py_stdout
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = "further-link"
@@ -152,32 +151,17 @@ async def test_package_installs_serves_runs_a_program_and_is_removed_and_purged(
     )
     try:
         assert server.stdout is not None
-        log = ""
-        for line in server.stdout:
-            log += line
-            if "programs run as" in line:
-                break
-        port_match = re.search(r"listening on 127\.0\.0\.1:(\d+)", log)
-        account_match = re.search(r"programs run as '([^']+)'", log)
-        assert port_match and account_match, log
-        account = pwd.getpwnam(account_match.group(1))
+        startup = read_startup(server.stdout)
+        account = pwd.getpwnam(startup.account)
         assert account == program_user
         tls = ssl.create_default_context(cafile=str(CONFIG_DIR / "cert.pem"))
-        base = f"https://127.0.0.1:{port_match.group(1)}"
+        base = f"https://127.0.0.1:{startup.port}"
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{base}/status", ssl=tls) as response:
                 assert (response.status, await response.text()) == (200, "OK")
-            url = f"wss://127.0.0.1:{port_match.group(1)}/run-py?token={token}"
-            async with http.ws_connect(url, ssl=tls) as ws:
-                script = "import os\nprint('hi from', os.getuid())"
-                await ws.send_str(json.dumps({"type": "start", "data": {"sourceScript": script}}))
-                output = ""
-                while True:
-                    message = json.loads((await ws.receive(timeout=TIMEOUT)).data)
-                    if message["type"] == "stdout":
-                        output += message["data"]["output"]
-                    elif message["type"] == "stopped":
-                        break
+            url = f"wss://127.0.0.1:{startup.port}/run-py?token={token}"
+            script = "import os\nprint('hi from', os.getuid())"
+            output = await run_py_stdout(http, url, script, tls)
         assert output == f"hi from {account.pw_uid}\n"
     finally:
         server.send_signal(signal.SIGTERM)

@@ -46,7 +46,9 @@ async def test_upload_without_content_type_then_a_python3_run_reads_it(
         "name": "lesson",
         "files": {"data.txt": text_file("hello file"), "sub/x.py": text_file("")},
     }
-    assert await post_upload(http, server, body) == (200, {"success": True, "fetched_urls": True})
+    status, answer = await post_upload(http, server, body)
+    assert isinstance(answer.pop("version"), str)
+    assert (status, answer) == (200, {"success": True, "fetched_urls": True})
     client = await connect_run()
     result = await client.run(
         "r", {"runner": "python3", "path": "lesson", "code": "print(open('data.txt').read())"}
@@ -79,7 +81,9 @@ async def test_unreachable_url_is_skipped_and_reported(
             },
         },
     }
-    assert await post_upload(http, server, body) == (200, {"success": True, "fetched_urls": False})
+    status, answer = await post_upload(http, server, body)
+    assert isinstance(answer.pop("version"), str)
+    assert (status, answer) == (200, {"success": True, "fetched_urls": False})
     project = server.config.work_dir / "mixed"
     assert (project / "a.txt").read_text() == "text is kept"
     assert (project / "ok.bin").read_bytes() == b"reachable"
@@ -91,7 +95,11 @@ async def test_unreachable_url_is_skipped_and_reported(
     [
         (b"{not json", 400, "JSON"),
         ([1, 2], 400, "JSON object"),
-        ({"name": "x", "files": {"a": {"type": "zip", "content": {}}}}, 400, "'text' or 'url'"),
+        (
+            {"name": "x", "files": {"a": {"type": "zip", "content": {}}}},
+            400,
+            "'text', 'base64' or 'url'",
+        ),
         ({"name": "../outside", "files": {}}, 400, "outside"),
     ],
 )

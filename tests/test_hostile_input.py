@@ -281,11 +281,13 @@ WRONG_FIELDS: dict[str, list[tuple[Any, str]]] = {
         ),
         (
             {"directory": {"name": "p", "files": {"a.py": {"type": "zip", "content": {}}}}},
-            "upload: data.directory.files['a.py'].type must be 'text' or 'url', not 'zip'",
+            "upload: data.directory.files['a.py'].type must be 'text', 'base64' or 'url', "
+            "not 'zip'",
         ),
         (
             {"directory": {"name": "p", "files": {"a.py": {"type": 1, "content": {}}}}},
-            "upload: data.directory.files['a.py'].type must be 'text' or 'url', not a number",
+            "upload: data.directory.files['a.py'].type must be 'text', 'base64' or 'url', "
+            "not a number",
         ),
         (
             {"directory": {"name": "p", "files": {"a.py": {"type": "text", "content": {}}}}},
@@ -495,7 +497,7 @@ async def test_upload_byte_cap_counts_text_and_downloads(
     before = snapshot(work / "proj")
 
     reply = await upload(client, "proj", {"a.txt": text_file("é" * 51)})
-    assert reply["data"] == {"message": "upload is 102 bytes of text; the limit is 100 bytes"}
+    assert reply["data"] == {"message": "upload is 102 bytes of files; the limit is 100 bytes"}
     file_server.bodies["data.csv"] = b"y" * 60
     files = {
         "a.txt": text_file("x" * 50),
@@ -947,6 +949,6 @@ async def test_slow_download_does_not_hold_up_other_clients(
         assert len(list(bucket.glob(".part-*"))) == 1
 
         release.set()
-        assert await slow.receive() == {"type": "uploaded", "data": {}}
+        assert (await slow.receive())["type"] == "uploaded"
     assert (server.config.work_dir / "slow" / "slow.csv").read_bytes() == b"first half, then 10!"
     assert leftovers(server.config.work_dir) == []

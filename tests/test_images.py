@@ -105,7 +105,14 @@ async def test_camera_example_streams_frames_until_stopped(client: Client) -> No
     await client.send("start", {"sourcePath": str(REPO / "examples" / "camera.py")})
     await client.receive_type("started")
     frames = [await client.receive_type("video") for _ in range(3)]
-    sizes = {decode_frame(frame["data"]["output"]).size for frame in frames}
-    assert sizes == {(320, 240)}
+    images = [decode_frame(frame["data"]["output"]) for frame in frames]
+    assert {image.size for image in images} == {(320, 240)}
+    # Away from the ball: blue is 128 everywhere and green grows downwards, so a
+    # frame read with its channels swapped would show the red ramp as blue.
+    for image in images:
+        _, top_green, top_blue = image.getpixel((2, 2))
+        _, bottom_green, bottom_blue = image.getpixel((2, 237))
+        assert top_green < 30 and bottom_green > 220, image.getpixel((2, 237))
+        assert 100 < top_blue < 156 and 100 < bottom_blue < 156
     await client.send("stop")
     assert (await client.receive_type("stopped"))["data"]["exitCode"] == -15

@@ -339,7 +339,12 @@ async def test_2000_idle_and_slow_connections_leave_a_paired_client_served(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     raise_fd_limit()  # this process holds both ends of every connection
-    server = await start_server(no_ssl=False, environ={"FURTHER_LINK_HEADER_TIMEOUT": "5"})
+    # No heartbeat: this test's client reads nothing while it opens the 2,000
+    # connections (8+ s on a busy machine), so unlike a browser it answers no ping.
+    server = await start_server(
+        no_ssl=False,
+        environ={"FURTHER_LINK_HEADER_TIMEOUT": "5", "FURTHER_LINK_HEARTBEAT": "0"},
+    )
     client = await connect(server)
     port = int(server.base_url.rsplit(":", 1)[1])
     addresses = source_addresses(400)
@@ -389,7 +394,9 @@ async def test_2000_idle_and_slow_connections_leave_a_paired_client_served(
     assert len(said) < 20, said
 
 
-async def test_connection_caps_answer_503_and_429(start_server: StartServer) -> None:
+async def test_per_address_cap_answers_429_and_idle_connections_make_room(
+    start_server: StartServer,
+) -> None:
     server = await start_server(
         environ={
             "FURTHER_LINK_MAX_CONNECTIONS": "40",
@@ -397,11 +404,11 @@ async def test_connection_caps_answer_503_and_429(start_server: StartServer) -> 
         }
     )
     port = int(server.base_url.rsplit(":", 1)[1])
-    held = []
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def attempt(local: str) -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local, 0))
-        held.append(writer)
+        held.append((reader, writer))
         writer.write(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         return await asyncio.wait_for(reader.readline(), TIMEOUT)
 
@@ -410,13 +417,72 @@ async def test_connection_caps_answer_503_and_429(start_server: StartServer) -> 
         answers = [await attempt(one) for _ in range(11)]
         assert answers[:10] == [b"HTTP/1.1 200 OK\r\n"] * 10
         assert answers[10].startswith(b"HTTP/1.1 429")
+        # 40 is the total cap: the 2 newcomers over it take the places of the two
+        # connections idle the longest (the first two, kept alive after their answer).
         others = source_addresses(5)[1:]
         answers = [await attempt(address) for address in others for _ in range(8)]
-        assert answers.count(b"HTTP/1.1 200 OK\r\n") == 30
-        assert all(a.startswith(b"HTTP/1.1 503") for a in answers[30:])
+        assert answers == [b"HTTP/1.1 200 OK\r\n"] * 32
+        for reader, _ in held[:2]:
+            rest = await asyncio.wait_for(reader.read(), TIMEOUT)  # the answer, then EOF
+            assert rest.endswith(b"\r\n\r\nOK")
+        assert not held[2][1].transport.is_closing()
+    finally:
+        for _, writer in held:
+            writer.transport.abort()
+
+
+async def test_many_addresses_holding_every_connection_cannot_lock_out_a_new_client(
+    start_server: StartServer, connect: Callable[..., Awaitable[Client]]
+) -> None:
+    """16+ addresses each at their cap used to fill the total: new clients got 503."""
+    server = await start_server(
+        environ={
+            "FURTHER_LINK_MAX_CONNECTIONS": "24",
+            "FURTHER_LINK_MAX_CONNECTIONS_PER_ADDRESS": "4",
+        }
+    )
+    paired = [await connect(server) for _ in range(2)]
+    port = int(server.base_url.rsplit(":", 1)[1])
+    held: list[asyncio.StreamWriter] = []
+    try:
+        # 8 addresses x 4 idle connections that never send a byte: more than the cap.
+        for address in source_addresses(8):
+            for _ in range(4):
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", port, local_addr=(address, 0)), TIMEOUT
+                )
+                held.append(writer)
+        for round_ in range(3):
+            newcomer = source_addresses(20 + round_)[-1]
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", port, local_addr=(newcomer, 0)), TIMEOUT
+            )
+            held.append(writer)
+            writer.write(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"HTTP/1.1 200 OK\r\n"
+        # The paired clients' websockets were never closed to make room.
+        for client in paired:
+            result = await client.run({"sourceScript": "print('still here')"})
+            assert result.stdout == "still here\n"
     finally:
         for writer in held:
             writer.transport.abort()
+
+
+async def test_when_every_connection_is_busy_a_newcomer_gets_503(
+    start_server: StartServer, connect: Callable[..., Awaitable[Client]]
+) -> None:
+    server = await start_server(environ={"FURTHER_LINK_MAX_CONNECTIONS": "3"})
+    paired = [await connect(server) for _ in range(3)]
+    port = int(server.base_url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        line = await asyncio.wait_for(reader.readline(), TIMEOUT)
+        assert line.startswith(b"HTTP/1.1 503"), line
+    finally:
+        writer.transport.abort()
+    assert (await paired[0].run({"sourceScript": "print(3)"})).stdout == "3\n"
 
 
 # ------------------------------------------------------ non-reading client
@@ -457,7 +523,8 @@ async def test_a_client_that_floods_but_never_reads_is_dropped_with_bounded_memo
                 await asyncio.sleep(0.05)
             pid = int(marker.read_text())
             before = process.memory_info().rss
-            bad = json.dumps({"type": "x" * MiB})
+            # The issue's attack: 4 MiB `type`s among pings (the server used to grow by 196 MiB).
+            bad = json.dumps({"type": "x" * 4 * MiB})
             ping = json.dumps({"type": "ping"})
             sent = 0
             samples: list[int] = []

@@ -169,10 +169,13 @@ class Pair:
 async def make_pair(
     start_server: StartServer, connect: ClientFactory, preload: str = "none"
 ) -> Pair:
+    # Each client sits idle while the other server runs (seconds on a loaded
+    # machine, longer than the 5 s heartbeat it answers only when reading).
+    patient = {"FURTHER_LINK_HEARTBEAT": "120"}
     warm = await start_server(
-        environ={"FURTHER_LINK_POOL_SIZE": "2", "FURTHER_LINK_POOL_PRELOAD": preload}
+        environ={"FURTHER_LINK_POOL_SIZE": "2", "FURTHER_LINK_POOL_PRELOAD": preload, **patient}
     )
-    cold = await start_server(environ={"FURTHER_LINK_POOL_SIZE": "0"})
+    cold = await start_server(environ={"FURTHER_LINK_POOL_SIZE": "0", **patient})
     return Pair(warm, cold, await connect(warm), await connect(cold))
 
 
@@ -356,6 +359,59 @@ PRELOADED_PROGRAMS = {
     "pillow": b"from PIL import Image\nprint(Image.new('RGB', (3, 2)).size, __name__)\n",
     "both, then an error": b"import numpy\nfrom PIL import Image\nnumpy.zeros(-1)\n",
     "environment": b"import os, sys\nprint(os.getcwd(), sorted(os.environ), sys.argv)\n",
+    # A preloaded interpreter ends without tearing the libraries down: what a
+    # program sees of the interpreter's shutdown must still happen, in order.
+    "shutdown order": (
+        b"import atexit, numpy\n"
+        b"class Noisy:\n"
+        b"    def __init__(self, name):\n"
+        b"        self.name = name\n"
+        b"    def __del__(self):\n"
+        b"        print('del', self.name)\n"
+        b"_private = Noisy('private')\n"
+        b"public = Noisy('public')\n"
+        b"atexit.register(print, 'at exit 1')\n"
+        b"atexit.register(print, 'at exit 2')\n"
+        b"try:\n"
+        b"    print('body', end='')\n"
+        b"finally:\n"
+        b"    print(' finally')\n"
+    ),
+    "a thread outlives the main code": (
+        b"import threading, time\n"
+        b"def work():\n"
+        b"    time.sleep(0.3)\n"
+        b"    print('thread done')\n"
+        b"threading.Thread(target=work).start()\n"
+        b"print('main done')\n"
+    ),
+    "a failing exit hook after an error": (
+        b"import atexit, sys\n"
+        b"class Boom:\n"
+        b"    def __call__(self):\n"
+        b"        1 / 0\n"
+        b"    def __repr__(self):\n"
+        b"        return 'boom'\n"  # the report names it: no address, which differs per run
+        b"atexit.register(Boom())\n"
+        b"atexit.register(print, 'at exit', file=sys.stderr)\n"
+        b"raise ValueError('boom')\n"
+    ),
+    "an exit hook that exits": b"import atexit, sys\natexit.register(sys.exit, 3)\nprint('x')\n",
+    "objects ended at exit, no exit hooks": (
+        b"import numpy, sys\n"
+        b"class Noisy:\n"
+        b"    def __repr__(self):\n"
+        b"        return 'noisy'\n"
+        b"    def __del__(self):\n"
+        b"        print('del', self)\n"
+        b"        sys.stdout.write('unflushed')\n"
+        b"keep = Noisy()\n"
+        b"print(numpy.arange(3).sum())\n"
+        b"try:\n"
+        b"    raise SystemError('boom')\n"
+        b"finally:\n"
+        b"    print('finally')\n"
+    ),
 }
 
 
@@ -369,6 +425,21 @@ async def test_a_preloaded_pool_runs_programs_as_a_fresh_interpreter(
     await pair.compare(PRELOADED_PROGRAMS[program])
     for case in ("UTF-16 file", "recursion", "keyboard interrupt", "NUL byte mid-file"):
         await pair.compare(CORPUS[case])
+
+
+async def test_a_preloaded_program_s_unclosed_file_keeps_what_it_wrote(
+    start_server: StartServer, connect: ClientFactory, shared: Path
+) -> None:
+    pair = await make_pair(start_server, connect, preload="numpy,PIL.Image")
+    await asyncio.wait_for(pair.pool.ready(), 60)
+    out = shared / "unclosed.txt"
+    # Never closed: the interpreter's shutdown flushes it as the file object goes.
+    writer = f"import numpy\nfile = open({str(out)!r}, 'w')\nfile.write('kept' * 1000)\n"
+    before = pair.pool.warm_starts
+    result = await pair.warm_client.run({"sourceScript": writer})
+    assert pair.pool.warm_starts == before + 1
+    assert result.exit_code == 0
+    assert out.read_text() == "kept" * 1000
 
 
 async def test_a_programs_own_module_shadows_a_preloaded_one(

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from further_link.errors import ProtocolError
 from further_link.protocol.runpy import (
+    Base64File,
     ErrorEvent,
     Output,
     PingCommand,
@@ -131,12 +132,21 @@ def test_upload_with_text_and_url_files() -> None:
         (
             '{"type": "upload", "data": {"directory": {"name": "d", "files": '
             '{"a": {"type": "zip", "content": {}}}}}}',
-            "type must be 'text' or 'url', not 'zip'",
+            "type must be 'text', 'base64' or 'url', not 'zip'",
         ),
         (
             '{"type": "upload", "data": {"directory": {"name": "d", "files": '
             '{"a": {"type": "url", "content": {"url": "http://x"}}}}}}',
             "bucketName",
+        ),
+        (
+            '{"type": "upload", "data": {"directory": {"name": "d", "files": '
+            '{"a": {"type": "base64", "content": {"data": "a$=="}}}}}}',
+            "is not valid base64",
+        ),
+        (
+            '{"type": "upload", "data": {"version": 3, "directory": {"name": "d", "files": {}}}}',
+            "data.version must be a string",
         ),
         ("[" * 100000, "nested too deeply"),
     ],
@@ -147,6 +157,24 @@ def test_bad_messages_say_what_was_wrong(text: str, expected: str) -> None:
     assert expected in str(caught.value)
 
 
+def test_upload_with_base64_files_and_a_version() -> None:
+    command = parse(
+        {
+            "type": "upload",
+            "data": {
+                "version": "abc",
+                "directory": {
+                    "name": "p",
+                    "files": {"logo.png": {"type": "base64", "content": {"data": "iVBORw0KGgr/"}}},
+                },
+            },
+        }
+    )
+    assert command == UploadCommand(
+        name="p", files={"logo.png": Base64File(b"\x89PNG\r\n\x1a\n\xff")}, version="abc"
+    )
+
+
 def test_events_encode_as_the_seed_describes() -> None:
     def decoded(event: Any) -> Any:
         return json.loads(encode_event(event))
@@ -155,7 +183,8 @@ def test_events_encode_as_the_seed_describes() -> None:
     assert decoded(Output("stderr", "x")) == {"type": "stderr", "data": {"output": "x"}}
     assert decoded(Stopped(0)) == {"type": "stopped", "data": {"exitCode": 0}}
     assert decoded(Started())["type"] == "started"
-    assert decoded(Uploaded())["type"] == "uploaded"
+    assert decoded(Uploaded()) == {"type": "uploaded", "data": {}}
+    assert decoded(Uploaded("v1")) == {"type": "uploaded", "data": {"version": "v1"}}
     assert decoded(Pong())["type"] == "pong"
     assert decoded(ErrorEvent("bad")) == {"type": "error", "data": {"message": "bad"}}
     assert decoded(Video("QUJD")) == {"type": "video", "data": {"output": "QUJD"}}

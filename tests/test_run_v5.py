@@ -99,7 +99,8 @@ async def test_resize_without_pty_is_an_error_and_the_process_runs_on(
     assert (result.stdout, result.exit_code) == ("still here\n", 0)
 
 
-def make_project(server: RunningServer) -> Path:
+@pytest.fixture
+def project(server: RunningServer) -> Path:
     """work/proj1 with a.py and sub/, owned by the program user as an upload leaves it."""
     project = server.config.work_dir / "proj1"
     (project / "sub").mkdir(parents=True)
@@ -109,9 +110,8 @@ def make_project(server: RunningServer) -> Path:
 
 
 async def test_shell_runner_in_a_relative_path_and_stop(
-    connect_run: V5Connect, server: RunningServer
+    connect_run: V5Connect, project: Path
 ) -> None:
-    project = make_project(server)
     client = await connect_run()
     await client.ws.send_str(
         '{"type": "start", "process": "sh", "data": {"runner": "shell", "path": "proj1"}}'
@@ -157,9 +157,8 @@ async def test_exec_runner_with_a_shebang(connect_run: V5Connect) -> None:
 
 
 async def test_exec_runner_runs_a_users_file_and_never_changes_its_mode(
-    connect_run: V5Connect, server: RunningServer
+    connect_run: V5Connect, project: Path
 ) -> None:
-    project = make_project(server)
     tool = project / "tool"
     tool.write_text("#!/bin/sh\necho tool ran in $(pwd)\n")
     tool.chmod(0o755)
@@ -177,9 +176,8 @@ async def test_exec_runner_runs_a_users_file_and_never_changes_its_mode(
 
 
 async def test_file_by_path_then_code_in_the_uploaded_directory(
-    connect_run: V5Connect, server: RunningServer
+    connect_run: V5Connect, project: Path
 ) -> None:
-    project = make_project(server)
     client = await connect_run()
     await client.ws.send_str(
         '{"type": "start", "process": "p", "data": {"runner": "python3", "path": "proj1/a.py"}}'

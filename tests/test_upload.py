@@ -29,7 +29,7 @@ async def test_text_files_including_nested_aliases(client: Client, server: Runni
         "proj",
         {"main.py": text_file("print('main')\n"), "lib/util.py": text_file("X = 'é'\n")},
     )
-    assert reply == {"type": "uploaded", "data": {}}
+    assert reply["type"] == "uploaded" and isinstance(reply["data"]["version"], str)
     project = server.config.work_dir / "proj"
     assert (project / "main.py").read_text() == "print('main')\n"
     assert (project / "lib" / "util.py").read_text(encoding="utf-8") == "X = 'é'\n"

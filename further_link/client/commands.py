@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import codecs
 import concurrent.futures
 import contextlib
@@ -325,16 +326,23 @@ def exit_status(exit_code: int) -> int:
 
 @dataclass(frozen=True)
 class Project:
-    """A directory to upload: its name on the device and its text files by alias."""
+    """A directory to upload: its name on the device and its files by alias.
+
+    Text files are ``str``; binary ones (images, sounds) ``bytes``, sent as base64.
+    """
 
     name: str
-    files: dict[str, str]
+    files: dict[str, str | bytes]
 
     def upload_message(self) -> dict[str, Any]:
-        files = {
-            alias: {"type": "text", "content": {"text": text}} for alias, text in self.files.items()
-        }
+        files = {alias: _upload_entry(content) for alias, content in self.files.items()}
         return {"type": "upload", "data": {"directory": {"name": self.name, "files": files}}}
+
+
+def _upload_entry(content: str | bytes) -> dict[str, Any]:
+    if isinstance(content, str):
+        return {"type": "text", "content": {"text": content}}
+    return {"type": "base64", "content": {"data": base64.b64encode(content).decode("ascii")}}
 
 
 def _left_out(name: str) -> bool:
@@ -352,14 +360,13 @@ def _as_text(data: bytes) -> str | None:
 
 
 def read_project(directory: Path) -> Project:
-    """Every text file under ``directory``, by its path relative to it with '/'."""
+    """Every file under ``directory``, by its path relative to it with '/'."""
     root = directory.resolve()
     if not root.is_dir():
         raise ClientError(f"--files {directory}: not a directory")
     if not root.name:
         raise ClientError(f"--files {directory}: give a project directory, not /")
-    files: dict[str, str] = {}
-    binary: list[str] = []
+    files: dict[str, str | bytes] = {}
     special: list[str] = []
     total = 0
     for dirpath, dirnames, filenames in os.walk(root):
@@ -375,32 +382,25 @@ def read_project(directory: Path) -> Project:
             except OSError as exc:
                 raise ClientError(f"cannot read {path}: {exc.strerror}") from None
             total += len(data)
-            if len(files) + len(binary) >= MAX_PROJECT_FILES or total > MAX_PROJECT_BYTES:
+            if len(files) >= MAX_PROJECT_FILES or total > MAX_PROJECT_BYTES:
                 raise ClientError(
                     f"--files {directory} holds more than {MAX_PROJECT_FILES} files or "
                     f"{MAX_PROJECT_BYTES // MiB} MiB: is it the right directory?"
                 )
             text = _as_text(data)
-            if text is None:
-                binary.append(alias)
-            else:
-                files[alias] = text
-    if binary or special:
-        raise ClientError(_unsendable(directory, binary, special))
+            files[alias] = data if text is None else text
+    if special:
+        raise ClientError(_unsendable(directory, special))
     return Project(root.name, files)
 
 
-def _unsendable(directory: Path, binary: list[str], special: list[str]) -> str:
-    def listed(names: list[str]) -> str:
-        more = f" and {len(names) - 10} more" if len(names) > 10 else ""
-        return ", ".join(names[:10]) + more
-
-    parts = []
-    if binary:
-        parts.append(f"binary files (only UTF-8 text can be uploaded): {listed(binary)}")
-    if special:
-        parts.append(f"entries that are not regular files: {listed(special)}")
-    return f"cannot upload {directory}: " + "; ".join(parts) + "; move them out of the directory"
+def _unsendable(directory: Path, special: list[str]) -> str:
+    more = f" and {len(special) - 10} more" if len(special) > 10 else ""
+    listed = ", ".join(special[:10]) + more
+    return (
+        f"cannot upload {directory}: entries that are not regular files: {listed}; "
+        "move them out of the directory"
+    )
 
 
 # --------------------------------------------------------------------- run
@@ -720,7 +720,7 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     run.add_argument(
         "--files",
         metavar="DIR",
-        help="upload DIR's text files first, as a directory of the same name, "
+        help="upload DIR's files first (binary ones as base64), as a directory of the same name, "
         "and run FILE in it (hidden files and folders and __pycache__ are left out)",
     )
     _add_device_flags(run, with_host=True)

@@ -14,7 +14,9 @@ import functools
 import logging
 import os
 import shutil
+import stat
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -29,18 +31,26 @@ from further_link.errors import (
     LimitExceededError,
     UnreachableError,
     UploadError,
+    VersionConflictError,
     excerpt,
     shorten,
 )
 from further_link.files.egress import DestinationRefused, DownloadPolicy
 from further_link.files.paths import confine_path, describe_kind
-from further_link.files.quota import disk_usage, evict_least_recent, record_name
-from further_link.protocol.runpy import TextFile, UploadCommand, UrlFile
+from further_link.files.projects import version_at
+from further_link.files.quota import (
+    PARTIAL_PREFIX,
+    WorkDirUsage,
+    disk_usage,
+    evict_least_recent,
+    record_name,
+)
+from further_link.files.quota import STAGING_PREFIX as STAGING_PREFIX  # launch.py takes it here
+from further_link.protocol.runpy import Base64File, TextFile, UploadCommand, UrlFile
 
 log = logging.getLogger(__name__)
 
 CACHE_DIR_NAME = ".flcache"
-STAGING_PREFIX = ".flupload-"
 DOWNLOAD_CHUNK = 64 * 1024
 DOWNLOAD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=30)
 MAX_REDIRECTS = 10
@@ -56,6 +66,7 @@ class UploadLimits:
     max_bytes: int
     max_download_bytes: int
     quota_bytes: int | None = None  # the whole work dir: uploads and url cache
+    quota_recount_seconds: float = 60.0
 
     @classmethod
     def from_config(cls, config: Config) -> UploadLimits:
@@ -64,7 +75,38 @@ class UploadLimits:
             max_bytes=config.max_upload_bytes,
             max_download_bytes=config.max_download_bytes,
             quota_bytes=config.quota_bytes,
+            quota_recount_seconds=config.quota_recount_seconds,
         )
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    path: Path  # the directory's real path
+    version: str  # its version once the upload is in place (files/projects.py)
+
+
+class DirectoryLocks:
+    """One lock per upload target while anyone uploads there, shared by all connections.
+
+    Held from the version check to the swap, so two tabs saving the same
+    project with the same version cannot both pass the check.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[Path, asyncio.Lock] = {}
+        self._wanted_by: dict[Path, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, target: Path) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(target, asyncio.Lock())
+        self._wanted_by[target] = self._wanted_by.get(target, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._wanted_by[target] -= 1
+            if self._wanted_by[target] == 0:
+                del self._wanted_by[target], self._locks[target]
 
 
 class UrlCache:
@@ -91,6 +133,9 @@ class UrlCache:
         # One lock per cache entry while anyone wants it, so it is fetched once.
         self._locks: dict[Path, asyncio.Lock] = {}
         self._wanted_by: dict[Path, int] = {}
+        # Upload targets (not cache entries): every upload goes through this object.
+        self.directories = DirectoryLocks()
+        self._usage: dict[Path, WorkDirUsage] = {}
 
     async def fetch_into(self, file: UrlFile, destination: Path) -> int:
         """Copy ``file`` from the cache (downloading it first if needed); return its size.
@@ -108,8 +153,10 @@ class UrlCache:
                 if await loop.run_in_executor(None, _recorded_for, target, record, file.url):
                     log.debug("cache hit for %s", excerpt(file.file_name))
                 else:
+                    replaced = await loop.run_in_executor(None, _file_size, target)
                     await self._download(file.url, target)
                     await loop.run_in_executor(None, _record, record, file.url)
+                    self._book_download(target.stat().st_size - replaced)
                 await loop.run_in_executor(None, shutil.copyfile, target, destination)
                 return target.stat().st_size
         finally:
@@ -141,27 +188,49 @@ class UrlCache:
             )
         return target, records / record_name(file.bucket_name, file.file_name)
 
-    def make_room(self, work_dir: Path, replaced: Path, quota: int) -> None:
-        """Keep ``work_dir`` within ``quota`` bytes once ``replaced`` is gone (for a thread).
+    def usage(self, work_dir: Path, recount_seconds: float) -> WorkDirUsage:
+        """The running total of ``work_dir`` (quota.py), one per directory."""
+        root = Path(os.path.realpath(work_dir))
+        if root not in self._usage:
+            self._usage[root] = WorkDirUsage(root, recount_seconds)
+        return self._usage[root]
+
+    def _book_download(self, delta: int) -> None:
+        usage = self._usage.get(Path(os.path.realpath(self.cache_dir.parent)))
+        if usage is not None:
+            usage.add(delta)
+
+    def make_room(self, usage: WorkDirUsage, replaced: Path, staged: int, quota: int) -> int:
+        """Book ``staged`` bytes replacing the directory ``replaced``, within ``quota`` (thread).
 
         Least recently used cache entries are evicted first; raises
-        ``LimitExceededError`` when even that is not enough.
+        ``LimitExceededError`` when even that is not enough. Returns the bytes
+        booked, for ``usage.settle``.
         """
-        over = disk_usage(work_dir) - disk_usage(replaced) - quota
-        if over <= 0:
-            return
-        freed = evict_least_recent(
-            Path(os.path.realpath(self.cache_dir)), RECORDS_DIR, over, set(self._locks)
-        )
-        if freed < over:
+        delta = staged - disk_usage(replaced)
+        evicted = 0
+
+        def evict(need: int) -> int:
+            nonlocal evicted
+            if Path(os.path.realpath(self.cache_dir.parent)) != usage.root:
+                return 0  # the cache is in another directory: evicting frees nothing here
+            evicted = evict_least_recent(
+                Path(os.path.realpath(self.cache_dir)), RECORDS_DIR, need, set(self._locks)
+            )
+            return evicted
+
+        over = usage.reserve(delta, quota, evict)
+        if evicted:
+            log.info("evicted %d bytes of url cache entries to stay within the quota", evicted)
+        if over > 0:
             raise LimitExceededError(
-                f"the work dir would hold {over - freed} bytes more than its quota of "
+                f"the work dir would hold {over} bytes more than its quota of "
                 f"{quota} bytes (FURTHER_LINK_QUOTA_BYTES); remove old uploads first"
             )
-        log.info("evicted %d bytes of url cache entries to stay within the quota", freed)
+        return delta
 
     async def _download(self, url: str, target: Path) -> None:
-        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=PARTIAL_PREFIX)
         try:
             with os.fdopen(fd, "wb") as out:
                 await self._stream_into(url, out)
@@ -254,6 +323,15 @@ def _recorded_for(target: Path, record: Path, url: str) -> bool:
     return True
 
 
+def _file_size(path: Path) -> int:
+    """Bytes in the regular file ``path`` (0 when there is none)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    return info.st_size if stat.S_ISREG(info.st_mode) else 0
+
+
 def _record(record: Path, url: str) -> None:
     partial = record.with_name(f".{record.name}.{os.getpid()}.partial")
     partial.write_text(url, encoding="utf-8")
@@ -275,23 +353,55 @@ async def materialise_upload(
     work_dir: Path,
     cache: UrlCache,
     limits: UploadLimits,
-) -> Path:
-    """Create or replace ``work_dir/<name>`` with the uploaded files; return its path."""
-    text_bytes = _check_limits(command, limits)
+) -> UploadResult:
+    """Create or replace ``work_dir/<name>`` with the uploaded files.
+
+    Raises ``VersionConflictError`` (nothing written) when ``command.version``
+    is given and the directory's current version differs.
+    """
+    file_bytes = _check_limits(command, limits)
     loop = asyncio.get_running_loop()
     # File-system work runs in threads: one client's slow names stall no other client.
     target, created = await loop.run_in_executor(None, _prepare_target, command, work_dir)
+    async with cache.directories.hold(target):
+        version = await _put_in_place(command, work_dir, target, created, cache, limits, file_bytes)
+    log.info("uploaded %d file(s) into %s", len(command.files), excerpt(str(target)))
+    return UploadResult(target, version)
+
+
+async def _put_in_place(
+    command: UploadCommand,
+    work_dir: Path,
+    target: Path,
+    created: list[Path],
+    cache: UrlCache,
+    limits: UploadLimits,
+    file_bytes: int,
+) -> str:
+    """Fill a staging directory and swap it in at ``target``; return the new version."""
+    loop = asyncio.get_running_loop()
+    relative = target.relative_to(os.path.realpath(work_dir))
     staging: Path | None = None
+    usage = cache.usage(work_dir, limits.quota_recount_seconds)
+    booked: int | None = None
+    in_place = False
     try:
+        if command.version is not None:
+            await loop.run_in_executor(None, _check_version, work_dir, relative, command)
         staging = Path(
             await loop.run_in_executor(
                 None, functools.partial(tempfile.mkdtemp, dir=target.parent, prefix=STAGING_PREFIX)
             )
         )
-        await _fill(staging, command, cache, limits.max_bytes, text_bytes)
+        staged = await _fill(staging, command, cache, limits.max_bytes, file_bytes)
         if limits.quota_bytes is not None:
-            await loop.run_in_executor(None, cache.make_room, work_dir, target, limits.quota_bytes)
+            booked = await loop.run_in_executor(
+                None, cache.make_room, usage, target, staged, limits.quota_bytes
+            )
+        if command.version is not None:  # again: a program may have written meanwhile
+            await loop.run_in_executor(None, _check_version, work_dir, relative, command)
         await loop.run_in_executor(None, _swap_in, staging, target)
+        in_place = True
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -299,8 +409,19 @@ async def materialise_upload(
             with contextlib.suppress(OSError):
                 directory.rmdir()
         raise
-    log.info("uploaded %d file(s) into %s", len(command.files), excerpt(str(target)))
-    return target
+    finally:
+        if booked is not None:
+            usage.settle(booked, in_place)
+    return await loop.run_in_executor(None, version_at, work_dir, relative)
+
+
+def _check_version(work_dir: Path, relative: Path, command: UploadCommand) -> None:
+    if version_at(work_dir, relative) != command.version:
+        raise VersionConflictError(
+            f"project {excerpt(command.name)} changed on the device since it was opened "
+            "(in another tab, or by a program); nothing was saved: open it again, "
+            "or save it under another name"
+        )
 
 
 def _prepare_target(command: UploadCommand, work_dir: Path) -> tuple[Path, list[Path]]:
@@ -320,32 +441,35 @@ def _prepare_target(command: UploadCommand, work_dir: Path) -> tuple[Path, list[
 
 
 def _check_limits(command: UploadCommand, limits: UploadLimits) -> int:
-    """Refuse an upload over the file-count or text caps; return its bytes of text."""
+    """Refuse an upload over the file-count or size caps; return its bytes of text and binary."""
     if len(command.files) > limits.max_files:
         raise LimitExceededError(
             f"upload has {len(command.files)} files; the limit is {limits.max_files}"
         )
-    text_bytes = sum(
-        len(f.text.encode("utf-8")) for f in command.files.values() if isinstance(f, TextFile)
+    file_bytes = sum(
+        len(f.text.encode("utf-8")) if isinstance(f, TextFile) else len(f.data)
+        for f in command.files.values()
+        if not isinstance(f, UrlFile)
     )
-    if text_bytes > limits.max_bytes:
+    if file_bytes > limits.max_bytes:
         raise LimitExceededError(
-            f"upload is {text_bytes} bytes of text; the limit is {limits.max_bytes} bytes"
+            f"upload is {file_bytes} bytes of files; the limit is {limits.max_bytes} bytes"
         )
-    return text_bytes
+    return file_bytes
 
 
 async def _fill(
     staging: Path, command: UploadCommand, cache: UrlCache, max_bytes: int, total: int
-) -> None:
+) -> int:
     """Write every file into ``staging``, keeping the ``total`` bytes within ``max_bytes``.
 
-    Every alias is checked before anything is written or downloaded.
+    Every alias is checked before anything is written or downloaded. Returns
+    the bytes written.
     """
     loop = asyncio.get_running_loop()
     destinations = await loop.run_in_executor(None, _write_texts, staging, command)
     for alias, file in command.files.items():
-        if isinstance(file, TextFile):
+        if not isinstance(file, UrlFile):
             continue
         total += await cache.fetch_into(file, destinations[alias])
         if total > max_bytes:
@@ -353,10 +477,11 @@ async def _fill(
                 f"upload is over {max_bytes} bytes with {excerpt(alias)}; "
                 "the limit is the total of all its files"
             )
+    return total
 
 
 def _write_texts(staging: Path, command: UploadCommand) -> dict[str, Path]:
-    """Check every name, write the text files; return where each file goes."""
+    """Check every name, write the text and base64 files; return where each file goes."""
     destinations = {
         alias: confine_path(staging, alias, "upload file name") for alias in command.files
     }
@@ -366,6 +491,8 @@ def _write_texts(staging: Path, command: UploadCommand) -> dict[str, Path]:
         destination.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(file, TextFile):
             destination.write_text(file.text, encoding="utf-8")
+        elif isinstance(file, Base64File):
+            destination.write_bytes(file.data)
     return destinations
 
 

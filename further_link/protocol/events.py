@@ -98,7 +98,7 @@ class Queued:
 
 @dataclass(frozen=True)
 class Uploaded:
-    pass
+    version: str | None = None  # the directory's new version (files/projects.py)
 
 
 @dataclass(frozen=True)

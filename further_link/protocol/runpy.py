@@ -10,7 +10,9 @@ and ``upload``.
 
 from __future__ import annotations
 
+import binascii
 import json
+from base64 import b64decode
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -78,7 +80,14 @@ class UrlFile:
     file_name: str
 
 
-UploadFile = Union[TextFile, UrlFile]
+@dataclass(frozen=True)
+class Base64File:
+    """A binary file (image, sound, spreadsheet), sent base64-encoded; ``data`` is decoded."""
+
+    data: bytes
+
+
+UploadFile = Union[TextFile, UrlFile, Base64File]
 
 
 @dataclass(frozen=True)
@@ -86,10 +95,13 @@ class UploadCommand:
     """Create (or replace) ``name`` under the work dir with ``files``.
 
     Keys of ``files`` are the aliases: relative paths inside the directory.
+    ``version``, when given, is the project's version the client last saw
+    (files/projects.py): the upload is refused if the directory changed since.
     """
 
     name: str
     files: dict[str, UploadFile] = field(default_factory=dict)
+    version: str | None = None
 
 
 Command = Union[StartCommand, StopCommand, StdinCommand, PingCommand, UploadCommand, AttachCommand]
@@ -116,7 +128,7 @@ def encode_event(event: Event) -> str:
     elif isinstance(event, Queued):
         kind, data = "queued", event.data()
     elif isinstance(event, Uploaded):
-        kind, data = "uploaded", {}
+        kind, data = "uploaded", {} if event.version is None else {"version": event.version}
     elif isinstance(event, Pong):
         kind, data = "pong", {}
     elif isinstance(event, KeyListen):
@@ -231,6 +243,13 @@ def _parse_upload(data: dict[str, Any]) -> UploadCommand:
             files[alias] = TextFile(
                 text=_required_str(content, "text", "upload", prefix=f"{where}.content.")
             )
+        elif file_type == "base64":
+            files[alias] = Base64File(
+                data=_decode_base64(
+                    _required_str(content, "data", "upload", prefix=f"{where}.content."),
+                    f"{where}.content.data",
+                )
+            )
         elif file_type == "url":
             files[alias] = UrlFile(
                 url=_required_str(content, "url", "upload", prefix=f"{where}.content."),
@@ -241,9 +260,22 @@ def _parse_upload(data: dict[str, Any]) -> UploadCommand:
             )
         else:
             raise ProtocolError(
-                f"upload: {where}.type must be 'text' or 'url', not {_describe(file_type)}"
+                f"upload: {where}.type must be 'text', 'base64' or 'url', "
+                f"not {_describe(file_type)}"
             )
-    return UploadCommand(name=name, files=files)
+    version = data.get("version")
+    if version is not None and not isinstance(version, str):
+        raise ProtocolError(f"upload: data.version must be a string, not {kind_of(version)}")
+    return UploadCommand(name=name, files=files, version=version)
+
+
+def _decode_base64(text: str, where: str) -> bytes:
+    try:
+        return b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(
+            f"upload: {where} is not valid base64 (standard alphabet, '=' padding)"
+        ) from None
 
 
 # ----------------------------------------------------------------- helpers

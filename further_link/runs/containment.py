@@ -17,8 +17,8 @@ Layout, in every hierarchy used, below the cgroup the server was started in::
 
     <own cgroup>/further-link-<pid>-<random>/   one per server instance
         server/        the server itself, only where it had to leave <own cgroup>
-        pool-<hex>/    waiting warm interpreters
-        run-<hex>/     one per run, removed when the run ends
+        run-<hex>/     one per run, removed when the run ends; a warm
+                       interpreter waits in the run cgroup it will run in
 
 Several servers may run on one machine (and in one process: the tests), so
 each instance names its own subtree; at start-up only subtrees of processes
@@ -62,7 +62,6 @@ log = logging.getLogger(__name__)
 CONTROLLERS = ("memory", "pids", "cpu")
 SUBTREE_PREFIX = "further-link-"
 SERVER_LEAF = "server"
-POOL_GROUP = "pool"
 RUN_PREFIX = "run-"
 _SUBTREE_NAME = re.compile(r"^further-link-(\d+)-[0-9a-f]+$")
 # A removed run's cgroup lingers while the kernel finishes tearing its
@@ -232,12 +231,38 @@ class RunGroup:
         return fds
 
     def add(self, pid: int) -> None:
-        """Move a running process (a warm interpreter) into the run; raises OSError."""
+        """Move a running process (a warm interpreter) into the run; raises OSError.
+
+        Slow (about 10-20 ms, in the kernel's RCU synchronisation) when no
+        other cgroup migration happened in the last few ms: call it off the
+        event loop, ahead of the run.
+        """
         for directory in self.directories:
             _write(directory / "cgroup.procs", str(pid))
 
+    def swap(self, other: RunGroup) -> None:
+        """Exchange cgroup directories with ``other`` (made with the same limits).
+
+        How a run takes over the cgroup its warm interpreter already waits
+        in, without moving a process at start; the run's fresh, still empty
+        one then goes back to the containment (``Containment.recycle``).
+        """
+        self.unified, other.unified = other.unified, self.unified
+        self.v1, other.v1 = other.v1, self.v1
+
     def pids(self) -> set[int]:
         return _read_pids(self._membership)
+
+    def set_cpu_weight(self, weight: int) -> None:
+        """The run's CPU share (cgroup v2 scale: 1..10000, 100 the default).
+
+        Does nothing where no cpu controller is in use.
+        """
+        with contextlib.suppress(OSError):
+            if "cpu" in self.v1:
+                _write(self.v1["cpu"] / "cpu.shares", str(_cpu_shares(weight)))
+            elif self.unified is not None:
+                _write(self.unified / "cpu.weight", str(weight))
 
     def signal(self, sig: signal.Signals, rounds: int = 20) -> set[int]:
         """Send ``sig`` to every process of the run, again while new ones appear."""
@@ -328,8 +353,12 @@ def _apply_limits(unified: Path | None, v1: Mapping[str, Path], limits: Limits, 
     if limits.tasks and "pids" in v1:
         _write(v1["pids"] / "pids.max", str(limits.tasks))
     if limits.cpu_weight and "cpu" in v1:
-        # cpu.shares' default is 1024 where cpu.weight's is 100.
-        _write(v1["cpu"] / "cpu.shares", str(max(2, limits.cpu_weight * 1024 // 100)))
+        _write(v1["cpu"] / "cpu.shares", str(_cpu_shares(limits.cpu_weight)))
+
+
+def _cpu_shares(weight: int) -> int:
+    """cgroup v1's cpu.shares for a cgroup v2 cpu.weight (defaults: 1024 and 100)."""
+    return max(2, weight * 1024 // 100)
 
 
 def _process_start(pid: int) -> bool:
@@ -387,7 +416,9 @@ class Containment:
         self._v1 = dict(v1 or {})
         self._v2_limits = v2_limits
         self._owned = list(owned)  # subtrees this instance created and removes
-        self.pool: RunGroup | None = None
+        # Run cgroups made for a run that then took over its warm
+        # interpreter's: never entered, handed out again by ``new_run``.
+        self._stock: list[RunGroup] = []
 
     @property
     def mode(self) -> str:
@@ -456,18 +487,15 @@ class Containment:
                 for subtree in reversed(owned):
                     _rmdir(subtree)
                 raise
-        self = cls(
+        return cls(
             limits,
             subtrees[0],
             dict(zip(v1, subtrees[1:])),
             v2_limits=kind == "v2",
             owned=owned,
         )
-        # Named per instance: servers in one process may share a prepared subtree.
-        self.pool = self._make_group(f"{POOL_GROUP}-{secrets.token_hex(4)}", apply_limits=False)
-        return self
 
-    def _make_group(self, name: str, apply_limits: bool = True) -> RunGroup:
+    def _make_group(self, name: str) -> RunGroup:
         assert self._unified is not None or self._v1
         unified = self._unified / name if self._unified is not None else None
         v1 = {controller: path / name for controller, path in self._v1.items()}
@@ -477,30 +505,35 @@ class Containment:
             for directory in group.directories:
                 directory.mkdir()
                 made.append(directory)
-            if apply_limits:
-                _apply_limits(unified, v1, self.limits, self._v2_limits)
+            _apply_limits(unified, v1, self.limits, self._v2_limits)
         except OSError:
             for directory in reversed(made):
                 _rmdir(directory)
             raise
         return group
 
-    def new_run(self) -> RunGroup | None:
+    def new_run(self, from_stock: bool = True) -> RunGroup | None:
         """A fresh cgroup for one run with the limits applied; None in best-effort mode.
 
+        ``from_stock``: one taken back by ``recycle`` may serve (at ``start``,
+        where making one costs a few ms); the pool makes its own ahead of time.
         Raises OSError when the cgroup cannot be made (the run must not start
         uncontained without saying so).
         """
         if self.mode == BEST_EFFORT:
             return None
+        if self._stock and from_stock:
+            return self._stock.pop()
         return self._make_group(RUN_PREFIX + secrets.token_hex(8))
 
+    def recycle(self, group: RunGroup) -> None:
+        """Take back a run cgroup no process ever entered, for the next ``new_run``."""
+        self._stock.append(group)
+
     def close(self) -> None:
-        """Remove what this instance created (the pool group and its subtree)."""
-        if self.pool is not None:
-            self.pool.kill()
-            self.pool.remove()
-            self.pool = None
+        """Remove the subtree this instance created (its run cgroups are gone by then)."""
+        while self._stock:
+            self._stock.pop().remove()
         for subtree in self._owned:
             if not _rmdir(subtree):
                 log.warning("cgroup subtree %s is not empty; left behind", subtree)

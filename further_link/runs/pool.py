@@ -19,6 +19,14 @@ ends the interpreter while imported, is dropped from the list with one log
 line; the interpreter that tried it is discarded and the pool carries on.
 ``launch`` takes any spec of the form ``python -u SCRIPT ARGS...`` and knows
 nothing of the wire API that asked for it.
+
+With per-run cgroups, each interpreter waits in the cgroup of the run it will
+become, made (with the run's limits) and entered before it is offered: moving
+a process between cgroups costs 10-20 ms of kernel RCU synchronisation, which
+is paid on a worker thread while the pool refills instead of between ``start``
+and ``started``. At hand-over the run's own freshly made cgroup and the
+interpreter's swap places (``RunGroup.swap``); the fresh one, still empty,
+goes back to the containment for the next run.
 """
 
 from __future__ import annotations
@@ -37,9 +45,15 @@ from pathlib import Path
 from further_link.channel import SOCKET_ENV_VAR
 from further_link.errors import StartError
 from further_link.runs import proctree
-from further_link.runs.containment import Containment
+from further_link.runs.containment import Containment, RunGroup
 from further_link.runs.display import DISPLAY_VARIABLES
-from further_link.runs.process import LaunchedProcess, ProgramSpec, cold_launch, spawn
+from further_link.runs.process import (
+    KILL_TIMEOUT,
+    LaunchedProcess,
+    ProgramSpec,
+    cold_launch,
+    spawn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +72,11 @@ PRELOAD_TIMEOUT = 60.0
 # the refill after a launch waits this long (s) so that the program's
 # `started` and first output go out first.
 REFILL_DELAY = 0.03
+# While it imports the preload modules, a waiting interpreter's run cgroup has
+# this CPU weight (cgroup v2 scale, 100 the default): about a sixth of the CPU
+# beside one busy program, which it should not slow much, and still enough to
+# finish numpy well within PRELOAD_TIMEOUT on a Raspberry Pi.
+PRELOAD_CPU_WEIGHT = 20
 
 
 class WarmPool:
@@ -91,7 +110,10 @@ class WarmPool:
         self._behind = False
         # For a default list: a module that is not installed is left out without a warning.
         self._quiet_missing = quiet_missing
-        self._waiting: deque[tuple[LaunchedProcess, int]] = deque()
+        # (interpreter, its program channel, the run cgroup it waits in)
+        self._waiting: deque[tuple[LaunchedProcess, int, RunGroup | None]] = deque()
+        # Discarded interpreters whose cgroup is removed once they have ended.
+        self._retiring: set[asyncio.Task[None]] = set()
         self._filled = asyncio.Event()
         self._refill: asyncio.Task[None] | None = None
         self._closed = False
@@ -115,18 +137,20 @@ class WarmPool:
         if self.fits(spec):
             if not self._waiting:
                 self._behind = True
-            while self._waiting:
-                launched, channel = self._waiting.popleft()
+            while self._waiting and (self._waiting[0][2] is None) == (spec.group is None):
+                launched, channel, group = self._waiting.popleft()
                 asyncio.get_running_loop().call_later(REFILL_DELAY, self._schedule_refill)
-                if self._hand_over(launched, channel, spec):
+                if self._hand_over(launched, channel, group, spec):
                     self.warm_starts += 1
                     log.debug("started a program warm (pid %d)", launched.process.pid)
                     return launched
         self.cold_starts += 1
         return await cold_launch(spec)
 
-    def _hand_over(self, launched: LaunchedProcess, channel: int, spec: ProgramSpec) -> bool:
-        """Move the interpreter into the run's cgroup, then give it the program."""
+    def _hand_over(
+        self, launched: LaunchedProcess, channel: int, group: RunGroup | None, spec: ProgramSpec
+    ) -> bool:
+        """Give the interpreter the program; the run takes over the cgroup it waits in."""
         env = dict(spec.env)
         env[proctree.RUN_TAG_VAR] = launched.tag
         fields = [str(spec.cwd), spec.argv[2], str(len(spec.argv) - 3), *spec.argv[3:]]
@@ -135,9 +159,6 @@ class WarmPool:
         try:
             if launched.process.returncode is not None:
                 raise BrokenPipeError
-            if spec.group is not None:
-                # Still blocked on the channel, so it has no children to leave behind.
-                spec.group.add(launched.process.pid)
             view = memoryview(message)
             while view:
                 view = view[os.write(channel, view) :]
@@ -145,15 +166,18 @@ class WarmPool:
             log.warning(
                 "a waiting interpreter (pid %d) had gone; discarding it", launched.process.pid
             )
-            self._discard(launched)
+            self._discard(launched, group)
             return False
         finally:
             os.close(channel)
+        if spec.group is not None and group is not None and self._containment is not None:
+            spec.group.swap(group)
+            self._containment.recycle(group)
         return True
 
     def waiting_pids(self) -> list[int]:
         """Process ids of the interpreters waiting now (for figures such as their memory)."""
-        return [launched.process.pid for launched, _ in self._waiting]
+        return [launched.process.pid for launched, _, _ in self._waiting]
 
     async def ready(self) -> None:
         """Wait until an interpreter waits, or the pool stopped trying to start one."""
@@ -172,8 +196,13 @@ class WarmPool:
 
     async def _fill(self) -> None:
         while not self._closed and len(self._waiting) < self.size:
-            read_end, write_end = os.pipe()
             containment = self._containment
+            try:
+                group = self._new_group()
+            except OSError as exc:
+                log.warning("could not make a cgroup for a waiting interpreter: %s", exc)
+                return
+            read_end, write_end = os.pipe()
             preload = [] if self._behind else self.preload
             status_read, status_write = os.pipe() if preload else (-1, -1)
             passed = [fd for fd in (read_end, status_write) if fd >= 0]
@@ -187,27 +216,38 @@ class WarmPool:
                     self._base_env,
                     uuid.uuid4().hex,
                     pass_fds=passed,
-                    group=containment.pool if containment is not None else None,
                     rlimits=containment.rlimits if containment is not None else None,
                 )
             except (StartError, OSError) as exc:
                 os.close(write_end)
                 if status_read >= 0:
                     os.close(status_read)
+                if group is not None and containment is not None:
+                    containment.recycle(group)
                 log.warning("could not pre-start an interpreter: %s; starting programs cold", exc)
                 return
             finally:
                 for fd in passed:
                     os.close(fd)
-            if status_read >= 0 and not await self._preloaded(launched, status_read):
+            if not await self._enter(launched, group):
                 os.close(write_end)
-                self._discard(launched)
-                continue
+                if status_read >= 0:
+                    os.close(status_read)
+                return
+            if status_read >= 0:
+                if group is not None:
+                    group.set_cpu_weight(PRELOAD_CPU_WEIGHT)
+                if not await self._preloaded(launched, status_read):
+                    os.close(write_end)
+                    self._discard(launched, group)
+                    continue
+                if group is not None and containment is not None:
+                    group.set_cpu_weight(containment.limits.cpu_weight or 100)
             if self._closed:
                 os.close(write_end)
-                self._discard(launched)
+                self._discard(launched, group)
                 return
-            self._waiting.append((launched, write_end))
+            self._waiting.append((launched, write_end, group))
             # Tests of a server process (and a curious admin) see the pool fill from the log.
             log.debug(
                 "an interpreter waits (pid %d, preloading %s)",
@@ -217,6 +257,31 @@ class WarmPool:
             self._filled.set()
         if len(self._waiting) >= self.size:
             self._behind = False  # caught up: preload again from the next refill
+
+    def _new_group(self) -> RunGroup | None:
+        """A run cgroup for the next interpreter; None without cgroups. Raises OSError."""
+        if self._containment is None:
+            return None
+        # Not from the stock: that serves runs at start, and each hand-over refills it.
+        return self._containment.new_run(from_stock=False)
+
+    async def _enter(self, launched: LaunchedProcess, group: RunGroup | None) -> bool:
+        """Move a just started interpreter into its run cgroup, on a worker thread.
+
+        Until then it runs Python's start-up in the server's own cgroup: only
+        the interpreter's own start-up code, which every fresh ``python`` runs
+        too. False (logged, the interpreter discarded) when the move failed.
+        """
+        if group is None:
+            return True
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, group.add, launched.process.pid)
+        except OSError as exc:
+            log.warning("could not move a waiting interpreter into its cgroup: %s", exc)
+            self._discard(launched, group)
+            return False
+        return True
 
     async def _preloaded(self, launched: LaunchedProcess, status_fd: int) -> bool:
         """Whether the interpreter imported every preload module; drops the one that failed."""
@@ -247,7 +312,7 @@ class WarmPool:
             log.warning("not preloading %s any more: %s", culprit, why[:200])
         return False
 
-    def _discard(self, launched: LaunchedProcess) -> None:
+    def _discard(self, launched: LaunchedProcess, group: RunGroup | None) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(launched.process.pid, signal.SIGKILL)
         for fd in (launched.stdout_fd, launched.stderr_fd):
@@ -255,6 +320,17 @@ class WarmPool:
                 os.close(fd)
         if launched.process.stdin is not None:
             launched.process.stdin.close()
+        if group is not None:
+            task = asyncio.ensure_future(self._remove_when_ended(launched, group))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def _remove_when_ended(self, launched: LaunchedProcess, group: RunGroup) -> None:
+        """End whatever is in a discarded interpreter's cgroup, then remove the cgroup."""
+        group.kill()
+        with contextlib.suppress(ProcessLookupError, asyncio.TimeoutError):
+            await asyncio.wait_for(launched.process.wait(), KILL_TIMEOUT)
+        await asyncio.get_running_loop().run_in_executor(None, group.remove)
 
     async def close(self) -> None:
         """End every waiting interpreter and wait for them."""
@@ -263,11 +339,12 @@ class WarmPool:
             # Not cancelled: an interpreter mid-start would be lost; the loop sees _closed.
             await self._refill
         while self._waiting:
-            launched, channel = self._waiting.popleft()
+            launched, channel, group = self._waiting.popleft()
             os.close(channel)  # end-of-file: the bootstrap exits by itself
-            self._discard(launched)
+            self._discard(launched, group)
             with contextlib.suppress(ProcessLookupError):
                 await launched.process.wait()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
 
 
 async def read_status(fd: int, timeout: float) -> tuple[list[str], bool]:

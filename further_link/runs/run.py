@@ -79,6 +79,13 @@ Planner = Callable[[Path], RunPlan]  # the run dir -> the plan; raises StartErro
 
 
 class Run:
+    """One program of a client (see the module docstring for its states).
+
+    ``sink`` receives its events, which carry ``process``; ``on_ended`` is
+    called with the run once everything is released, just before ``Stopped``
+    is queued, so that its owner frees the run's place (the v5 id) first.
+    """
+
     def __init__(
         self,
         services: Services,

@@ -171,11 +171,13 @@ class Session:
         config = self._config
         limits = UploadLimits.from_config(config)
         try:
-            await materialise_upload(command, config.work_dir, self._services.cache, limits)
+            result = await materialise_upload(
+                command, config.work_dir, self._services.cache, limits
+            )
         except OSError as exc:
             where = f" ({exc.filename})" if exc.filename else ""
             raise UploadError(f"upload failed: {exc.strerror}{where}") from None
-        self.sink.put(Uploaded())
+        self.sink.put(Uploaded(version=result.version))
 
     # ------------------------------------------------------------- close
 

@@ -24,6 +24,16 @@ process of the account may ptrace it or read its memory and so take over the
 next learner's run. It gives up if something attached before that took
 effect, and becomes dumpable again, as a fresh interpreter is, once it has
 its program.
+
+A preloaded interpreter ends a program that finished (normally or with a
+traceback) the way the interpreter's own shutdown does as far as a program
+can see: it runs the preloaded libraries' ``atexit`` handlers, clears
+``__main__`` (so ``__del__`` methods of its objects run) and flushes the
+standard streams; then it exits at once instead of tearing down the
+preloaded libraries one object at a time (numpy and Pillow: 25-60 ms here,
+far more on a Raspberry Pi), which nothing of the program could see but
+the wait. A program that registered ``atexit`` handlers of its own, or
+leaves a non-daemon thread running, gets the interpreter's own shutdown.
 """
 
 
@@ -36,6 +46,7 @@ def _further_link_warm_start() -> None:
     preload_path = [entry for entry in sys.argv[3].split(os.pathsep) if entry]
     preload = sys.argv[4:]
     base_path = sys.path[1:]  # without the '' that -c put first
+    exit_now = os._exit  # before a program can replace it
     modules_before = set(sys.modules)
     finders_before = set(sys.path_importer_cache)
     import ctypes
@@ -103,6 +114,14 @@ def _further_link_warm_start() -> None:
             ):
                 return counter, fresh
         return None
+
+    def hidden_import(name: str):  # type: ignore[no-untyped-def]  # (typing is not loaded)
+        """A built-in module, kept out of sys.modules if a fresh interpreter has not loaded it."""
+        loaded = name in sys.modules
+        module = __import__(name)
+        if not loaded:
+            del sys.modules[name]
+        return module
 
     def say(line: str) -> None:
         if status >= 0:
@@ -242,6 +261,14 @@ def _further_link_warm_start() -> None:
     namespace = sys.modules["__main__"].__dict__
     builtins = namespace["__builtins__"]
     loader = namespace["__loader__"]
+    if preload:
+        collector = hidden_import("gc")
+        # The preloaded libraries' objects are never examined by the cyclic
+        # garbage collector again: at exit it looks at the program's only.
+        collector.freeze()
+        # A __main__ made after that, so the collector can end it at exit.
+        sys.modules["__main__"] = type(sys)("__main__")
+        namespace = sys.modules["__main__"].__dict__
     namespace.clear()
     namespace.update(
         __name__="__main__",
@@ -252,6 +279,7 @@ def _further_link_warm_start() -> None:
         __annotations__={},
         __builtins__=builtins,
     )
+    del namespace  # only sys.modules holds __main__ now, as in a fresh interpreter
     if importer is not None:
         import runpy
 
@@ -294,9 +322,49 @@ def _further_link_warm_start() -> None:
         fclose(source)
         print(f"{program_name}: {script!r} is a directory, cannot continue", file=sys.stderr)
         raise SystemExit(1)
+
+    def finish_quickly(code: int) -> None:
+        """What the interpreter's shutdown does that a program can see, then exit with ``code``.
+
+        Returns (and the interpreter shuts down as usual) when the program
+        registered ``atexit`` handlers (the interpreter reports their errors
+        without any frame of ours), a non-daemon thread still runs or the output
+        cannot be flushed: the interpreter's own way then applies.
+        """
+        if exit_hooks._ncallbacks() != hooks_before:
+            return
+        collector = sys.modules.get("gc") or hidden_import("gc")
+        threading = sys.modules.get("threading")
+        if threading is not None:
+            main = threading.main_thread()
+            if any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
+                return
+            if hasattr(threading, "_shutdown"):
+                threading._shutdown()  # e.g. hooks of concurrent.futures, as at shutdown
+        exit_hooks._run_exitfuncs()  # the preloaded libraries' own
+        exit_hooks._clear()
+        # As the shutdown does: the last error goes, __main__ leaves sys.modules
+        # and the collector ends what the program left (__del__ methods and
+        # weakref callbacks run, unclosed files are flushed).
+        for name in ("last_type", "last_value", "last_traceback"):
+            if hasattr(sys, name):
+                delattr(sys, name)
+        sys.modules.pop("__main__", None)
+        collector.collect()
+        try:
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:
+                    stream.flush()
+        except BaseException:  # the shutdown then reports it as it always does
+            return
+        exit_now(code)
+
     # Our frames below the script would count against its recursion limit
     # (and show in "[Previous line repeated N more times]"): the thread's
     # recursion counter is set to a fresh interpreter's for the run.
+    if preload:
+        exit_hooks = hidden_import("atexit")
+        hooks_before = exit_hooks._ncallbacks()
     recursion = recursion_counter(sys.getrecursionlimit())
     saved = 0
     if recursion is not None:
@@ -307,7 +375,12 @@ def _further_link_warm_start() -> None:
         recursion[0].value = saved
     # An error was already reported. A KeyboardInterrupt leaves the interpreter's
     # own flag set, so it ends by SIGINT after clean-up, as a fresh one does.
-    if result != 0 and getattr(sys, "last_type", None) is not KeyboardInterrupt:
+    failed = result != 0
+    if failed and getattr(sys, "last_type", None) is KeyboardInterrupt:
+        return
+    if preload:
+        finish_quickly(1 if failed else 0)
+    if failed:
         raise SystemExit(1)
 
 

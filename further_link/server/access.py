@@ -126,6 +126,21 @@ def cors_headers(request: web.Request) -> dict[str, str]:
     }
 
 
+def check_paired(request: web.Request) -> dict[str, str]:
+    """Origin and token checks for a paired-only GET; the CORS headers for its answer.
+
+    A 401 carries them too, so an allowed page can tell "pair first" from "down".
+    """
+    check_origin(request)
+    headers = cors_headers(request)
+    try:
+        check_token(request)
+    except web.HTTPUnauthorized as refusal:
+        refusal.headers.update(headers)
+        raise
+    return headers
+
+
 def preflight(methods: str, headers: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     """A CORS preflight handler: allowed origins may send ``methods`` with ``headers``."""
 

@@ -40,6 +40,7 @@ from further_link.server.further_http import setup_further_http
 from further_link.server.liveness import bytes_acked, made_progress
 from further_link.server.netguard import hold_clock
 from further_link.server.outbox import Outbox, OutboxClosed
+from further_link.server.projects import setup_projects
 from further_link.server.run_ws import Wiring, setup_run_api
 from further_link.server.runs_http import holds_token, setup_runs_http
 from further_link.server.upload_http import make_upload_handler
@@ -157,29 +158,34 @@ async def serve_connection(
     log.debug("client connected from %s to %s", request.remote, request.path)
     try:
         async for message in ws:
-            if message.type in (WSMsgType.TEXT, WSMsgType.BINARY) and ws.over_the_limit(
-                message.data
-            ):
+            kind, data = message.type, message.data
+            # A message may be megabytes: nothing may hold it while the next one is read.
+            del message
+            if kind in (WSMsgType.TEXT, WSMsgType.BINARY) and ws.over_the_limit(data):
                 log.info("closed the connection from %s: message over the limit", request.remote)
                 await ws.close(code=WSCloseCode.MESSAGE_TOO_BIG)
                 break
-            # Nothing more is read from a client while its answers pile up unread.
-            await outbox.wait_room()
             if ws.closed:
                 break
-            if message.type is WSMsgType.TEXT:
+            if kind is WSMsgType.TEXT:
                 try:
-                    command = parse(message.data)
+                    command = parse(data)
                 except ProtocolError as exc:
                     _refuse(outbox, exc)
                 else:
+                    del data
                     await session.handle(command)
-            elif message.type is WSMsgType.BINARY:
+                    del command
+            elif kind is WSMsgType.BINARY:
                 outbox.put(
                     ErrorEvent("binary messages are not understood; send JSON as a text message")
                 )
-            elif message.type is WSMsgType.ERROR:
-                log.info("closed the connection from %s: %s", request.remote, message.data)
+            elif kind is WSMsgType.ERROR:
+                log.info("closed the connection from %s: %s", request.remote, data)
+            data = None
+            # Nothing more is taken from a client while its answers pile up unread; the
+            # wait holds no message, so aiohttp's assembly of the next is the only big buffer.
+            await outbox.wait_room()
     finally:
         app[CONNECTIONS].pop(session, None)
         await session.close()
@@ -406,6 +412,7 @@ def create_app(
     setup_webpage(app)
     setup_device(app, config)
     setup_runs_http(app, SERVICES)
+    setup_projects(app, config)
     app.cleanup_ctx.append(_services)
     app.on_shutdown.append(_close_connections)
     return app

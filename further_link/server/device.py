@@ -27,7 +27,7 @@ from further_link.compat import app_key
 from further_link.config import Config
 from further_link.runs import proctree
 from further_link.runs.detach import RunBook
-from further_link.server.access import check_origin, check_token, cors_headers, preflight
+from further_link.server.access import check_paired, preflight
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +215,7 @@ DEVICE_STATUS = app_key("device_status", DeviceStatus)
 
 
 async def device(request: web.Request) -> web.Response:
-    check_origin(request)
-    headers = cors_headers(request)
-    try:
-        check_token(request)
-    except web.HTTPUnauthorized as refusal:
-        refusal.headers.update(headers)  # so an allowed page can tell "pair first" from "down"
-        raise
+    headers = check_paired(request)
     status = await request.app[DEVICE_STATUS].collect()
     return web.json_response(status, headers={**headers, "Cache-Control": "no-store"})
 

@@ -7,7 +7,12 @@ connection that has not finished its request headers within
 ``header_timeout`` seconds (the TLS handshake is bounded by the same number
 through asyncio). A connection's clock stops while a request is being
 handled (a websocket can stay open for hours) and restarts when it ends,
-which also bounds idle keep-alive. Running out of file descriptors gives one
+which also bounds idle keep-alive. At the total cap a new connection takes
+the place of the one that has waited longest with its clock running (no
+request head yet, or idle keep-alive): peers that hold connections without
+using them are the first to go, and a connection serving a request (a
+paired websocket above all) is never closed to make room; only when every
+connection is busy is the newcomer refused. Running out of file descriptors gives one
 log line at most every ``EMFILE_LOG_INTERVAL`` seconds, not a traceback per
 failed ``accept``.
 """
@@ -63,22 +68,20 @@ class ConnectionGuard:
         self.header_timeout = config.header_timeout
         self.total = 0
         self._per_address: dict[str, int] = {}
-        self._last_refusal_log = -EMFILE_LOG_INTERVAL
-        self._refused_since_log = 0
+        # Connections whose clock runs, oldest first: the ones that make room at the cap.
+        self._idle: dict[GuardedProtocol, None] = {}
+        self._refusals = CountedLog("refused %d connection(s) over the %s connection limit")
+        self._evictions = CountedLog("closed %d idle connection(s) at the %s connection limit")
 
     def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         """The protocol factory to give ``create_server`` in place of aiohttp's."""
         return lambda: GuardedProtocol(self, inner)
 
     def admit(self, address: str) -> bytes | None:
-        """Count a new connection; or the answer that refuses it (nothing counted)."""
-        if self.total >= self.max_total:
-            self._note_refusal("total")
-            return _refusal(
-                "503 Service Unavailable",
-                f"this device has {self.total} connections, its limit "
-                "(FURTHER_LINK_MAX_CONNECTIONS); try again shortly",
-            )
+        """Count a new connection; or the answer that refuses it (nothing counted).
+
+        At the total cap the longest idle connection is closed to make room.
+        """
         held = self._per_address.get(address, 0)
         if held >= self.max_per_address:
             self._note_refusal("per-address")
@@ -87,9 +90,32 @@ class ConnectionGuard:
                 f"your address has {held} connections to this device, its limit "
                 "(FURTHER_LINK_MAX_CONNECTIONS_PER_ADDRESS); close some first",
             )
+        if self.total >= self.max_total and not self._make_room():
+            self._note_refusal("total")
+            return _refusal(
+                "503 Service Unavailable",
+                f"this device has {self.total} connections, its limit "
+                "(FURTHER_LINK_MAX_CONNECTIONS), all of them busy; try again shortly",
+            )
+        held = self._per_address.get(address, 0)  # the connection closed may have been its own
         self.total += 1
         self._per_address[address] = held + 1
         return None
+
+    def _make_room(self) -> bool:
+        """Close the connection idle the longest; False when every connection is busy."""
+        victim = next(iter(self._idle), None)
+        if victim is None:
+            return False
+        victim.evict()
+        self._evictions.note("total")
+        return True
+
+    def clock_started(self, protocol: GuardedProtocol) -> None:
+        self._idle[protocol] = None
+
+    def clock_stopped(self, protocol: GuardedProtocol) -> None:
+        self._idle.pop(protocol, None)
 
     def release(self, address: str) -> None:
         self.total -= 1
@@ -100,17 +126,27 @@ class ConnectionGuard:
             del self._per_address[address]
 
     def _note_refusal(self, which: str) -> None:
-        """One log line per interval however many peers are refused."""
-        self._refused_since_log += 1
+        self._refusals.note(which)
+
+
+class CountedLog:
+    """One warning per ``EMFILE_LOG_INTERVAL`` however often it happens, with the count.
+
+    ``text`` takes the count since the last line, then the ``which`` of ``note``.
+    """
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._last = -EMFILE_LOG_INTERVAL
+        self._since = 0
+
+    def note(self, which: str) -> None:
+        self._since += 1
         now = time.monotonic()
-        if now - self._last_refusal_log >= EMFILE_LOG_INTERVAL:
-            log.warning(
-                "refused %d connection(s) over the %s connection limit",
-                self._refused_since_log,
-                which,
-            )
-            self._last_refusal_log = now
-            self._refused_since_log = 0
+        if now - self._last >= EMFILE_LOG_INTERVAL:
+            log.warning(self._text, self._since, which)
+            self._last = now
+            self._since = 0
 
 
 class GuardedProtocol(asyncio.Protocol):
@@ -143,9 +179,32 @@ class GuardedProtocol(asyncio.Protocol):
     def _start_clock(self) -> None:
         loop = asyncio.get_running_loop()
         self._clock = loop.call_later(self._guard.header_timeout, self._expire)
+        self._guard.clock_started(self)
+
+    def _stop_clock(self) -> None:
+        if self._clock is not None:
+            self._clock.cancel()
+            self._clock = None
+        self._guard.clock_stopped(self)
+
+    def evict(self) -> None:
+        """Close this idle connection now, for a newcomer; its place is free at once."""
+        self._stop_clock()
+        inner, self._inner = self._inner, None
+        if inner is None:
+            return
+        self._guard.release(self._address)
+        transport = self._transport
+        if isinstance(transport, asyncio.Transport):
+            if self._served:
+                transport.close()
+            else:
+                transport.abort()
+        inner.connection_lost(None)
 
     def _expire(self) -> None:
         self._clock = None
+        self._guard.clock_stopped(self)
         transport = self._transport
         if not isinstance(transport, asyncio.Transport) or self._busy:
             return
@@ -158,9 +217,7 @@ class GuardedProtocol(asyncio.Protocol):
         """A whole request head arrived: its handler takes over the connection's time."""
         self._busy += 1
         self._served = True
-        if self._clock is not None:
-            self._clock.cancel()
-            self._clock = None
+        self._stop_clock()
 
     def request_ended(self) -> None:
         """The next request (or a keep-alive wait) has ``header_timeout`` again."""
@@ -184,9 +241,7 @@ class GuardedProtocol(asyncio.Protocol):
             self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._clock is not None:
-            self._clock.cancel()
-            self._clock = None
+        self._stop_clock()
         inner, self._inner = self._inner, None
         if inner is not None:
             self._guard.release(self._address)

@@ -11,10 +11,14 @@ replacement, url cache), with upstream's two additions:
   made in the pi-top miniscreen's projects folder
   (``<FURTHER_LINK_MINISCREEN_PROJECTS_DIR>/<username before @>/<name>``).
 
-Answers: ``200 {"success": true, "fetched_urls": bool}``; otherwise
-``{"success": false, "error": "<what was wrong>"}`` with 400 (not a valid
-directory object, unsafe name), 413 (over a cap) or 500 (download or disk
-failure).
+An optional ``"version"`` beside ``name`` and ``files`` is the project's
+version the page last saw (``GET /projects/{name}``): when the directory
+changed since, nothing is written and the answer is 409.
+
+Answers: ``200 {"success": true, "fetched_urls": bool, "version": str}``;
+otherwise ``{"success": false, "error": "<what was wrong>"}`` with 400 (not a
+valid directory object, unsafe name), 409 (version conflict), 413 (over a
+cap) or 500 (download or disk failure).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from further_link.errors import (
     UnreachableError,
     UnsafePathError,
     UploadError,
+    VersionConflictError,
 )
 from further_link.files.paths import confine_path
 from further_link.files.upload import UploadLimits, materialise_upload
@@ -81,7 +86,7 @@ def parse_directory(body: bytes) -> tuple[UploadCommand, str]:
         ) from None
     if not isinstance(directory, dict):
         raise ProtocolError('the body must be a JSON object: {"name": ..., "files": {...}}')
-    command = _parse_upload({"directory": directory})
+    command = _parse_upload({"directory": directory, "version": directory.get("version")})
     username = directory.get("username")
     return command, username if isinstance(username, str) else ""
 
@@ -102,11 +107,13 @@ def make_upload_handler(services_key: web.AppKey[Services]) -> Any:
         try:
             body = await read_body(request, config.max_message_bytes)
             command, username = parse_directory(body)
-            fetched = await upload_skipping_offline(services, command, config.work_dir)
+            fetched, version = await upload_skipping_offline(services, command, config.work_dir)
             if PROJECT_CONFIG in command.files:
-                await copy_to_miniscreen(services, command, username)
+                await copy_to_miniscreen(services, replace(command, version=None), username)
         except (ProtocolError, UnsafePathError) as exc:
             return _answer(400, success=False, error=exc.message)
+        except VersionConflictError as exc:
+            return _answer(409, success=False, error=exc.message)
         except LimitExceededError as exc:
             return _answer(413, success=False, error=exc.message)
         except FurtherLinkError as exc:
@@ -115,7 +122,7 @@ def make_upload_handler(services_key: web.AppKey[Services]) -> Any:
         except OSError as exc:
             where = f" ({exc.filename})" if exc.filename else ""
             return _answer(500, success=False, error=f"upload failed: {exc.strerror}{where}")
-        return _answer(200, success=True, fetched_urls=fetched)
+        return _answer(200, success=True, fetched_urls=fetched, version=version)
 
     return upload
 
@@ -126,12 +133,12 @@ def _run_as_names(config: Config) -> list[str]:
 
 async def upload_skipping_offline(
     services: Services, command: UploadCommand, work_dir: Path
-) -> bool:
+) -> tuple[bool, str]:
     """Materialise the upload; url files whose host is unreachable are left out.
 
-    Returns whether every url file was fetched. Each unreachable url is tried
-    once: the upload is retried without it, so caps and atomic replacement
-    hold as for any upload.
+    Returns whether every url file was fetched, and the directory's new
+    version. Each unreachable url is tried once: the upload is retried without
+    it, so caps and atomic replacement hold as for any upload.
     """
     limits = UploadLimits.from_config(services.config)
     skipped: set[str] = set()
@@ -142,7 +149,7 @@ async def upload_skipping_offline(
             if not (isinstance(file, UrlFile) and file.url in skipped)
         }
         try:
-            await materialise_upload(
+            result = await materialise_upload(
                 replace(command, files=files), work_dir, services.cache, limits
             )
         except UnreachableError as exc:
@@ -151,7 +158,7 @@ async def upload_skipping_offline(
             log.info("skipping a url file: %s", exc.message)
             skipped.add(exc.url)
             continue
-        return not skipped
+        return not skipped, result.version
 
 
 async def copy_to_miniscreen(services: Services, command: UploadCommand, username: str) -> None:

@@ -1,15 +1,18 @@
-"""The built-in web page: an editor, console and camera view for this device.
+"""The built-in web page: an editor, terminals and camera view for this device.
 
 ``GET /`` serves ``web/index.html`` and ``GET /static/<name>`` the other files
-of ``web/``. They hold no secrets, so they need no token; the page pairs with
-``POST /pair`` and then opens ``/run-py`` like any other client. The page may
-load only its own files and talk only to this server (Content-Security-Policy),
-and it never sends the ``?token=`` it may be opened with as a referrer.
+of ``web/`` (built from the repository's ``web/`` sources by ``make web``:
+``app.js``, ``app.css``, ``LICENSES.txt``...). They hold no secrets, so they
+need no token; the page pairs with ``POST /pair`` and then opens ``/run`` like
+any other client. The page may load only its own files and talk only to this
+server (Content-Security-Policy), and it never sends the ``?token=`` it may be
+opened with as a referrer.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 from pathlib import Path
 
 from aiohttp import web
@@ -22,6 +25,7 @@ CONTENT_TYPES = {
     ".css": "text/css; charset=utf-8",
     ".svg": "image/svg+xml",
     ".png": "image/png",
+    ".txt": "text/plain; charset=utf-8",
 }
 
 # Browsers revalidate every time (ETag / Last-Modified), so an upgraded
@@ -36,14 +40,27 @@ COMMON_HEADERS = {
 _PLAIN_HOST = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
 
 
-def content_security_policy(host: str) -> str:
-    """Only this server's own files, images it sends as data: URLs, its websocket."""
-    sockets = f" ws://{host} wss://{host}" if _PLAIN_HOST.match(host) else ""
+# Where index.html wants this answer's style nonce.
+NONCE_PLACEHOLDER = b"{{CSP_NONCE}}"
+
+
+def content_security_policy(host: str, nonce: str) -> str:
+    """Only this server's own files, images it sends as data: URLs, its websockets.
+
+    ``nonce`` (URL-safe base64) is the one ``<style>`` elements made by the
+    page's own scripts (the editor's and the terminal's) carry; no other inline
+    style applies. Websockets may also go to other ports of the same host: a
+    GUI program's window comes over its own port (noVNC, ``novnc`` message).
+    """
+    sockets = ""
+    if _PLAIN_HOST.match(host):
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        sockets = f" ws://{host} wss://{host} ws://{name}:* wss://{name}:*"
     return "; ".join(
         [
             "default-src 'none'",
             "script-src 'self'",
-            "style-src 'self'",
+            f"style-src 'self' 'nonce-{nonce}'",
             "img-src 'self' data:",
             "font-src 'self'",
             f"connect-src 'self'{sockets}",
@@ -79,8 +96,9 @@ def _file_response(name: str, body: bytes) -> web.Response:
 
 
 async def index(request: web.Request) -> web.Response:
-    response = _file_response("index.html", INDEX_HTML)
-    response.headers["Content-Security-Policy"] = content_security_policy(request.host)
+    nonce = secrets.token_urlsafe(18)
+    response = _file_response("index.html", INDEX_HTML.replace(NONCE_PLACEHOLDER, nonce.encode()))
+    response.headers["Content-Security-Policy"] = content_security_policy(request.host, nonce)
     response.headers["X-Frame-Options"] = "DENY"
     return response
 

@@ -1,0 +1,44 @@
+"""Giving a flood's multi-megabyte message buffers back to the system when freed.
+
+A client may send messages of up to ``FURTHER_LINK_MAX_MESSAGE_BYTES``; each
+one passes through a few buffers of its size (aiohttp's frame assembly,
+its text, its parsed values) that live for microseconds. glibc's malloc
+serves blocks above its *mmap threshold* from fresh mappings it unmaps on
+``free``, but after the first such block is freed it raises the threshold to
+that block's size (up to 32 MiB), so from then on every message buffer comes
+from the heap, whose freed middle is never given back: a client sending one
+4 MiB message after another keeps the server's resident memory several
+buffers higher than anything it holds. Setting the threshold once turns
+that adjustment off, as ``MALLOC_MMAP_THRESHOLD_`` in the environment would.
+Nothing else changes: smaller blocks, the vast majority, stay on the heap.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+LARGE_BLOCK_BYTES = 128 * 1024  # glibc's own starting value, kept from moving
+
+
+def map_large_blocks(threshold: int = LARGE_BLOCK_BYTES) -> bool:
+    """Serve blocks of ``threshold`` bytes or more from their own mappings, for good.
+
+    Returns False (and changes nothing) where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    done = bool(mallopt(M_MMAP_THRESHOLD, threshold))
+    log.debug("malloc: blocks of %d bytes or more mapped on their own: %s", threshold, done)
+    return done
