@@ -41,6 +41,7 @@ from bench_page import bench_page
 from bench_plots import bench_plots
 from bench_preload import bench_preload
 from bench_run_v5 import bench_run_v5
+from bench_sharing import bench_sharing
 from bench_stdin import bench_stdin
 from bench_throughput import bench_throughput
 
@@ -58,6 +59,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "run-v5": bench_run_v5,
     "preload": bench_preload,
     "cgroup": bench_cgroup,
+    "sharing": bench_sharing,
     "page": bench_page,
     "plots": bench_plots,
     "gui": bench_gui,

@@ -8,6 +8,7 @@ imports only the standard library so that the import stays fast.
 from further_link.channel import ChannelError, send_image
 from further_link.controls import Button, Slider, button, slider
 from further_link.keyboard import KeyboardButton
+from further_link.sharing import ClaimError, ClaimTimeout, claim
 
 # further-link's own release: the package version, `further-link --version`.
 PACKAGE_VERSION = "0.1.0"
@@ -19,10 +20,13 @@ __all__ = [
     "PACKAGE_VERSION",
     "Button",
     "ChannelError",
+    "ClaimError",
+    "ClaimTimeout",
     "KeyboardButton",
     "Slider",
     "__version__",
     "button",
+    "claim",
     "send_image",
     "slider",
 ]

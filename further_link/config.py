@@ -99,6 +99,15 @@ class Config:
     device_name: str = ""  # FURTHER_LINK_DEVICE_NAME; "" is the host name
     # Ed25519 public keys (base64) of teachers this device obeys: config dir's teachers file.
     teacher_keys: tuple[str, ...] = ()
+    # Detach and re-attach (issue 13): seconds a run outlives its connection when
+    # `start` names no keepAlive; the most a client may ask for; how many runs may
+    # wait detached at once; the output each keeps for whoever attaches.
+    keep_alive: float = 0.0
+    max_keep_alive: float = 3600.0
+    max_detached_runs: int = 16
+    kept_output_bytes: int = 1 * MiB
+    # One program at a time on the device: further starts queue (FURTHER_LINK_EXCLUSIVE).
+    exclusive: bool = False
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with some fields replaced (``None`` values are ignored)."""
@@ -401,6 +410,11 @@ def load_config(
         advertise=_flag(env, "FURTHER_LINK_ADVERTISE") if "FURTHER_LINK_ADVERTISE" in env else True,
         device_name=env.get("FURTHER_LINK_DEVICE_NAME", "").strip(),
         teacher_keys=read_teacher_keys(config_dir),
+        keep_alive=_number(env, "FURTHER_LINK_KEEP_ALIVE", 0.0, float),
+        max_keep_alive=_number(env, "FURTHER_LINK_MAX_KEEP_ALIVE", 3600.0, float),
+        max_detached_runs=_number(env, "FURTHER_LINK_MAX_DETACHED_RUNS", 16),
+        kept_output_bytes=_size(env, "FURTHER_LINK_KEPT_OUTPUT_BYTES", 1 * MiB),
+        exclusive=_flag(env, "FURTHER_LINK_EXCLUSIVE"),
     )
     config = config.with_overrides(**overrides)
     if not 0 <= config.port <= 65535:

@@ -18,7 +18,8 @@
      |    +-- ProjectNotFoundError  GET /projects/{name} names no project
      +-- ConfigError            the server's own configuration is unusable
      +-- ClientError            `further-link run` / `pair` cannot go on (not paired,
-     |                          refused, certificate changed, files it cannot send)
+     |    |                     refused, certificate changed, files it cannot send)
+     |    +-- ConnectionLost    ... the connection broke while the program ran
      +-- ServiceError           `further-link install-service` cannot (un)install the unit
      +-- PrivilegeError         a server started as root cannot drop to the program user
      +-- TeacherError           a teacher's command was refused (unknown key, bad signature)
@@ -122,6 +123,10 @@ class ConfigError(FurtherLinkError):
 
 class ClientError(FurtherLinkError):
     """The command-line client cannot connect, pair or run; the message says what to do."""
+
+
+class ConnectionLost(ClientError):
+    """The websocket broke (not closed by the device on purpose) while a program ran."""
 
 
 class ServiceError(FurtherLinkError):

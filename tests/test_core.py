@@ -117,6 +117,6 @@ async def test_an_admission_that_waits_holds_the_start_back(
         go.set()
         await asyncio.wait_for(starting, TIMEOUT)
         messages = await messages_until_stopped(outbox)
-    assert messages[0] == {"type": "started", "data": {}}
+    assert messages[0] == {"type": "started", "data": {"runId": messages[0]["data"]["runId"]}}
     assert "".join(m["data"]["output"] for m in messages if m["type"] == "stdout") == "7\n"
     assert messages[-1] == {"type": "stopped", "data": {"exitCode": 0}}

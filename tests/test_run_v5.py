@@ -42,7 +42,9 @@ async def test_python_run_with_pipes(connect_run: V5Connect) -> None:
         'print(os.getcwd())\\nsys.exit(3)"}}'
     )
     result = await client.collect("1")
-    assert client.raw[0] == '{"type": "started", "data": null, "client": "abc", "process": "1"}'
+    run_id = json.loads(client.raw[0])["data"]["runId"]
+    assert client.raw[0] == frame("started", {"runId": run_id}, "abc", "1")
+    assert re.fullmatch("[0-9a-f]{32}", run_id)
     assert result.stdout == "hi\n/tmp\n"
     assert result.stderr == "err\n"
     assert client.raw[-1] == frame("stopped", {"exitCode": 3}, "abc", "1")
@@ -54,8 +56,8 @@ async def test_stdin_reversed(connect_run: V5Connect) -> None:
         '{"type": "start", "process": "a", "data": {"runner": "python3", '
         '"code": "print(input()[::-1])"}}'
     )
-    await client.expect("a", "started")
-    assert client.raw[0] == frame("started", None, "", "a")
+    started = await client.expect("a", "started")
+    assert client.raw[0] == frame("started", {"runId": started["data"]["runId"]}, "", "a")
     await client.ws.send_str('{"type": "stdin", "process": "a", "data": {"input": "hello\\n"}}')
     result = await client.collect("a")
     assert result.stdout == "olleh\n"
@@ -200,8 +202,10 @@ async def test_several_processes_and_a_duplicate_id(connect_run: V5Connect) -> N
     )
     await client.send("start", "2", {"runner": "python3", "code": "input()\nprint(2)"})
     await client.send("start", "2", {"runner": "python3", "code": "print(22)"})
-    assert await client.next_for("1") == json.loads(frame("started", None, "", "1"))
-    assert await client.next_for("2") == json.loads(frame("started", None, "", "2"))
+    for process in ("1", "2"):
+        started = await client.next_for(process)
+        expected = frame("started", {"runId": started["data"]["runId"]}, "", process)
+        assert started == json.loads(expected)
     error = await client.expect("2", "error")
     assert "still running" in error["data"]["message"]
     await client.send("stdin", "2", {"input": "\n"})

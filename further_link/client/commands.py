@@ -10,6 +10,10 @@ Trust: over TLS the device's certificate is pinned on first use (hosts.py) and
 checked before anything, the token included, is sent; the token travels in an
 ``Authorization`` header, never in a URL.
 
+A network blip does not end the run: ``start`` asks the device to keep the
+program for ``KEEP_ALIVE`` seconds without a connection, and ``run`` reconnects
+and attaches to it again, showing only output it has not shown yet.
+
 Exit codes of ``run``: the program's own; 128+N when signal N ended it (143
 after Ctrl-C); 130 when a second Ctrl-C left without waiting; 255, like ssh,
 when further-link itself could not run the program (connection, pairing,
@@ -26,12 +30,14 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import re
 import select
 import signal
 import socket
 import ssl
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +52,7 @@ from further_link.client.hosts import (
     host_key,
 )
 from further_link.config import DEFAULT_PORT, resolve_config_dir
-from further_link.errors import ClientError
+from further_link.errors import ClientError, ConnectionLost
 
 MiB = 1024 * 1024
 EXIT_FAILED = 255
@@ -62,6 +68,13 @@ INPUT_CHUNK = 64 * 1024
 # Guards against uploading a home directory by mistake; the device has its own caps.
 MAX_PROJECT_FILES = 10_000
 MAX_PROJECT_BYTES = 256 * MiB
+# Seconds the device keeps a program whose connection broke; `run` reconnects within them.
+KEEP_ALIVE = 60.0
+RECONNECT_INTERVAL = 1.0
+# What the device says in place of output it did not keep for an attach (runs/kept.py).
+NOT_KEPT = re.compile("\\A\u2026 (\\d+) bytes not kept \u2026\n")
+# Close codes that mean the connection broke rather than the device ending it.
+BROKEN_CLOSE_CODES = (None, aiohttp.WSCloseCode.ABNORMAL_CLOSURE)
 
 TlsOption = Union[bool, aiohttp.Fingerprint]
 
@@ -420,27 +433,46 @@ class RunSession:
         self._stop_sent = False
         self._stdout_open = True
         self._told_about_video = False
+        self.run_id: str | None = None  # from `started`: what to attach to after a blip
+        self._shown_bytes = 0  # of the program's output (both streams), in UTF-8
+        self._repeated_bytes: int | None = 0  # of output to come that was shown already
 
     async def run(self, script: str, project: Project | None, interrupts: Interrupts) -> int:
-        try:
-            if project is not None:
-                await self._send(project.upload_message())
-                await self._expect("uploaded")
-            start: dict[str, Any] = {"sourceScript": script}
-            if project is not None:
-                start["directoryName"] = project.name
-            await self._send({"type": "start", "data": start})
-            await self._expect("started")
-            interrupts.on_first = self.request_stop
-            if self._terminal.stdin_fd is not None:
-                reader = InputReader(self._terminal.stdin_fd, asyncio.get_running_loop())
-                reader.start()
-                self._spawn(self._forward_input(reader))
-            return await self._show_output()
-        finally:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Upload, start and follow the program; raises ``ConnectionLost`` on a blip."""
+        if project is not None:
+            await self._send(project.upload_message())
+            await self._expect("uploaded")
+        start: dict[str, Any] = {"sourceScript": script, "keepAlive": KEEP_ALIVE}
+        if project is not None:
+            start["directoryName"] = project.name
+        await self._send({"type": "start", "data": start})
+        started = await self._expect("started")
+        run_id = (started.get("data") or {}).get("runId")
+        self.run_id = run_id if isinstance(run_id, str) else None
+        interrupts.on_first = self.request_stop
+        if self._terminal.stdin_fd is not None:
+            reader = InputReader(self._terminal.stdin_fd, asyncio.get_running_loop())
+            reader.start()
+            self._spawn(self._forward_input(reader))
+        return await self._show_output()
+
+    async def resume(self, ws: aiohttp.ClientWebSocketResponse) -> int:
+        """Attach to the run again on a new connection and follow it to its end.
+
+        The device replays the output it kept; what was shown already is skipped.
+        """
+        assert self.run_id is not None
+        self._ws = ws
+        self._repeated_bytes = None  # the first output says how much was not kept
+        await self._send({"type": "attach", "data": {"runId": self.run_id}})
+        if self._stop_sent:
+            await self._send({"type": "stop"})
+        return await self._show_output()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def request_stop(self, announce: bool = True) -> None:
         if self._stop_sent:
@@ -455,16 +487,43 @@ class RunSession:
             message = await self._receive()
             kind, data = message["type"], message.get("data") or {}
             if kind in ("stdout", "stderr"):
-                self._write(kind, str(data.get("output", "")))
+                self._write(kind, self._not_yet_shown(kind, str(data.get("output", ""))))
             elif kind == "stopped":
                 return exit_status(int(data["exitCode"]))
+            elif kind == "error" and self._repeated_bytes is None:
+                # Refused the attach (the run ended and was forgotten, or the device restarted).
+                raise ClientError(str(data.get("message")))
             elif kind == "error":
                 self._terminal.say(str(data.get("message")))
+            elif kind == "queued" and "resource" in data:
+                self._terminal.say(
+                    f"the program waits for {data['resource']!r}, which another program holds "
+                    f"(number {data.get('position')} in the queue)"
+                )
             elif kind == "video" and not self._told_about_video:
                 self._told_about_video = True
                 self._terminal.say("the program sends images, which only a browser can show")
 
+    def _not_yet_shown(self, stream: str, text: str) -> str:
+        """``text`` without what an attach replayed that this terminal showed before the blip."""
+        if self._repeated_bytes is None:
+            match = NOT_KEPT.match(text) if stream == "stdout" else None
+            not_kept = int(match.group(1)) if match else 0
+            text = text[match.end() :] if match else text
+            self._repeated_bytes = self._shown_bytes - not_kept
+            if self._repeated_bytes < 0:
+                self._terminal.say(f"{-self._repeated_bytes} bytes of output were lost in the blip")
+                self._shown_bytes = not_kept
+                self._repeated_bytes = 0
+        data = text.encode("utf-8", "surrogatepass")
+        skip = min(self._repeated_bytes, len(data))
+        self._repeated_bytes -= skip
+        self._shown_bytes += len(data) - skip
+        return data[skip:].decode("utf-8", "surrogatepass") if skip else text
+
     def _write(self, stream: str, text: str) -> None:
+        if not text:
+            return
         if stream == "stdout" and not self._stdout_open:
             return
         try:
@@ -483,12 +542,12 @@ class RunSession:
                 return
             await self._send({"type": "stdin", "data": {"input": line}})
 
-    async def _expect(self, kind: str) -> None:
+    async def _expect(self, kind: str) -> dict[str, Any]:
         """Wait for ``kind``; the device's ``error`` instead ends the run."""
         while True:
             message = await self._receive()
             if message["type"] == kind:
-                return
+                return message
             if message["type"] == "error":
                 raise ClientError(str((message.get("data") or {}).get("message")))
 
@@ -509,7 +568,10 @@ class RunSession:
                 aiohttp.WSMsgType.CLOSED,
                 aiohttp.WSMsgType.ERROR,
             ):
-                raise ClientError(describe_close(self._device, self._ws.close_code))
+                code = self._ws.close_code
+                broken = message.type is aiohttp.WSMsgType.ERROR or code in BROKEN_CLOSE_CODES
+                error = ConnectionLost if broken else ClientError
+                raise error(describe_close(self._device, code))
 
     async def _send(self, message: dict[str, Any]) -> None:
         # A closed connection is reported by the receive loop.
@@ -559,27 +621,58 @@ async def run_remote(request: RunRequest, store: HostStore, terminal: Terminal) 
 async def _connect_and_run(
     request: RunRequest, store: HostStore, terminal: Terminal, interrupts: Interrupts
 ) -> int:
+    """Run the program; after a blip, reconnect and attach until ``KEEP_ALIVE`` runs out."""
     device = request.device
     tls = await trust_device(device, store, request.trust_new, terminal.say)
-    headers = {"Authorization": f"Bearer {request.token}"} if request.token else {}
+    session: RunSession | None = None
+    give_up_at: float | None = None
     async with aiohttp.ClientSession() as http:
         try:
-            ws = await http.ws_connect(
-                device.url("/run-py", websocket=True),
-                headers=headers,
-                ssl=tls,
-                heartbeat=HEARTBEAT,
-                max_msg_size=MAX_RECEIVED_MESSAGE,
-            )
-        except aiohttp.WSServerHandshakeError as exc:
-            raise ClientError(describe_refusal(device, exc.status, request.token_from)) from None
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            raise ClientError(describe_connect_failure(device, exc)) from None
-        try:  # not ``async with ws``: aiohttp 3.8 (Debian 12) lacks it
-            session = RunSession(ws, terminal, device)
-            return await session.run(request.script, request.project, interrupts)
+            while True:
+                try:
+                    ws = await _open_run_py(http, request, tls)
+                except ConnectionLost:
+                    if give_up_at is None or time.monotonic() >= give_up_at:
+                        raise
+                    await asyncio.sleep(RECONNECT_INTERVAL)
+                    continue
+                try:  # not ``async with ws``: aiohttp 3.8 (Debian 12) lacks it
+                    if session is None:
+                        session = RunSession(ws, terminal, device)
+                        return await session.run(request.script, request.project, interrupts)
+                    terminal.say(f"reconnected to {device.key}; following the program again")
+                    return await session.resume(ws)
+                except ConnectionLost as exc:
+                    if session is None or session.run_id is None:
+                        raise
+                    if give_up_at is None:
+                        give_up_at = time.monotonic() + KEEP_ALIVE
+                    terminal.say(f"{exc.message}; reconnecting (for up to {KEEP_ALIVE:.0f} s)")
+                finally:
+                    await ws.close()
         finally:
-            await ws.close()
+            if session is not None:
+                await session.close()
+
+
+async def _open_run_py(
+    http: aiohttp.ClientSession, request: RunRequest, tls: TlsOption
+) -> aiohttp.ClientWebSocketResponse:
+    """The /run-py websocket; raises ``ConnectionLost`` when the device cannot be reached."""
+    device = request.device
+    headers = {"Authorization": f"Bearer {request.token}"} if request.token else {}
+    try:
+        return await http.ws_connect(
+            device.url("/run-py", websocket=True),
+            headers=headers,
+            ssl=tls,
+            heartbeat=HEARTBEAT,
+            max_msg_size=MAX_RECEIVED_MESSAGE,
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        raise ClientError(describe_refusal(device, exc.status, request.token_from)) from None
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        raise ConnectionLost(describe_connect_failure(device, exc)) from None
 
 
 # -------------------------------------------------------------------- pair

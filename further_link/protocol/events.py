@@ -53,6 +53,7 @@ class UseControl:
 @dataclass(frozen=True)
 class Started:
     process: str | None = None
+    run_id: str | None = None  # names the run device-wide: for attach and GET /runs
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,23 @@ class Novnc:
 
 
 @dataclass(frozen=True)
+class Queued:
+    """A run waits: for a claimed ``resource`` held by run ``held_by``, or (exclusive
+    mode, ``resource`` None) for its turn to start. ``position`` 1 is next."""
+
+    position: int
+    resource: str | None = None
+    held_by: str | None = None
+    process: str | None = None
+
+    def data(self) -> dict[str, object]:
+        data: dict[str, object] = {"position": self.position}
+        if self.resource is not None:
+            data.update(resource=self.resource, heldBy=self.held_by)
+        return data
+
+
+@dataclass(frozen=True)
 class Uploaded:
     version: str | None = None  # the directory's new version (files/projects.py)
 
@@ -152,5 +170,16 @@ class ErrorEvent:
 
 ProgramOutput = Union[Output, Video, Plot]
 Event = Union[
-    Started, Stopped, Output, Video, KeyListen, Plot, Controls, Novnc, Uploaded, Pong, ErrorEvent
+    Started,
+    Stopped,
+    Output,
+    Video,
+    KeyListen,
+    Plot,
+    Controls,
+    Novnc,
+    Queued,
+    Uploaded,
+    Pong,
+    ErrorEvent,
 ]

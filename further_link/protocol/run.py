@@ -29,6 +29,7 @@ from further_link.protocol.events import (
     Ping,
     Plot,
     Pong,
+    Queued,
     Started,
     Stdin,
     Stop,
@@ -43,11 +44,13 @@ from further_link.protocol.wire import (
     kind_of,
     optional_str,
     output_type_and_data,
+    parse_keep_alive,
+    parse_run_id,
     side_event_data,
 )
 
 RUNNERS = ("python3", "exec", "shell")
-COMMAND_TYPES = ("ping", "start", "stdin", "resize", "stop", "keyevent", "control")
+COMMAND_TYPES = ("ping", "start", "stdin", "resize", "stop", "keyevent", "control", "attach")
 MAX_PROCESS_ID_CHARS = 256
 MAX_TERMINAL_CELLS = 65535  # a terminal's rows and columns are unsigned shorts
 _TRUE_WORDS = ("1", "true")
@@ -106,6 +109,15 @@ class RunStart:
     code: str | None = None
     path: str | None = None
     novnc: NovncOptions | None = None
+    keep_alive: float | None = None  # seconds the run outlives its connection; None: default
+
+
+@dataclass(frozen=True)
+class RunAttach:
+    """Follow the run ``run_id`` on this connection, known here as ``process``."""
+
+    process: str
+    run_id: str
 
 
 @dataclass(frozen=True)
@@ -127,7 +139,7 @@ class RunKeyEvent:
 
 
 RunControl = UseControl  # the learner used one of the process's controls
-RunCommand = Union[Ping, RunStart, Stdin, RunResize, Stop, RunKeyEvent, RunControl]
+RunCommand = Union[Ping, RunStart, Stdin, RunResize, Stop, RunKeyEvent, RunControl, RunAttach]
 
 
 # ----------------------------------------------------------------- parsing
@@ -197,6 +209,8 @@ def _parse_for_process(kind: str, process: str, data: dict[str, Any]) -> RunComm
         return RunKeyEvent(process, _string(data, "key", kind), _string(data, "event", kind))
     if kind == "control":
         return RunControl(_string(data, "id", kind), control_value(data, kind), process=process)
+    if kind == "attach":
+        return RunAttach(process, parse_run_id(data, kind))
     check_text(kind, "type")
     raise ProtocolError(
         f"unknown message type {kind!r}; expected one of {', '.join(COMMAND_TYPES)}"
@@ -214,7 +228,14 @@ def _parse_start(process: str, data: dict[str, Any]) -> RunStart:
         raise ProtocolError("start: data.path is empty; leave it out or name a file or directory")
     if path is not None and "\0" in path:
         raise ProtocolError("start: data.path contains a NUL character")
-    return RunStart(process, runner, code, path, _novnc(data.get("novncOptions")))
+    return RunStart(
+        process,
+        runner,
+        code,
+        path,
+        _novnc(data.get("novncOptions")),
+        parse_keep_alive(data, "start"),
+    )
 
 
 def _novnc(value: Any) -> NovncOptions | None:
@@ -271,7 +292,9 @@ def encode_run_event(event: Event, client: str) -> str:
 
 def _kind_and_data(event: Event) -> tuple[str, dict[str, Any] | None]:
     if isinstance(event, Started):
-        return "started", None
+        return "started", None if event.run_id is None else {"runId": event.run_id}
+    if isinstance(event, Queued):
+        return "queued", event.data()
     if isinstance(event, Stopped):
         return "stopped", {"exitCode": event.exit_code}
     if isinstance(event, KeyListen):

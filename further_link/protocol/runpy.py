@@ -28,6 +28,7 @@ from further_link.protocol.events import Output as Output
 from further_link.protocol.events import Ping, Stdin, Stop, UseControl
 from further_link.protocol.events import Plot as Plot
 from further_link.protocol.events import Pong as Pong
+from further_link.protocol.events import Queued as Queued
 from further_link.protocol.events import Started as Started
 from further_link.protocol.events import Stopped as Stopped
 from further_link.protocol.events import Uploaded as Uploaded
@@ -38,10 +39,12 @@ from further_link.protocol.wire import (
     kind_of,
     optional_str,
     output_type_and_data,
+    parse_keep_alive,
+    parse_run_id,
     side_event_data,
 )
 
-COMMAND_TYPES = ("start", "stop", "stdin", "upload", "ping", "control")
+COMMAND_TYPES = ("start", "stop", "stdin", "upload", "ping", "control", "attach")
 
 
 # ---------------------------------------------------------------- commands
@@ -54,6 +57,14 @@ class StartCommand:
     source_script: str | None = None
     source_path: str | None = None
     directory_name: str | None = None
+    keep_alive: float | None = None  # seconds the run outlives its connection; None: default
+
+
+@dataclass(frozen=True)
+class AttachCommand:
+    """Follow the run ``run_id`` (kept output, then live, then ``stopped``) on this connection."""
+
+    run_id: str
 
 
 # The shared commands, under the names this module has always given them.
@@ -99,7 +110,15 @@ class UploadCommand:
     version: str | None = None
 
 
-Command = Union[StartCommand, StopCommand, StdinCommand, PingCommand, UploadCommand, ControlCommand]
+Command = Union[
+    StartCommand,
+    StopCommand,
+    StdinCommand,
+    PingCommand,
+    UploadCommand,
+    ControlCommand,
+    AttachCommand,
+]
 
 
 # ---------------------------------------------------------------- encoding
@@ -119,7 +138,9 @@ def encode_event(event: Event) -> str:
     elif isinstance(event, ErrorEvent):
         kind, data = "error", {"message": event.message}
     elif isinstance(event, Started):
-        kind, data = "started", {}
+        kind, data = "started", {} if event.run_id is None else {"runId": event.run_id}
+    elif isinstance(event, Queued):
+        kind, data = "queued", event.data()
     elif isinstance(event, Uploaded):
         kind, data = "uploaded", {} if event.version is None else {"version": event.version}
     elif isinstance(event, Pong):
@@ -183,6 +204,8 @@ def parse_command(text: str) -> Command:
         return PingCommand()
     if kind == "control":
         return ControlCommand(_required_str(data, "id", "control"), control_value(data, "control"))
+    if kind == "attach":
+        return AttachCommand(parse_run_id(data, "attach"))
     check_text(kind, "type")
     raise ProtocolError(f"unknown message type {excerpt(kind)}; expected one of {_known_types()}")
 
@@ -197,7 +220,12 @@ def _parse_start(data: dict[str, Any]) -> StartCommand:
         raise ProtocolError("start takes data.sourceScript or data.sourcePath, not both")
     if path is not None and path == "":
         raise ProtocolError("start: data.sourcePath is empty; give the path of a .py file")
-    return StartCommand(source_script=script, source_path=path, directory_name=directory)
+    return StartCommand(
+        source_script=script,
+        source_path=path,
+        directory_name=directory,
+        keep_alive=parse_keep_alive(data, "start"),
+    )
 
 
 def _parse_upload(data: dict[str, Any]) -> UploadCommand:

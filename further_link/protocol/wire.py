@@ -101,3 +101,31 @@ def control_value(data: dict[str, Any], command: str) -> float | None:
         shown = repr(value) if isinstance(value, str) else kind_of(value)
         raise ProtocolError(f"{command}: data.value must be a number, not {shown}")
     return value
+
+
+MAX_RUN_ID_CHARS = 64
+
+
+def parse_keep_alive(data: dict[str, Any], command: str) -> float | None:
+    """``data.keepAlive``: seconds (a number, 0 or more), or None when absent."""
+    value = data.get("keepAlive")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        shown = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        raise ProtocolError(
+            f"{command}: data.keepAlive must be a number of seconds, 0 or more, "
+            f"not {kind_of(value) if shown is None else shown}"
+        )
+    return float(min(value, 1e9))  # JSON may hold numbers no timer takes
+
+
+def parse_run_id(data: dict[str, Any], command: str) -> str:
+    """``data.runId`` as ``started`` gave it, or ``ProtocolError``."""
+    value = optional_str(data, "runId", command)
+    if not value or len(value) > MAX_RUN_ID_CHARS:
+        raise ProtocolError(
+            f"{command} needs data.runId, the runId a 'started' message gave "
+            f"(1 to {MAX_RUN_ID_CHARS} characters)"
+        )
+    return value

@@ -157,7 +157,14 @@ def _write_new_file(path: Path, data: bytes) -> None:
 
 # Modules a user program needs for `import further_link`; they import only the
 # standard library, so they work under any Python 3 the programs run with.
-CLIENT_MODULES = ("__init__.py", "channel.py", "keyboard.py", "controls.py", "mpl_backend.py")
+CLIENT_MODULES = (
+    "__init__.py",
+    "channel.py",
+    "keyboard.py",
+    "controls.py",
+    "mpl_backend.py",
+    "sharing.py",
+)
 # Read at import: a server that drops root may not read its own installation later.
 CLIENT_SOURCES = {
     name: (Path(__file__).parent.parent / name).read_bytes() for name in CLIENT_MODULES

@@ -13,6 +13,14 @@ files its plan wrote, and the task that waits for its end. States::
 everything, in any state but STARTING. Events go to ``sink``, an attribute a
 later owner may replace, named by ``process`` (the v5 process id, ``None`` on
 /run-py). Every start of either API passes ``Services.admission`` first.
+
+Issue 13: a run has a ``run_id`` (unguessable: ``attach`` and ``GET /runs``
+name it). With ``keep_alive`` its sink is a ``RunRelay`` (detach.py) that keeps
+its output, so the run can outlive its connection and be attached again. In
+exclusive mode a start may wait in STARTING for its turn (``queued``) in a
+task of its own, so the connection stays free to ``stop`` it; every run is
+listed in ``Services.runs`` from its start to its end, and its claims
+(``further_link.claim``) are made on its side channel under its run id.
 """
 
 from __future__ import annotations
@@ -28,11 +36,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from further_link.errors import StartError
-from further_link.protocol.events import Novnc, Output, Started, Stopped, Video
+from further_link.errors import FurtherLinkError, SessionStateError, StartError
+from further_link.protocol.events import (
+    ErrorEvent,
+    Novnc,
+    Output,
+    Queued,
+    Started,
+    Stopped,
+    Video,
+)
+from further_link.runs.claims import RunClaims, new_run_id
 from further_link.runs.containment import RunGroup
+from further_link.runs.detach import RunRelay
 from further_link.runs.gui import DisplayRequest, VirtualDisplay, env_on_display, open_display
-from further_link.runs.process import Program, ProgramSpec
+from further_link.runs.process import STOPPED_EXIT_CODE, Program, ProgramSpec
 from further_link.runs.pty import PtyLauncher
 from further_link.runs.rundirs import RunPlace
 from further_link.runs.services import SHORTAGES, Services, contain_run, remove_group
@@ -77,12 +95,24 @@ class Run:
         sink: EventSink,
         process: str | None = None,
         on_ended: Callable[[Run], None] | None = None,
+        keep_alive: float = 0.0,
     ) -> None:
-        self.sink = sink
+        self.run_id = new_run_id()
+        # keepAlive > 0: the run may outlive its connection; its events pass a relay
+        # that keeps its output for whoever attaches (detach.py).
+        self.keep_alive = keep_alive
+        self.relay = (
+            RunRelay(sink, process, services.config.kept_output_bytes) if keep_alive > 0 else None
+        )
+        self.sink: EventSink = self.relay or sink
         self.process = process
         self.state = RunState.STARTING
         self._services = services
-        self._on_ended = on_ended
+        # The owning session's hooks; an attach from another connection replaces them.
+        self.on_ended = on_ended
+        self.on_taken: Callable[[Run], None] | None = None
+        self._queued: asyncio.Task[None] | None = None  # exclusive mode: waiting for the turn
+        self._closing = False
         self._program: Program | None = None
         self._channel: SideChannel | None = None
         self._run_dir: Path | None = None
@@ -113,17 +143,54 @@ class Run:
         as it is, for the caller to say so.
         """
         assert self.state is RunState.STARTING, "a run starts once"
+        book = self._services.runs
+        if book.must_wait():
+            # Exclusive mode, another program runs: wait for the turn without holding
+            # up the connection, whose `stop` takes this run out of the queue.
+            book.enlist(self)
+            self._queued = asyncio.ensure_future(self._start_in_turn(planner))
+            return
+        book.enlist(self)
+        await self._start_now(planner)
+
+    async def _start_now(self, planner: Planner) -> None:
+        book = self._services.runs
         try:
+            await book.take_turn(self)
             if self._services.admission is not None:
                 await self._services.admission(self)
             await self._launch(planner)
         except BaseException:
             self.state = RunState.STOPPED
+            book.forget(self)
             raise
         self.state = RunState.RUNNING
         self._announce_display()
-        self.sink.put(Started(process=self.process))
+        self.sink.put(Started(process=self.process, run_id=self.run_id))
         self._task = asyncio.ensure_future(self._supervise())
+
+    async def _start_in_turn(self, planner: Planner) -> None:
+        """A queued start: wait for the turn, then start; a refusal is said, not raised."""
+        try:
+            await self._start_now(planner)
+        except asyncio.CancelledError:
+            if self._closing:
+                raise
+            # `stop` on a queued run: it leaves the queue and ends as a stopped run does.
+            self._ended_before_start(Stopped(STOPPED_EXIT_CODE, process=self.process))
+        except FurtherLinkError as exc:
+            self._ended_before_start(ErrorEvent(exc.message, process=self.process))
+        except OSError as exc:
+            message = f"the device could not do this now: {exc.strerror or exc}"
+            self._ended_before_start(ErrorEvent(message, process=self.process))
+        finally:
+            self._queued = None
+
+    def _ended_before_start(self, event: Stopped | ErrorEvent) -> None:
+        self.state = RunState.STOPPED
+        if self.on_ended is not None:
+            self.on_ended(self)
+        self.sink.put(event)
 
     async def _launch(self, planner: Planner) -> None:
         services = self._services
@@ -165,6 +232,7 @@ class Run:
                 config.max_message_bytes,
                 listener=place.listener,
                 peer_group=group,
+                claims=RunClaims(services.runs.claims, self.run_id, self._say_queued),
             )
             await channel.start()
             try:
@@ -206,17 +274,35 @@ class Run:
         assert self._channel is not None
         await send_frame_event(self.sink, frame_event(kind, payload, self._channel, self.process))
 
+    def _say_queued(self, resource: str, position: int, held_by: str) -> None:
+        self.sink.put(Queued(position, resource, held_by, process=self.process))
+
     # ------------------------------------------------------------ input
 
+    @property
+    def queued(self) -> bool:
+        """Exclusive mode: the run waits for its turn to start."""
+        return self._queued is not None
+
+    def _started_program(self) -> Program:
+        if self._program is None:
+            raise SessionStateError(
+                "the program has not started yet: it waits for its turn (exclusive mode)"
+            )
+        return self._program
+
     def write_stdin(self, text: str) -> None:
-        """Queue input for the program; raises ``StdinError`` (see ``Program.write_stdin``)."""
-        self.program.write_stdin(text)
+        """Queue input for the program; raises ``StdinError`` (see ``Program.write_stdin``),
+        ``SessionStateError`` while the run is queued."""
+        self._started_program().write_stdin(text)
 
     def close_stdin(self) -> None:
-        self.program.close_stdin()
+        if self._program is not None:
+            self._program.close_stdin()
 
     def push_key(self, key: str, event: str) -> None:
         """A browser key event for the program's ``KeyboardButton`` listeners."""
+        self._started_program()
         assert self._channel is not None, "run not started"
         self._channel.push_key(key, event)
 
@@ -229,6 +315,9 @@ class Run:
 
     def stop(self) -> None:
         """Begin ending the program (INT, TERM, then KILL); ``Stopped`` follows. Idempotent."""
+        if self._queued is not None:
+            self._queued.cancel()  # leaves the queue; `Stopped` follows
+            return
         if self.state is not RunState.RUNNING:
             return
         self.state = RunState.STOPPING
@@ -253,8 +342,9 @@ class Run:
         # Not in ``finally``: when cancelled, ``close`` removes it after ending the run.
         await remove_group(self._group)
         self.state = RunState.STOPPED
-        if self._on_ended is not None:
-            self._on_ended(self)
+        self._services.runs.forget(self)
+        if self.on_ended is not None:
+            self.on_ended(self)
         self.sink.put(Stopped(code, program.ending_signal, process=self.process))
 
     # ------------------------------------------------------------ display
@@ -294,9 +384,15 @@ class Run:
 
     async def close(self) -> None:
         """The owner goes away: end the program tree now, without ``Stopped``."""
+        self._closing = True
+        if self._queued is not None:
+            queued = self._queued
+            queued.cancel()
+            await asyncio.gather(queued, return_exceptions=True)
         if self._program is None or self.state is RunState.STOPPED:
             return
         self.state = RunState.STOPPED
+        self._services.runs.forget(self)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -21,12 +21,20 @@ from pathlib import Path
 
 from further_link.errors import FurtherLinkError, ProcessMessageError, SessionStateError, StartError
 from further_link.protocol.events import ErrorEvent, Ping, Pong, Stdin, Stop, UseControl
-from further_link.protocol.run import RunCommand, RunKeyEvent, RunOptions, RunResize, RunStart
+from further_link.protocol.run import (
+    RunAttach,
+    RunCommand,
+    RunKeyEvent,
+    RunOptions,
+    RunResize,
+    RunStart,
+)
 from further_link.runs.gui import DisplayRequest
 from further_link.runs.pty import PtyLauncher
 from further_link.runs.run import Run, RunPlan
 from further_link.runs.runners import plan_run
 from further_link.runs.services import Services
+from further_link.runs.session import keep_alive_for
 from further_link.runs.sink import EventSink
 
 log = logging.getLogger(__name__)
@@ -53,6 +61,8 @@ class RunSession:
         self.options = options
         self._processes: dict[str, Run] = {}
         self._closed = False
+        # Only a connection that presented the device token may take over a run.
+        self.may_attach = False
 
     @property
     def process_ids(self) -> list[str]:
@@ -91,6 +101,8 @@ class RunSession:
         elif isinstance(command, Stop):
             assert command.process is not None
             self._running(command.process, "stop").stop()
+        elif isinstance(command, RunAttach):
+            await self._attach(command)
         elif isinstance(command, RunKeyEvent):
             self._running(command.process, "keyevent").push_key(command.key, command.event)
         elif isinstance(command, UseControl):
@@ -113,18 +125,36 @@ class RunSession:
         process_id = command.process
         if self._closed:
             raise SessionStateError("the connection is closing; no process can start")
+        self._check_room(process_id, "use a new id or wait for its 'stopped'")
+        self._check_user()
+        run = Run(
+            self._services,
+            self.sink,
+            process_id,
+            on_ended=self._ended,
+            keep_alive=keep_alive_for(command.keep_alive, self._config),
+        )
+        run.on_taken = self._ended
+        await run.start(lambda run_dir: self._plan(command, run_dir))
+        self._processes[process_id] = run
+
+    async def _attach(self, command: RunAttach) -> None:
+        process_id = command.process
+        if self._closed:
+            raise SessionStateError("the connection is closing; nothing can be attached")
+        self._check_room(process_id, "attach under a new id")
+        run = await self._services.runs.attach(
+            command.run_id, self.sink, process_id, self._ended, self.may_attach
+        )
+        self._processes[process_id] = run
+
+    def _check_room(self, process_id: str, hint: str) -> None:
         if process_id in self._processes:
-            raise SessionStateError(
-                f"process {process_id!r} is still running; use a new id or wait for its 'stopped'"
-            )
+            raise SessionStateError(f"process {process_id!r} is still running; {hint}")
         if len(self._processes) >= MAX_PROCESSES:
             raise SessionStateError(
                 f"{MAX_PROCESSES} processes are already running on this connection; stop one first"
             )
-        self._check_user()
-        run = Run(self._services, self.sink, process_id, on_ended=self._ended)
-        await run.start(lambda run_dir: self._plan(command, run_dir))
-        self._processes[process_id] = run
 
     def _plan(self, command: RunStart, run_dir: Path) -> RunPlan:
         planned = plan_run(command, self._config, self._services.library_dir, run_dir)
@@ -172,7 +202,8 @@ class RunSession:
         self._closed = True
         runs = list(self._processes.values())
         self._processes.clear()
-        await asyncio.gather(*(run.close() for run in runs))
+        book = self._services.runs
+        await asyncio.gather(*(run.close() for run in runs if not book.detach(run)))
 
     async def __aenter__(self) -> RunSession:
         return self

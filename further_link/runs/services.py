@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Callable
 from further_link.config import Config
 from further_link.errors import StartError
 from further_link.files.upload import UrlCache
+from further_link.runs.claims import ClaimRegistry
 from further_link.runs.containment import BEST_EFFORT, Containment, Limits, RunGroup
+from further_link.runs.detach import RunBook
 from further_link.runs.gui import DisplayRegistry
 from further_link.runs.pool import WarmPool
 from further_link.runs.process import Launcher, cold_launch
@@ -43,6 +45,8 @@ class Services:
     containment: Containment | None = None  # per-run cgroups; None: best-effort tracking
     admission: Admission | None = None  # None: every start goes ahead
     displays: DisplayRegistry = field(default_factory=DisplayRegistry)  # GUI runs' (gui.py)
+    # Every run of the server, detached ones, the exclusive queue and the claims (detach.py).
+    runs: RunBook = field(default_factory=lambda: RunBook(ClaimRegistry(), False, 16))
 
     @property
     def launcher(self) -> Launcher:

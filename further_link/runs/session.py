@@ -2,9 +2,12 @@
 
 States (the only legal ones)::
 
-    IDLE --start--> RUNNING --stop--> STOPPING
-      ^                |                  |
-      +----- program ended: `stopped` ----+
+    IDLE --start/attach--> RUNNING --stop--> STOPPING
+      ^                       |                  |
+      +-------- program ended: `stopped` --------+
+
+``attach`` adopts a run started with ``keepAlive`` (on any connection);
+closing the connection detaches such a run instead of ending it (detach.py).
 
 ``upload`` and ``ping`` are allowed in every state. Every ``FurtherLinkError``
 raised while handling a command becomes one ``error`` event here, and the
@@ -27,7 +30,7 @@ from further_link.errors import (
 )
 from further_link.files.upload import UploadLimits, materialise_upload
 from further_link.protocol.events import ErrorEvent, Ping, Pong, Stdin, Stop, Uploaded, UseControl
-from further_link.protocol.runpy import Command, StartCommand, UploadCommand
+from further_link.protocol.runpy import AttachCommand, Command, StartCommand, UploadCommand
 from further_link.runs.launch import plan_program
 from further_link.runs.run import Run, RunPlan, RunState
 from further_link.runs.services import SHORTAGES as SHORTAGES
@@ -54,6 +57,8 @@ class Session:
         self.sink = sink
         self._run: Run | None = None
         self._closed = False
+        # Only a connection that presented the device token may take over a run.
+        self.may_attach = False
         self._ran = False  # a program has run on this connection (late input is dropped)
 
     @property
@@ -93,6 +98,8 @@ class Session:
             if self._run is None:
                 raise SessionStateError("control: no program is running")
             self._run.use_control(command.control_id, command.value)
+        elif isinstance(command, AttachCommand):
+            await self._attach(command)
         else:  # pragma: no cover - parse_command returns only the above
             raise ProtocolError(f"unsupported command {command!r}")
 
@@ -105,9 +112,27 @@ class Session:
             raise SessionStateError("the program is still stopping; start again after 'stopped'")
         if self.state is not State.IDLE:
             raise SessionStateError("a program is already running; send stop first")
-        run = Run(self._services, self.sink, on_ended=self._ended)
+        run = Run(
+            self._services,
+            self.sink,
+            on_ended=self._ended,
+            keep_alive=keep_alive_for(command.keep_alive, self._config),
+        )
+        run.on_taken = self._ended
         await run.start(lambda run_dir: self._plan(command, run_dir))
         self._run = run
+        self._ran = True
+
+    async def _attach(self, command: AttachCommand) -> None:
+        if self._closed:
+            raise SessionStateError("the connection is closing; nothing can be attached")
+        if self._run is not None and self._run.run_id != command.run_id:
+            raise SessionStateError(
+                "a program is already running on this connection; attach on another one"
+            )
+        self._run = await self._services.runs.attach(
+            command.run_id, self.sink, None, self._ended, self.may_attach
+        )
         self._ran = True
 
     def _plan(self, command: StartCommand, run_dir: Path) -> RunPlan:
@@ -168,7 +193,7 @@ class Session:
         """
         self._closed = True
         run, self._run = self._run, None
-        if run is not None:
+        if run is not None and not self._services.runs.detach(run):
             await run.close()
 
     async def __aenter__(self) -> Session:
@@ -176,3 +201,10 @@ class Session:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def keep_alive_for(requested: float | None, config: Config) -> float:
+    """Seconds a run outlives its connection: the client's ask (or the server's default),
+    at most ``FURTHER_LINK_MAX_KEEP_ALIVE``. Shared by /run-py and /run."""
+    seconds = config.keep_alive if requested is None else requested
+    return min(seconds, config.max_keep_alive)

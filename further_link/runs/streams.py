@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -43,8 +44,17 @@ from further_link.channel import (
     encode_frame,
     encode_key_event,
 )
+from further_link.runs.claims import RunClaims
 from further_link.runs.containment import RunGroup
 from further_link.runs.controls import ControlSet
+from further_link.sharing import (
+    KIND_CLAIM,
+    KIND_GRANTED,
+    KIND_QUEUED,
+    KIND_REFUSED,
+    KIND_TIMED_OUT,
+    MAX_RESOURCE_CHARS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +64,7 @@ CLOSE_DRAIN_TIMEOUT = 1.0
 # Key events a program has not read yet; beyond this it is not listening, and
 # events are dropped rather than let it hold up its connection's messages.
 KEY_BACKLOG_BYTES = 64 * 1024
+MAX_CLAIM_TIMEOUT = 365 * 24 * 3600.0
 PROGRAM_KINDS = (
     KIND_JPEG,
     KIND_KEYLISTEN,
@@ -61,6 +72,7 @@ PROGRAM_KINDS = (
     KIND_PLOT,
     KIND_CONTROL,
     KIND_CONTROL_SUBSCRIBE,
+    KIND_CLAIM,
 )
 __all__ = ["KIND_KEYLISTEN", "SideChannel"]
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -87,8 +99,10 @@ class SideChannel:
         max_frame_bytes: int,
         listener: socket.socket | None = None,
         peer_group: RunGroup | None = None,
+        claims: RunClaims | None = None,
     ) -> None:
         self.path = path
+        self._claims = claims
         self._listener = listener
         self._peer_group = peer_group
         self._on_frame = on_frame
@@ -149,6 +163,10 @@ class SideChannel:
                 log.warning("side channel: refusing frame kind=%r length=%d", kind, length)
                 return
             payload = await reader.readexactly(length)
+            if kind == KIND_CLAIM:
+                # The connection now stands for the claim: it ends with it.
+                await self._serve_claim(reader, writer, payload)
+                return
             if kind == KIND_KEY_SUBSCRIBE:
                 self._key_listeners.add(writer)
             elif kind == KIND_CONTROL_SUBSCRIBE:
@@ -163,6 +181,53 @@ class SideChannel:
                 await self._on_frame(kind, payload)
             writer.write(ACK)
             await writer.drain()
+
+    async def _serve_claim(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes
+    ) -> None:
+        """Wait for the claim, hold it while the connection lives, release on its end.
+
+        The program sends nothing while it waits, so anything read then (or
+        the end of the connection) means it gave up, e.g. it was stopped.
+        """
+        claims = self._claims
+        request = _parse_claim(payload)
+        if claims is None or isinstance(request, str):
+            reason = request if isinstance(request, str) else "claims are not available here"
+            writer.write(encode_frame(KIND_REFUSED, reason.encode("utf-8")))
+            await writer.drain()
+            return
+        name, timeout = request
+
+        def tell_program(position: int, held_by: str) -> None:
+            notice = json.dumps({"position": position, "heldBy": held_by}).encode("utf-8")
+            writer.write(encode_frame(KIND_QUEUED, notice))
+
+        acquire = asyncio.ensure_future(claims.acquire(name, tell_program, timeout))
+        gone = asyncio.ensure_future(reader.read(1))
+        held = False
+        try:
+            await asyncio.wait({acquire, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not acquire.done():
+                return
+            if not acquire.result():
+                writer.write(encode_frame(KIND_TIMED_OUT, b""))
+                await writer.drain()
+                return
+            held = True
+            writer.write(encode_frame(KIND_GRANTED, b""))
+            await writer.drain()
+            if await gone:  # the release frame's first byte; EOF releases as well
+                claims.release(name)
+                held = False
+                writer.write(ACK)
+                await writer.drain()
+        finally:
+            for task in (acquire, gone):
+                task.cancel()
+            await asyncio.gather(acquire, gone, return_exceptions=True)
+            if held:
+                claims.release(name)
 
     def push_key(self, key: str, event: str) -> None:
         """Send a browser key event to the program's key listeners (none: ignored)."""
@@ -203,3 +268,23 @@ class SideChannel:
             await server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def _parse_claim(payload: bytes) -> tuple[str, float | None] | str:
+    """A claim request's name and timeout, or why it is refused."""
+    try:
+        request = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return "the claim request is not JSON"
+    if not isinstance(request, dict):
+        return "the claim request is not a JSON object"
+    name = request.get("resource")
+    timeout = request.get("timeout")
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_RESOURCE_CHARS:
+        return f"a resource name is text of 1 to {MAX_RESOURCE_CHARS} characters"
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0
+    ):
+        return "timeout is a number of seconds, 0 or more"
+    # Beyond a year is forever, and the event loop's timers stay finite.
+    return name, None if timeout is None or timeout > MAX_CLAIM_TIMEOUT else float(timeout)

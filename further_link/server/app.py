@@ -26,7 +26,9 @@ from further_link.files.upload import UrlCache
 from further_link.protocol.events import ErrorEvent
 from further_link.protocol.runpy import parse_command
 from further_link.runs import proctree
+from further_link.runs.claims import ClaimRegistry
 from further_link.runs.containment import Containment, Limits
+from further_link.runs.detach import RunBook
 from further_link.runs.launch import prepare_library_dir, program_env
 from further_link.runs.pool import WarmPool
 from further_link.runs.rundirs import RunPlaces
@@ -41,6 +43,7 @@ from further_link.server.novnc_proxy import setup_novnc_proxy
 from further_link.server.outbox import Outbox, OutboxClosed
 from further_link.server.projects import setup_projects
 from further_link.server.run_ws import Wiring, setup_run_api
+from further_link.server.runs_http import holds_token, setup_runs_http
 from further_link.server.teacher import TEACHING, setup_teacher
 from further_link.server.upload_http import make_upload_handler
 from further_link.server.webpage import setup_webpage
@@ -126,7 +129,9 @@ async def run_py(request: web.Request) -> web.WebSocketResponse:
     ws = RunPyWebSocket(max_msg_size=config.max_message_bytes, heartbeat=config.heartbeat or None)
     await ws.prepare(request)
     outbox = Outbox(config.output_queue_bytes)
-    await serve_connection(request, ws, Session(app[SERVICES], outbox), outbox, parse_command)
+    session = Session(app[SERVICES], outbox)
+    session.may_attach = holds_token(request)
+    await serve_connection(request, ws, session, outbox, parse_command)
     return ws
 
 
@@ -256,12 +261,16 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         run_places=run_places,
         containment=containment,
         admission=app[TEACHING].lock.admit,
+        runs=RunBook(ClaimRegistry(), config.exclusive, config.max_detached_runs),
     )
+    app[DEVICE_STATUS].runs = app[SERVICES].runs
     watcher = asyncio.ensure_future(_watch_token(app)) if config.auth else None
     control = await _serve_control(app) if CONTROL in app else None
     try:
         yield
     finally:
+        # Connections are closed by now; what they left detached ends here.
+        await app[SERVICES].runs.close()
         if control is not None:
             control.close()
         await app[TEACHING].lock.close()
@@ -407,6 +416,7 @@ def create_app(
     setup_further_http(app)
     setup_webpage(app)
     setup_device(app, config)
+    setup_runs_http(app, SERVICES)
     setup_projects(app, config)
     setup_teacher(app, config)
     app.cleanup_ctx.append(_services)

@@ -26,6 +26,7 @@ from further_link import PACKAGE_VERSION
 from further_link.compat import app_key
 from further_link.config import Config
 from further_link.runs import proctree
+from further_link.runs.detach import RunBook
 from further_link.server.access import check_paired, preflight
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ class DeviceStatus:
         self._config = config
         self._python_version: str | None = None
         self.containment: str | None = None  # "cgroup" or "best-effort", once the server runs
+        self.runs: RunBook | None = None  # the server's runs: claims and the exclusive queue
 
     async def python_version(self) -> str | None:
         """The version of the Python that runs programs (FURTHER_LINK_PYTHON)."""
@@ -203,6 +205,9 @@ class DeviceStatus:
             status["python"] = python
         if self.containment is not None:
             status["containment"] = self.containment
+        if self.runs is not None:
+            status["claims"] = self.runs.claims.snapshot()
+            status["queue"] = self.runs.queue()
         return status
 
 

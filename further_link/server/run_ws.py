@@ -21,6 +21,7 @@ from further_link.runs.run_session import RunSession
 from further_link.runs.services import Services
 from further_link.server.access import check_origin, check_token
 from further_link.server.outbox import Outbox
+from further_link.server.runs_http import holds_token
 
 log = logging.getLogger(__name__)
 
@@ -60,5 +61,6 @@ async def _serve_run(request: web.Request, wiring: Wiring) -> web.WebSocketRespo
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
     port = sockname[1] if isinstance(sockname, tuple) and len(sockname) >= 2 else None
     session = RunSession(app[wiring.services], outbox, options, gui_port=port)
+    session.may_attach = holds_token(request)
     await wiring.serve(request, ws, session, outbox, parse_run_command)
     return ws
