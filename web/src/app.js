@@ -522,7 +522,10 @@ function handleMessage(message) {
     case "stderr":
       if (!run) break;
       if (run.state === "detached") {
-        run.state = "running"; // attached again: kept output first, then live
+        // Attached again: the device replays the run's kept output from its
+        // start, then the live output; shown once, it replaces what was here.
+        run.terminal.clear();
+        run.state = "running";
         updateControls();
       }
       run.terminal.write(String(data.output ?? ""));
