@@ -11,8 +11,9 @@ RUN_STAMP := $(VENV)/.installed-run
 # Debian's chromium (headless, through Playwright; no browser download).
 # tests/test_service.py checks the systemd unit with systemd-analyze (Debian's systemd).
 # tests/test_display.py opens tkinter windows on a real Xvfb display, seen with xwininfo.
+# tests/test_page_gui.py cuts its own server's connections with ss -K (iproute2).
 DEBIAN_TEST_PACKAGES := python3-numpy python3-pil chromium systemd xvfb python3-tk x11-utils \
-  python3-matplotlib x11vnc x11-apps
+  python3-matplotlib x11vnc x11-apps iproute2
 
 .PHONY: run test lint format bench clean system-deps deb web
 
