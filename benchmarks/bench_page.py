@@ -77,7 +77,8 @@ async def bench_page(ctx: BenchContext) -> BenchResult:
         raise BenchClientError("needs Debian's chromium: apt-get install chromium")
     rounds = 1 if ctx.scale is not None and ctx.scale.stdin_rounds == 1 else 3
     async with contextlib.AsyncExitStack() as stack:
-        server = await stack.enter_async_context(ctx.server())
+        served = await stack.enter_async_context(ctx.serve(result))
+        server = served.server
         playwright = await stack.enter_async_context(async_playwright())
         browser = await playwright.chromium.launch(
             executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=WAIT_MS
