@@ -302,6 +302,11 @@ def read_teacher_keys(config_dir: Path) -> tuple[str, ...]:
         return ()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {config_dir / TEACHERS_FILE}: {exc}") from None
+    return teacher_keys_in(text)
+
+
+def teacher_keys_in(text: str) -> tuple[str, ...]:
+    """The keys a teachers file's ``text`` lists: each line's first word, ``#`` comments out."""
     words = (line.split("#", 1)[0].split() for line in text.splitlines())
     return tuple(line[0] for line in words if line)
 

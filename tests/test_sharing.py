@@ -207,6 +207,10 @@ async def test_exclusive_mode_queues_starts_and_runs_them_in_turn(
     assert await second.receive() == {"type": "queued", "data": {"position": 1}}
     await third.send("start", {"sourceScript": stamp})
     assert await third.receive() == {"type": "queued", "data": {"position": 2}}
+    # Input for a program that has not started is refused in words; the connection stays.
+    await third.send("control", {"id": "go"})
+    refusal = await third.receive()
+    assert refusal["type"] == "error" and "waits for its turn" in refusal["data"]["message"]
     # A queued start is one program on its connection: stop takes it out of the queue.
     await third.send("stop")
     assert await third.receive() == {"type": "stopped", "data": {"exitCode": -15}}

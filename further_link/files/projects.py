@@ -133,11 +133,7 @@ def _open_project(work_dir: Path, name: str) -> int | None:
     """A descriptor of the project directory ``work_dir/name`` (None when missing)."""
     if not is_project_name(name):
         raise ProjectNotFoundError(f"{excerpt(name)} is not a project name")
-    work_fd = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        return _open_dir(name, work_fd)
-    finally:
-        os.close(work_fd)
+    return open_confined_dir(work_dir, Path(name))
 
 
 def directory_version(directory_fd: int | None) -> str:

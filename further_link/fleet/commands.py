@@ -23,7 +23,7 @@ from aiohttp import web
 
 from further_link.client.commands import read_project
 from further_link.client.hosts import HostStore
-from further_link.config import TEACHERS_FILE, resolve_config_dir
+from further_link.config import TEACHERS_FILE, resolve_config_dir, teacher_keys_in
 from further_link.errors import ClientError, ConfigError
 from further_link.fleet.classroom import Classroom
 from further_link.fleet.discovery import (
@@ -37,6 +37,7 @@ from further_link.fleet.discovery import (
 from further_link.fleet.teacherkey import TeacherKey
 from further_link.fleet.teachweb import (
     KEY_HEADER,
+    TEACH_FILE,
     create_teach_app,
     new_session_key,
     read_teach_file,
@@ -201,7 +202,7 @@ def _trust_teacher_command(args: argparse.Namespace) -> int:
         existing = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         existing = ""
-    if any(line.split()[:1] == [args.key] for line in existing.splitlines()):
+    if args.key in teacher_keys_in(existing):
         print(f"{path} already trusts this teacher")
         return 0
     note = " ".join(args.name.split())
@@ -262,7 +263,7 @@ async def teach(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
             await stop.wait()
         finally:
             with contextlib.suppress(OSError):
-                (config_dir / "teach.json").unlink()
+                (config_dir / TEACH_FILE).unlink()
             for task in list(pairing):
                 task.cancel()
             await asyncio.gather(*pairing, return_exceptions=True)

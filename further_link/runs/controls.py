@@ -9,6 +9,7 @@ program: an unknown id or a value outside a slider's range is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -66,15 +67,7 @@ class ControlSet:
                 f"control: slider {control_id!r} takes {control.minimum:g} to "
                 f"{control.maximum:g}, not {value:g}"
             )
-        self._controls[control_id] = Control(
-            control.control_id,
-            control.kind,
-            control.label,
-            control.minimum,
-            control.maximum,
-            control.step,
-            value,
-        )
+        self._controls[control_id] = dataclasses.replace(control, value=value)
         return value
 
 

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 # Upstream's initial size; clients send `resize` right after `start`.
 INITIAL_ROWS = 4
 INITIAL_COLS = 60
-MAX_DIMENSION = 65535  # struct winsize holds unsigned shorts
 SETSID = "/usr/bin/setsid"
 
 

@@ -307,7 +307,9 @@ class Run:
         self._channel.push_key(key, event)
 
     def use_control(self, control_id: str, value: float | None) -> None:
-        """The learner used one of the program's buttons or sliders; raises ``ControlError``."""
+        """The learner used one of the program's buttons or sliders; raises ``ControlError``,
+        or ``SessionStateError`` while the run is queued."""
+        self._started_program()
         assert self._channel is not None, "run not started"
         self._channel.use_control(control_id, value)
 

@@ -33,10 +33,7 @@ from further_link.protocol.events import ErrorEvent, Ping, Pong, Stdin, Stop, Up
 from further_link.protocol.runpy import AttachCommand, Command, StartCommand, UploadCommand
 from further_link.runs.launch import plan_program
 from further_link.runs.run import Run, RunPlan, RunState
-from further_link.runs.services import SHORTAGES as SHORTAGES
-from further_link.runs.services import Services as Services
-from further_link.runs.services import contain_run as contain_run
-from further_link.runs.services import remove_group as remove_group
+from further_link.runs.services import Services
 from further_link.runs.sink import EventSink
 
 log = logging.getLogger(__name__)

@@ -74,7 +74,6 @@ PROGRAM_KINDS = (
     KIND_CONTROL_SUBSCRIBE,
     KIND_CLAIM,
 )
-__all__ = ["KIND_KEYLISTEN", "SideChannel"]
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 

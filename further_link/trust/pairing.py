@@ -124,9 +124,3 @@ class PairingGuard:
 
     def succeeded(self) -> None:
         self._wrong_this_code = 0
-
-    @property
-    def wrong_left(self) -> int:
-        """Wrong codes the budget still allows right now."""
-        self._refill()
-        return max(0, int(self._tokens))
