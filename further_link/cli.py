@@ -25,7 +25,7 @@ from further_link.server.access import GUARD
 from further_link.server.advertise import Advertiser
 from further_link.server.app import bind_listener, create_app
 from further_link.server.netguard import GuardedSite, raise_fd_limit
-from further_link.server.teacher import TEACHING, served_certificate_fingerprint
+from further_link.server.teacher import served_certificate_fingerprint
 from further_link.system.addresses import server_urls
 from further_link.system.firstrun import add_setup_command
 from further_link.system.memory import map_large_blocks
@@ -179,8 +179,7 @@ async def serve(config: Config) -> None:
         drop_privileges(run_as)
     else:
         tokens.load_or_create()
-    app = create_app(config, tokens, control)
-    app[TEACHING].fingerprint = fingerprint
+    app = create_app(config, tokens, control, fingerprint)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     announcer: asyncio.Task[None] | None = None

@@ -391,12 +391,16 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 
 def create_app(
-    config: Config, tokens: TokenStore | None = None, control: socket.socket | None = None
+    config: Config,
+    tokens: TokenStore | None = None,
+    control: socket.socket | None = None,
+    fingerprint: str | None = None,
 ) -> web.Application:
     """The whole server; ``tokens`` defaults to the device token in the config dir.
 
     ``control`` is the listening control socket of a server that dropped root
-    (control.py): rotated tokens arrive there.
+    (control.py): rotated tokens arrive there. ``fingerprint``: the served
+    certificate's SHA-256 as read before the drop (else read here; teacher.py).
     """
     app = web.Application(middlewares=[hold_clock])
     app[CONFIG] = config
@@ -418,7 +422,7 @@ def create_app(
     setup_device(app, config)
     setup_runs_http(app, SERVICES)
     setup_projects(app, config)
-    setup_teacher(app, config)
+    setup_teacher(app, config, fingerprint)
     app.cleanup_ctx.append(_services)
     app.on_shutdown.append(_close_connections)
     return app

@@ -168,9 +168,12 @@ def served_certificate_fingerprint(config: Config) -> str | None:
     return certificate_sha256(der)
 
 
-def setup_teacher(app: web.Application, config: Config) -> None:
-    """Serve the teacher's routes; the certificate's fingerprint is read now when readable."""
-    app[TEACHING] = Teaching(config, served_certificate_fingerprint(config))
+def setup_teacher(app: web.Application, config: Config, fingerprint: str | None = None) -> None:
+    """Serve the teacher's routes. ``fingerprint``: the served certificate's, as read
+    before a privilege drop; when None it is read now (None again without TLS)."""
+    if fingerprint is None:
+        fingerprint = served_certificate_fingerprint(config)
+    app[TEACHING] = Teaching(config, fingerprint)
     app[TEACHING_CONFIG] = config
     app.router.add_get("/teacher/challenge", challenge)
     app.router.add_post("/teacher", command)
