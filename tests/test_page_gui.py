@@ -25,6 +25,7 @@ from PIL import Image
 from test_webpage import (
     WAIT_MS,
     browser,
+    docs_screenshot,
     expect,
     expect_finished,
     new_page,
@@ -137,14 +138,7 @@ async def test_a_turtle_window_shows_live_then_its_last_frame_stays(
         lambda xy: seen.getpixel((int(xy[0] * scale_x), int(xy[1] * scale_y))), 24
     )
     await page.screenshot(path=shot("gui-live-desktop.png"))
-    # For the docs, a typical device's name instead of this test's random port
-    # and project, so that the picture changes only when the page does.
-    await page.locator("#device-name").evaluate("e => { e.textContent = 'raspberrypi:8028' }")
-    await page.get_by_role("textbox", name="Project").evaluate("e => { e.value = 'square' }")
-    await page.locator("#files-status").evaluate("e => { e.textContent = '1 file in square' }")
-    DOCS_GUI_SCREENSHOT.parent.mkdir(exist_ok=True)
-    await page.screenshot(path=str(DOCS_GUI_SCREENSHOT))
-    assert DOCS_GUI_SCREENSHOT.stat().st_size < 400_000
+    await docs_screenshot(page, DOCS_GUI_SCREENSHOT, "square", "1 file in square", 400_000)
 
     await page.locator("#terminal").click()
     await page.keyboard.press("Enter")

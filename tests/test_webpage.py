@@ -158,6 +158,22 @@ def shot(name: str) -> Path:
     return path
 
 
+async def docs_screenshot(
+    page: Any, path: Path, project: str, files_status: str, max_bytes: int
+) -> None:
+    """A screenshot for the docs at ``path``, smaller than ``max_bytes``.
+
+    A typical device's name and the given project instead of this test's random
+    port and names, so that the picture changes only when the page does.
+    """
+    await page.locator("#device-name").evaluate("e => { e.textContent = 'raspberrypi:8028' }")
+    await page.get_by_role("textbox", name="Project").evaluate("(e, v) => { e.value = v }", project)
+    await page.locator("#files-status").evaluate("(e, v) => { e.textContent = v }", files_status)
+    path.parent.mkdir(exist_ok=True)
+    await page.screenshot(path=str(path))
+    assert path.stat().st_size < max_bytes
+
+
 # ---------------------------------------------------------------- HTTP
 
 
@@ -803,14 +819,7 @@ async def test_screenshots_desktop_projector_and_phone(
     desktop = await new_page(DESKTOP)
     await show_a_finished_run(desktop, server)
     await desktop.screenshot(path=shot("run-desktop.png"))
-    # For the docs, the name of a typical device instead of this test's random
-    # port, so that the picture changes only when the page does.
-    await desktop.locator("#device-name").evaluate("e => { e.textContent = 'raspberrypi:8028' }")
-    await desktop.get_by_role("textbox", name="Project").evaluate("e => { e.value = 'sunset' }")
-    await desktop.locator("#files-status").evaluate("e => { e.textContent = '2 files in sunset' }")
-    DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
-    await desktop.screenshot(path=str(DOCS_SCREENSHOT))
-    assert DOCS_SCREENSHOT.stat().st_size < 300_000
+    await docs_screenshot(desktop, DOCS_SCREENSHOT, "sunset", "2 files in sunset", 300_000)
 
     # A classroom projector: bigger text (A+ twice), and the dark theme.
     projector = await new_page({"width": 1920, "height": 1080}, color_scheme="dark")
