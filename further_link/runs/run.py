@@ -61,6 +61,14 @@ from further_link.runs.streams import SideChannel
 log = logging.getLogger(__name__)
 
 
+def error_event(exc: FurtherLinkError | OSError, process: str | None = None) -> ErrorEvent:
+    """What a client hears when a command fails: the error's own message, or for an
+    OSError (the device short of descriptors, memory, disk) a sentence saying so."""
+    if isinstance(exc, FurtherLinkError):
+        return ErrorEvent(exc.message, process=process)
+    return ErrorEvent(f"the device could not do this now: {exc.strerror or exc}", process=process)
+
+
 class RunState(enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
@@ -178,11 +186,8 @@ class Run:
                 raise
             # `stop` on a queued run: it leaves the queue and ends as a stopped run does.
             self._ended_before_start(Stopped(STOPPED_EXIT_CODE, process=self.process))
-        except FurtherLinkError as exc:
-            self._ended_before_start(ErrorEvent(exc.message, process=self.process))
-        except OSError as exc:
-            message = f"the device could not do this now: {exc.strerror or exc}"
-            self._ended_before_start(ErrorEvent(message, process=self.process))
+        except (FurtherLinkError, OSError) as exc:
+            self._ended_before_start(error_event(exc, self.process))
         finally:
             self._queued = None
 

@@ -31,7 +31,7 @@ from further_link.protocol.run import (
 )
 from further_link.runs.gui import DisplayRequest
 from further_link.runs.pty import PtyLauncher
-from further_link.runs.run import Run, RunPlan
+from further_link.runs.run import Run, RunPlan, error_event
 from further_link.runs.runners import plan_run
 from further_link.runs.services import Services
 from further_link.runs.session import keep_alive_for
@@ -81,12 +81,11 @@ class RunSession:
             self.sink.put(ErrorEvent(exc.message, process=exc.process))
         except FurtherLinkError as exc:
             log.info("refused: %s", exc.message)
-            self.sink.put(ErrorEvent(exc.message, process=process))
+            self.sink.put(error_event(exc, process))
         except OSError as exc:
             # The device is short of something (descriptors, memory, disk), as on /run-py.
             log.warning("could not carry out a command: %s", exc)
-            message = f"the device could not do this now: {exc.strerror or exc}"
-            self.sink.put(ErrorEvent(message, process=process))
+            self.sink.put(error_event(exc, process))
 
     async def _dispatch(self, command: RunCommand) -> None:
         if isinstance(command, Ping):

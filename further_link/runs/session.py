@@ -29,10 +29,10 @@ from further_link.errors import (
     UploadError,
 )
 from further_link.files.upload import UploadLimits, materialise_upload
-from further_link.protocol.events import ErrorEvent, Ping, Pong, Stdin, Stop, Uploaded, UseControl
+from further_link.protocol.events import Ping, Pong, Stdin, Stop, Uploaded, UseControl
 from further_link.protocol.runpy import AttachCommand, Command, StartCommand, UploadCommand
 from further_link.runs.launch import plan_program
-from further_link.runs.run import Run, RunPlan, RunState
+from further_link.runs.run import Run, RunPlan, RunState, error_event
 from further_link.runs.services import Services
 from further_link.runs.sink import EventSink
 
@@ -73,12 +73,12 @@ class Session:
             await self._dispatch(command)
         except FurtherLinkError as exc:
             log.info("refused: %s", exc.message)
-            self.sink.put(ErrorEvent(exc.message))
+            self.sink.put(error_event(exc))
         except OSError as exc:
             # The device itself is short of something (descriptors, memory, disk):
             # the client hears why and the connection stays usable.
             log.warning("could not carry out a command: %s", exc)
-            self.sink.put(ErrorEvent(f"the device could not do this now: {exc.strerror or exc}"))
+            self.sink.put(error_event(exc))
 
     async def _dispatch(self, command: Command) -> None:
         if isinstance(command, StartCommand):
