@@ -13,12 +13,12 @@ it with what the device shows. Nothing here touches the network.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from further_link.errors import ClientError
+from further_link.trust.secretfile import write_secret
 from further_link.trust.teachers import certificate_sha256
 
 HOSTS_FILE = "hosts.json"
@@ -92,10 +92,6 @@ class HostStore:
 
     def _write(self, document: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        partial = self.path.with_name(self.path.name + ".partial")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # also when a leftover partial file had other bits
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(document, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(partial, self.path)
+        # The file holds device tokens: written as the server's own secrets are.
+        text = json.dumps(document, indent=2, sort_keys=True) + "\n"
+        write_secret(self.path, text.encode("utf-8"))
