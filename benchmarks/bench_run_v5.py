@@ -146,15 +146,18 @@ async def bench_run_v5(ctx: BenchContext) -> BenchResult:
                 bare_back_to_back.append(bare_seconds)
                 back_to_back.append(seconds)
         for _ in range(ctx.scale.throughput_rounds):
+            await asyncio.sleep(LEARNER_PAUSE)
             async with served.client(served.bare_server.url("/push", blocks=blocks)) as bare_client:
                 bare_rates.append(
                     (await receive_stream(bare_client, source, expected)).mib_per_second
                 )
+            await asyncio.sleep(LEARNER_PAUSE)
             seconds, received, ok = await stream_v5(ws, source, check=True)
             pipe_rates.append(received / MiB / seconds)
             pipe_in_order.append(ok and received == expected)
             # A socket of its own per round: one left unread through the other phases
             # would miss the server's heartbeat pings on a loaded machine and be closed.
+            await asyncio.sleep(LEARNER_PAUSE)
             async with served.client(v5_url(served.server.run_url, pty=True)) as pty_ws:
                 seconds, received, _ = await stream_v5(pty_ws, source, check=False)
             pty_rates.append(received / MiB / seconds)

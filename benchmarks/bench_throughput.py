@@ -3,11 +3,14 @@
 MiB/s from sending ``start`` to receiving ``stopped``, every byte checked in
 order. The limit is the bare websocket server pushing the same bytes as the
 same ``stdout`` messages to the same client, which does the same checking.
-Rounds alternate between the two; the median is reported.
+Rounds alternate between the two, each after ``LEARNER_PAUSE`` of quiet
+(the server's warm pool refills after a run ends: that is not the next
+round's cost); the median is reported.
 """
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 from dataclasses import dataclass
 
@@ -17,6 +20,7 @@ from _context import BenchContext
 from _patterns import BLOCK_BYTES, StreamChecker
 from _programs import throughput_source
 from _report import BenchResult, MiB
+from bench_latency import LEARNER_PAUSE
 
 TARGET_FRACTION = 0.8
 
@@ -58,8 +62,10 @@ async def bench_throughput(ctx: BenchContext) -> BenchResult:
     bare_runs: list[Transfer] = []
     async with ctx.serve(result, bare=True) as served, served.client() as ws:
         for _ in range(ctx.scale.throughput_rounds):
+            await asyncio.sleep(LEARNER_PAUSE)
             async with served.client(served.bare_server.url("/push", blocks=blocks)) as bare_ws:
                 bare_runs.append(await receive_stream(bare_ws, source, expected))
+            await asyncio.sleep(LEARNER_PAUSE)
             server_runs.append(await receive_stream(ws, source, expected))
 
     rate = statistics.median(run.mib_per_second for run in server_runs)

@@ -13,6 +13,7 @@ import io
 import os
 import re
 import subprocess
+import time
 import zipfile
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -23,11 +24,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from further_link.runs.pool import WarmPool
+from further_link.runs.pool import REFILL_AFTER, WarmPool
 from further_link.runs.process import ProgramSpec, cold_launch
 from further_link.server.app import SERVICES
 
-from conftest import Client, RunningServer, alive, make_config
+from conftest import TIMEOUT, Client, RunningServer, alive, make_config
 
 StartServer = Callable[..., Awaitable[RunningServer]]
 ClientFactory = Callable[..., Awaitable[Client]]
@@ -594,3 +595,35 @@ async def test_a_missing_script_or_a_directory_fails_as_a_fresh_interpreter_does
             assert cold[2] in (1, 2) and str(script).encode() in cold[1]
     finally:
         await pool.close()
+
+
+async def test_the_pool_refills_after_the_program_that_took_an_interpreter(
+    start_server: StartServer, connect: ClientFactory
+) -> None:
+    """Refilling (a Python start-up, preload imports) never shares the cores with a
+    program's first moments: it waits for the program to end, or to have run a while."""
+    server = await start_server(environ={"FURTHER_LINK_POOL_SIZE": "1"})
+    pool = pool_of(server)
+    await asyncio.wait_for(pool.ready(), TIMEOUT)
+    client = await connect(server)
+
+    # A short program: the pool stays empty while it runs, then refills.
+    await client.send("start", {"sourceScript": "import time\nprint('up')\ntime.sleep(0.5)\n"})
+    await client.receive_type("started")
+    await client.read_output("up\n")
+    assert pool.warm_starts == 1
+    await asyncio.sleep(0.3)  # a refill 30 ms after the start would be waiting by now
+    assert pool.waiting_pids() == [], "the pool refilled while the program was starting"
+    await client.receive_type("stopped")
+    await asyncio.wait_for(pool.ready(), TIMEOUT)
+
+    # A long program: the pool refills after REFILL_AFTER, while it still runs.
+    await client.send("start", {"sourceScript": "import time\nprint('up')\ntime.sleep(60)\n"})
+    await client.receive_type("started")
+    await client.read_output("up\n")
+    began = time.monotonic()
+    assert pool.warm_starts == 2
+    await asyncio.wait_for(pool.ready(), TIMEOUT)
+    assert time.monotonic() - began >= REFILL_AFTER - 0.2
+    await client.send("stop")
+    await client.receive_type("stopped")

@@ -5,7 +5,8 @@ keeps ``size`` interpreters waiting, already started as the program user with
 their pipes attached, each running ``warm_bootstrap`` and blocked on a private
 pipe. ``launch`` hands one the program's details; it then runs the program as
 a fresh ``python -u SCRIPT`` would (see warm_bootstrap.py) and is never reused.
-The pool refills in the background, one interpreter at a time so that
+The pool refills in the background, one interpreter at a time, once the
+program that took an interpreter has ended or run for a second, so that
 refilling never competes hard with the programs it serves.
 
 Only a spec the pool was made for is launched warm: same interpreter, flags
@@ -69,9 +70,16 @@ WAITING_CWD = Path("/")
 # Generous: numpy takes 1-2 s to import on a Raspberry Pi 4, more when it is busy.
 PRELOAD_TIMEOUT = 60.0
 # Starting an interpreter blocks the event loop for a few ms (fork and exec):
-# the refill after a launch waits this long (s) so that the program's
-# `started` and first output go out first.
+# a refill waits this long (s) after what prompted it, so that the program's
+# `started`, first output or `stopped` go out first.
 REFILL_DELAY = 0.03
+# Refilling (an interpreter's start-up and its preload imports: ~0.12 s of CPU
+# for numpy and PIL.Image here, a second or more on a Raspberry Pi) waits for
+# the program that took an interpreter to end, or to have run this long (s):
+# a program's first moments (its imports, first output, a burst of prints)
+# should not share the cores with it. The other waiting interpreter serves a
+# second start meanwhile.
+REFILL_AFTER = 1.0
 # While it imports the preload modules, a waiting interpreter's run cgroup has
 # this CPU weight (cgroup v2 scale, 100 the default): about a sixth of the CPU
 # beside one busy program, which it should not slow much, and still enough to
@@ -114,6 +122,8 @@ class WarmPool:
         self._waiting: deque[tuple[LaunchedProcess, int, RunGroup | None]] = deque()
         # Discarded interpreters whose cgroup is removed once they have ended.
         self._retiring: set[asyncio.Task[None]] = set()
+        # Refills waiting for the program that took an interpreter (REFILL_AFTER).
+        self._pending_refills: set[asyncio.Task[None]] = set()
         self._filled = asyncio.Event()
         self._refill: asyncio.Task[None] | None = None
         self._closed = False
@@ -141,11 +151,12 @@ class WarmPool:
                 self._behind = True
             while self._waiting and (self._waiting[0][2] is None) == (spec.group is None):
                 launched, channel, group = self._waiting.popleft()
-                asyncio.get_running_loop().call_later(REFILL_DELAY, self._schedule_refill)
                 if self._hand_over(launched, channel, group, spec):
+                    self._refill_after(launched)
                     self.warm_starts += 1
                     log.debug("started a program warm (pid %d)", launched.process.pid)
                     return launched
+                asyncio.get_running_loop().call_later(REFILL_DELAY, self._schedule_refill)
         self.cold_starts += 1
         return await cold_launch(spec)
 
@@ -190,6 +201,19 @@ class WarmPool:
                 await asyncio.wait([filled, self._refill], return_when=asyncio.FIRST_COMPLETED)
             finally:
                 filled.cancel()
+
+    def _refill_after(self, launched: LaunchedProcess) -> None:
+        """Refill once the program ``launched`` became has ended, or after ``REFILL_AFTER``."""
+
+        async def when_ended() -> None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(launched.process.wait(), REFILL_AFTER)
+            await asyncio.sleep(REFILL_DELAY)
+            self._schedule_refill()
+
+        task = asyncio.ensure_future(when_ended())
+        self._pending_refills.add(task)
+        task.add_done_callback(self._pending_refills.discard)
 
     def _schedule_refill(self) -> None:
         if self._closed or (self._refill is not None and not self._refill.done()):
@@ -337,6 +361,8 @@ class WarmPool:
     async def close(self) -> None:
         """End every waiting interpreter and wait for them."""
         self._closed = True
+        for task in list(self._pending_refills):
+            task.cancel()
         if self._refill is not None:
             # Not cancelled: an interpreter mid-start would be lost; the loop sees _closed.
             await self._refill

@@ -26,11 +26,12 @@ from typing import Callable
 from further_link.errors import StartError, StdinError
 from further_link.runs import proctree
 from further_link.runs.containment import Limits, RunGroup, child_setup
+from further_link.system.memory import OUTPUT_PIECE_BYTES
 
 log = logging.getLogger(__name__)
 
 OutputSink = Callable[[str, str], Awaitable[None]]
-READ_CHUNK = 1024 * 1024
+READ_CHUNK = OUTPUT_PIECE_BYTES  # below malloc's mmap threshold (see memory.py)
 PIPE_BUFFER_BYTES = 1024 * 1024
 STDIN_BACKLOG_LIMIT = 4 * 1024 * 1024
 # After the program has exited and its tree is killed, how long to wait for

@@ -21,8 +21,9 @@ from typing import Callable
 from further_link.protocol.events import ErrorEvent, Event, Output, Plot, ProgramOutput
 from further_link.protocol.runpy import encode_event
 from further_link.runs.sink import SinkClosed
+from further_link.system.memory import OUTPUT_PIECE_BYTES
 
-MERGE_LIMIT = 1024 * 1024
+MERGE_LIMIT = OUTPUT_PIECE_BYTES  # below malloc's mmap threshold (see memory.py)
 # What a small control event (started, pong, ...) counts for, in bytes.
 CONTROL_EVENT_BYTES = 64
 
@@ -96,12 +97,13 @@ class Outbox:
         event, size = self._events.popleft()
         if isinstance(event, Output):
             parts = [event.output]
-            while self._events and size < MERGE_LIMIT:
+            while self._events:
                 following, following_size = self._events[0]
                 if not (
                     isinstance(following, Output)
                     and following.stream == event.stream
                     and following.process == event.process
+                    and size + following_size <= MERGE_LIMIT
                 ):
                     break
                 self._events.popleft()

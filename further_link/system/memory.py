@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 LARGE_BLOCK_BYTES = 128 * 1024  # glibc's own starting value, kept from moving
+# The largest piece of program output read from a pipe at once, or merged into
+# one message. With JSON's escaping (``\n`` is two characters) and the
+# websocket framing, each buffer such a piece passes through (bytes read,
+# text, JSON text, frame) stays below LARGE_BLOCK_BYTES and so is reused from
+# the heap: above it, every buffer would be a fresh mapping, page-faulted in
+# and unmapped per message (measured: 0.38 of the bare websocket's
+# throughput with 1 MiB pieces, 0.8-0.9 with these).
+OUTPUT_PIECE_BYTES = 120 * 1024
 
 
 def map_large_blocks(threshold: int = LARGE_BLOCK_BYTES) -> bool:
