@@ -164,17 +164,12 @@ class RunBook:
 
     # ------------------------------------------------------------ starting
 
-    def enlist(self, run: Run) -> None:
-        """List a run about to start (``queued`` when it must wait for its turn)."""
-        state = "queued" if self.must_wait() else "running"
-        self._entries[run.run_id] = BookEntry(run, state)
-
-    def must_wait(self) -> bool:
-        """Exclusive mode and another run holds the device, or others wait before it."""
-        if not self.exclusive:
-            return False
-        turn = self._turns.snapshot().get(DEVICE_TURN)
-        return turn is not None
+    def enlist(self, run: Run) -> bool:
+        """List a run about to start. True (listed as ``queued``) when it must wait for its
+        turn: exclusive mode, and another run holds the device or others wait before it."""
+        waits = self.exclusive and self._turns.snapshot().get(DEVICE_TURN) is not None
+        self._entries[run.run_id] = BookEntry(run, "queued" if waits else "running")
+        return waits
 
     async def take_turn(self, run: Run) -> None:
         """Exclusive mode: wait until no other run holds the device (``queued`` meanwhile).

@@ -151,14 +151,11 @@ class Run:
         as it is, for the caller to say so.
         """
         assert self.state is RunState.STARTING, "a run starts once"
-        book = self._services.runs
-        if book.must_wait():
+        if self._services.runs.enlist(self):
             # Exclusive mode, another program runs: wait for the turn without holding
             # up the connection, whose `stop` takes this run out of the queue.
-            book.enlist(self)
             self._queued = asyncio.ensure_future(self._start_in_turn(planner))
             return
-        book.enlist(self)
         await self._start_now(planner)
 
     async def _start_now(self, planner: Planner) -> None:
