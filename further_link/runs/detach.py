@@ -132,19 +132,24 @@ class RunRelay:
 @dataclass
 class BookEntry:
     run: Run
-    state: str = "running"  # queued, running, detached
+    phase: str = "running"  # queued or running (GET /runs: "detached" while detached)
     started_at: float = field(default_factory=time.time)
     expiry: asyncio.Task[None] | None = None  # detached: ends the run when its keepAlive passes
     ended: bool = False  # the program ended (a detached entry stays for an attach)
+
+    @property
+    def detached(self) -> bool:
+        """Its connection went and it waits for an attach: exactly while it has an expiry."""
+        return self.expiry is not None
 
     def describe(self, claims: ClaimRegistry) -> dict[str, Any]:
         run = self.run
         relay = run.relay
         return {
             "runId": run.run_id,
-            "state": self.state,
+            "state": "detached" if self.detached else self.phase,
             "startedAt": self.started_at,
-            "attached": 0 if self.state == "detached" or (relay and not relay.attached) else 1,
+            "attached": 0 if self.detached or (relay and not relay.attached) else 1,
             "claims": claims.held_by(run.run_id),
             "waitingFor": claims.waiting_for(run.run_id),
             "keepAlive": run.keep_alive,
@@ -184,8 +189,8 @@ class RunBook:
 
         await self._turns.acquire(DEVICE_TURN, run.run_id, queued)
         entry = self._entries.get(run.run_id)
-        if entry is not None and entry.state == "queued":
-            entry.state = "running"
+        if entry is not None and entry.phase == "queued":
+            entry.phase = "running"
 
     def forget(self, run: Run) -> None:
         """``run`` ended (or never started): it leaves the book, its turn and its claims."""
@@ -195,7 +200,7 @@ class RunBook:
         if entry is None or entry.run is not run:
             return
         entry.ended = True
-        if entry.expiry is None:
+        if not entry.detached:
             del self._entries[run.run_id]
         # else: detached; kept until its keepAlive passes, for an attach to see the end
 
@@ -206,9 +211,9 @@ class RunBook:
         keepAlive; False: end it now (no keepAlive, or too many runs detached already)."""
         entry = self._entries.get(run.run_id)
         relay = run.relay
-        if entry is None or relay is None or entry.expiry is not None:
+        if entry is None or relay is None or entry.detached:
             return False
-        detached = sum(1 for e in self._entries.values() if e.expiry is not None)
+        detached = sum(1 for e in self._entries.values() if e.detached)
         if detached >= self.max_detached:
             log.warning(
                 "%d runs are detached already (FURTHER_LINK_MAX_DETACHED_RUNS): ending one",
@@ -217,7 +222,6 @@ class RunBook:
             return False
         relay.detach()
         run.on_ended = run.on_taken = None
-        entry.state = "detached"
         entry.expiry = asyncio.ensure_future(self._expire(entry, run.keep_alive))
         log.info("a run detached; kept for %.0f s", run.keep_alive)
         return True
@@ -259,7 +263,7 @@ class RunBook:
         if entry.ended:
             del self._entries[run_id]
         else:
-            entry.state = "queued" if run.queued else "running"
+            entry.phase = "queued" if run.queued else "running"
         previous = await run.relay.attach(target, process)
         if previous is not None and previous is not target:
             previous.put(ErrorEvent("this program was attached from another connection"))
@@ -276,7 +280,7 @@ class RunBook:
 
     async def close(self) -> None:
         """Server shutdown: end every detached run."""
-        entries = [e for e in self._entries.values() if e.expiry is not None]
+        entries = [e for e in self._entries.values() if e.detached]
         for entry in entries:
             self._entries.pop(entry.run.run_id, None)
             assert entry.expiry is not None
