@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -11,6 +12,8 @@ from further_link.errors import ProcessMessageError, ProtocolError
 from further_link.protocol.run import RunAttach, RunStart, encode_run_event, parse_run_command
 from further_link.protocol.runpy import (
     AttachCommand,
+    KeyListen,
+    Novnc,
     Queued,
     StartCommand,
     Started,
@@ -67,3 +70,19 @@ def test_started_and_queued_encode_as_agreed() -> None:
         "client": "c",
         "process": "7",
     }
+
+
+def test_side_events_carry_the_same_data_on_both_apis() -> None:
+    expected = [
+        (KeyListen("ArrowUp"), "keylisten", {"output": "ArrowUp"}),
+        (Novnc(8028, "/novnc/k3y"), "novnc", {"port": 8028, "path": "/novnc/k3y"}),
+        (
+            Queued(2, "camera", "b" * 32),
+            "queued",
+            {"position": 2, "resource": "camera", "heldBy": "b" * 32},
+        ),
+    ]
+    for event, kind, data in expected:
+        assert json.loads(encode_event(event)) == {"type": kind, "data": data}
+        on_run = json.loads(encode_run_event(dataclasses.replace(event, process="p"), "c"))
+        assert on_run == {"type": kind, "data": data, "client": "c", "process": "p"}

@@ -143,12 +143,6 @@ class Queued:
     held_by: str | None = None
     process: str | None = None
 
-    def data(self) -> dict[str, object]:
-        data: dict[str, object] = {"position": self.position}
-        if self.resource is not None:
-            data.update(resource=self.resource, heldBy=self.held_by)
-        return data
-
 
 @dataclass(frozen=True)
 class Uploaded:

@@ -20,16 +20,11 @@ from typing import Any, Union
 
 from further_link.errors import ProcessMessageError, ProtocolError
 from further_link.protocol.events import (
-    Controls,
     ErrorEvent,
     Event,
-    KeyListen,
-    Novnc,
     Output,
     Ping,
-    Plot,
     Pong,
-    Queued,
     Started,
     Stdin,
     Stop,
@@ -38,6 +33,7 @@ from further_link.protocol.events import (
     Video,
 )
 from further_link.protocol.wire import (
+    SIDE_EVENTS,
     check_text,
     control_value,
     json_string,
@@ -293,18 +289,12 @@ def encode_run_event(event: Event, client: str) -> str:
 def _kind_and_data(event: Event) -> tuple[str, dict[str, Any] | None]:
     if isinstance(event, Started):
         return "started", None if event.run_id is None else {"runId": event.run_id}
-    if isinstance(event, Queued):
-        return "queued", event.data()
     if isinstance(event, Stopped):
         return "stopped", {"exitCode": event.exit_code}
-    if isinstance(event, KeyListen):
-        return "keylisten", {"output": event.key}
-    if isinstance(event, Novnc):
-        return "novnc", {"port": event.port, "path": event.path}
     if isinstance(event, ErrorEvent):
         return "error", {"message": event.message}
     if isinstance(event, Pong):
         return "pong", None
-    if isinstance(event, (Plot, Controls)):
+    if isinstance(event, SIDE_EVENTS):
         return side_event_data(event)
     raise TypeError(f"not a /run event: {event!r}")  # Uploaded belongs to /run-py

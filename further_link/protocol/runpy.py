@@ -34,6 +34,7 @@ from further_link.protocol.events import Stopped as Stopped
 from further_link.protocol.events import Uploaded as Uploaded
 from further_link.protocol.events import Video as Video
 from further_link.protocol.wire import (
+    SIDE_EVENTS,
     check_text,
     control_value,
     kind_of,
@@ -139,19 +140,14 @@ def encode_event(event: Event) -> str:
         kind, data = "error", {"message": event.message}
     elif isinstance(event, Started):
         kind, data = "started", {} if event.run_id is None else {"runId": event.run_id}
-    elif isinstance(event, Queued):
-        kind, data = "queued", event.data()
     elif isinstance(event, Uploaded):
         kind, data = "uploaded", {} if event.version is None else {"version": event.version}
     elif isinstance(event, Pong):
         kind, data = "pong", {}
-    elif isinstance(event, KeyListen):
-        # Not in the 2020 API, whose clients ignore unknown types; as v5 names it.
-        kind, data = "keylisten", {"output": event.key}
-    elif isinstance(event, (Plot, Controls)):
+    elif isinstance(event, SIDE_EVENTS):
+        # keylisten, plot, controls and queued are not in the 2020 API, whose clients
+        # ignore unknown types: as v5 names them. Only v5 starts GUI runs (novnc).
         kind, data = side_event_data(event)
-    elif isinstance(event, Novnc):  # only v5 starts GUI runs; named as there
-        kind, data = "novnc", {"port": event.port, "path": event.path}
     else:  # pragma: no cover - the Event union holds only the above
         raise TypeError(f"not a /run-py event: {event!r}")
     return json.dumps({"type": kind, "data": data}, ensure_ascii=False)

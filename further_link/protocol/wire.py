@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
+from typing import Any, Union
 
 from further_link.errors import ProtocolError
-from further_link.protocol.events import Controls, Output, Plot, Video
+from further_link.protocol.events import Controls, KeyListen, Novnc, Output, Plot, Queued, Video
 
 json_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
 _json_ascii_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
@@ -71,8 +71,14 @@ def optional_str(data: dict[str, Any], key: str, command: str) -> str | None:
     return value
 
 
-def side_event_data(event: Plot | Controls) -> tuple[str, dict[str, Any]]:
-    """The ``type`` and ``data`` of a plot or controls event, the same on both APIs."""
+# Events whose data both APIs shape alike (``side_event_data``).
+SideEvent = Union[Plot, Controls, KeyListen, Novnc, Queued]
+SIDE_EVENTS = (Plot, Controls, KeyListen, Novnc, Queued)
+
+
+def side_event_data(event: SideEvent) -> tuple[str, dict[str, Any]]:
+    """The ``type`` and ``data`` of a plot, controls, keylisten, novnc or queued event,
+    the same on both APIs: ``("queued", {"position": 1})``."""
     if isinstance(event, Plot):
         return "plot", {
             "figure": event.figure,
@@ -80,6 +86,15 @@ def side_event_data(event: Plot | Controls) -> tuple[str, dict[str, Any]]:
             "width": event.width,
             "height": event.height,
         }
+    if isinstance(event, KeyListen):
+        return "keylisten", {"output": event.key}
+    if isinstance(event, Novnc):
+        return "novnc", {"port": event.port, "path": event.path}
+    if isinstance(event, Queued):
+        data: dict[str, Any] = {"position": event.position}
+        if event.resource is not None:
+            data.update(resource=event.resource, heldBy=event.held_by)
+        return "queued", data
     controls = []
     for control in event.controls:
         shape: dict[str, Any] = {"id": control.control_id, "kind": control.kind}
