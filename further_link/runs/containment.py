@@ -42,6 +42,7 @@ only write access to its own cgroup.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import errno
@@ -345,6 +346,11 @@ class RunGroup:
         if left:
             log.warning("run cgroups still in use, left behind: %s", ", ".join(map(str, left)))
         return not left
+
+    async def remove_async(self) -> bool:
+        """``remove`` on a worker thread: it waits (up to ``REMOVE_TIMEOUT`` s) for the
+        kernel to finish tearing the processes down, which must not hold up the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.remove)
 
 
 def _rmdir(directory: Path) -> bool:

@@ -450,7 +450,7 @@ class VirtualDisplay:
                 break
         if self._group is not None:
             group, self._group = self._group, None
-            await asyncio.get_running_loop().run_in_executor(None, group.remove)
+            await group.remove_async()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

@@ -356,7 +356,7 @@ class WarmPool:
         group.kill()
         with contextlib.suppress(ProcessLookupError, asyncio.TimeoutError):
             await asyncio.wait_for(launched.process.wait(), KILL_TIMEOUT)
-        await asyncio.get_running_loop().run_in_executor(None, group.remove)
+        await group.remove_async()
 
     async def close(self) -> None:
         """End every waiting interpreter and wait for them."""

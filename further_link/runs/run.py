@@ -53,7 +53,7 @@ from further_link.runs.gui import DisplayRequest, VirtualDisplay, env_on_display
 from further_link.runs.process import STOPPED_EXIT_CODE, Program, ProgramSpec
 from further_link.runs.pty import PtyLauncher
 from further_link.runs.rundirs import RunPlace
-from further_link.runs.services import SHORTAGES, Services, contain_run, remove_group
+from further_link.runs.services import SHORTAGES, Services, contain_run
 from further_link.runs.side_events import frame_event, send_frame_event
 from further_link.runs.sink import EventSink, SinkClosed
 from further_link.runs.streams import SideChannel
@@ -344,7 +344,8 @@ class Run:
             await self._close_display()
             self._release()
         # Not in ``finally``: when cancelled, ``close`` removes it after ending the run.
-        await remove_group(self._group)
+        if self._group is not None:
+            await self._group.remove_async()
         self.state = RunState.STOPPED
         self._services.runs.forget(self)
         if self.on_ended is not None:
@@ -408,7 +409,8 @@ class Run:
         finally:
             await self._close_display()
             self._release()
-        await remove_group(self._group)
+        if self._group is not None:
+            await self._group.remove_async()
         if self._stopping is not None:
             self._stopping.cancel()
             await asyncio.gather(self._stopping, return_exceptions=True)

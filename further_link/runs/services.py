@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import errno
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -73,9 +72,3 @@ def contain_run(services: Services) -> tuple[RunGroup | None, Limits | None]:
         return containment.new_run(), None
     except OSError as exc:
         raise StartError(f"could not create the program's cgroup: {exc.strerror}") from None
-
-
-async def remove_group(group: RunGroup | None) -> None:
-    if group is not None:
-        # Waits (briefly) for the kernel to finish tearing the processes down.
-        await asyncio.get_running_loop().run_in_executor(None, group.remove)
