@@ -42,7 +42,8 @@ from typing import Any
 
 from further_link.errors import StartError
 from further_link.runs import proctree
-from further_link.runs.containment import Limits, RunGroup, child_setup
+from further_link.runs.containment import Limits, RunGroup
+from further_link.runs.process import exec_in_group
 
 log = logging.getLogger(__name__)
 
@@ -291,24 +292,19 @@ class VirtualDisplay:
         rlimits: Limits | None,
         pass_fds: tuple[int, ...] = (),
     ) -> None:
-        join_fds = self._group.open_join_fds() if self._group is not None else []
-        try:
-            with proctree.MANAGED_CHILDREN.starting():
-                process = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.DEVNULL,
-                    cwd=str(self.directory),
-                    env=dict(env),
-                    start_new_session=True,
-                    pass_fds=pass_fds,
-                    preexec_fn=child_setup(join_fds, rlimits),
-                )
-                proctree.MANAGED_CHILDREN.add(process.pid)
-        finally:
-            for fd in join_fds:
-                os.close(fd)
+        process = await exec_in_group(
+            argv,
+            self._group,
+            rlimits,
+            "the virtual display",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            cwd=str(self.directory),
+            env=dict(env),
+            start_new_session=True,
+            pass_fds=pass_fds,
+        )
         self._processes.append(process)
 
     async def _read_display_number(self, fd: int) -> int:

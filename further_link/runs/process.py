@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from further_link.errors import StartError, StdinError
 from further_link.runs import proctree
@@ -97,6 +97,43 @@ class LaunchedProcess:
 Launcher = Callable[[ProgramSpec], Awaitable[LaunchedProcess]]
 
 
+async def exec_in_group(
+    argv: Sequence[str],
+    group: RunGroup | None,
+    rlimits: Limits | None,
+    what: str,
+    **options: Any,
+) -> asyncio.subprocess.Process:
+    """Start ``argv`` with its first instruction already inside ``group`` (its cgroups).
+
+    The child joins ``group`` and sets ``PR_SET_NO_NEW_PRIVS`` and ``rlimits``
+    before exec (``containment.child_setup``); its pid is one the orphan reaper
+    leaves to asyncio (``proctree.MANAGED_CHILDREN``). ``options`` go to
+    ``asyncio.create_subprocess_exec`` (stdio, ``cwd``, ``env``, ...). Raises
+    ``StartError`` naming ``what`` (e.g. ``'python3'``) when the child cannot
+    join its cgroup or start.
+    """
+    try:
+        join_fds = group.open_join_fds() if group is not None else []
+    except OSError as exc:
+        raise StartError(f"could not put {what} in its cgroup: {exc.strerror}") from None
+    try:
+        # Registered before the orphan reaper may look again: asyncio waits for it.
+        with proctree.MANAGED_CHILDREN.starting():
+            process = await asyncio.create_subprocess_exec(
+                *argv, preexec_fn=child_setup(join_fds, rlimits), **options
+            )
+            proctree.MANAGED_CHILDREN.add(process.pid)
+    except OSError as exc:
+        raise StartError(f"could not start {what}: {exc.strerror}") from None
+    except subprocess.SubprocessError as exc:  # the child's set-up step (joining its cgroup)
+        raise StartError(f"could not start {what}: {exc}") from None
+    finally:
+        for fd in join_fds:
+            os.close(fd)
+    return process
+
+
 async def spawn(
     argv: Sequence[str],
     cwd: Path,
@@ -119,36 +156,25 @@ async def spawn(
     err_r, err_w = os.pipe()
     _widen_pipe(out_r)
     try:
-        join_fds = group.open_join_fds() if group is not None else []
-    except OSError as exc:
-        for fd in (out_r, out_w, err_r, err_w):
-            os.close(fd)
-        raise StartError(f"could not put the program in its cgroup: {exc.strerror}") from None
-    try:
-        # Registered before the orphan reaper may look again: asyncio waits for it.
-        with proctree.MANAGED_CHILDREN.starting():
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=out_w,
-                stderr=err_w,
-                cwd=str(cwd),
-                env=env,
-                start_new_session=True,
-                pass_fds=pass_fds,
-                preexec_fn=child_setup(join_fds, rlimits),
-            )
-            proctree.MANAGED_CHILDREN.add(process.pid)
-    except OSError as exc:
+        process = await exec_in_group(
+            argv,
+            group,
+            rlimits,
+            repr(argv[0]),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=out_w,
+            stderr=err_w,
+            cwd=str(cwd),
+            env=env,
+            start_new_session=True,
+            pass_fds=pass_fds,
+        )
+    except BaseException:
         for fd in (out_r, err_r):
             os.close(fd)
-        raise StartError(f"could not start {argv[0]!r}: {exc.strerror}") from None
-    except subprocess.SubprocessError as exc:  # the child's set-up step (joining its cgroup)
-        for fd in (out_r, err_r):
-            os.close(fd)
-        raise StartError(f"could not start {argv[0]!r}: {exc}") from None
+        raise
     finally:
-        for fd in (out_w, err_w, *join_fds):
+        for fd in (out_w, err_w):
             os.close(fd)
     return LaunchedProcess(process, out_r, err_r, tag)
 

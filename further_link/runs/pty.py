@@ -20,14 +20,11 @@ import fcntl
 import logging
 import os
 import struct
-import subprocess
 import termios
 import uuid
 
-from further_link.errors import StartError
 from further_link.runs import proctree
-from further_link.runs.containment import child_setup
-from further_link.runs.process import LaunchedProcess, ProgramSpec
+from further_link.runs.process import LaunchedProcess, ProgramSpec, exec_in_group
 
 log = logging.getLogger(__name__)
 
@@ -96,35 +93,20 @@ class PtyLauncher:
         tag = uuid.uuid4().hex
         env = dict(spec.env)
         env[proctree.RUN_TAG_VAR] = tag
-        group = spec.group
-        try:
-            join_fds = group.open_join_fds() if group is not None else []
-        except OSError as exc:
-            raise StartError(f"could not put the program in its cgroup: {exc.strerror}") from None
-        try:
-            with proctree.MANAGED_CHILDREN.starting():
-                # Not start_new_session: setsid(1) makes the session itself, so that the
-                # pty becomes its controlling terminal; the pid stays the program's. The
-                # child joins its cgroups before that exec, as process.spawn's children do.
-                process = await asyncio.create_subprocess_exec(
-                    SETSID,
-                    "--ctty",
-                    *spec.argv,
-                    stdin=slave,
-                    stdout=slave,
-                    stderr=slave,
-                    cwd=str(spec.cwd),
-                    env=env,
-                    preexec_fn=child_setup(join_fds, spec.rlimits),
-                )
-                proctree.MANAGED_CHILDREN.add(process.pid)
-        except OSError as exc:
-            raise StartError(f"could not start {spec.argv[0]!r}: {exc.strerror}") from None
-        except subprocess.SubprocessError as exc:  # the child's set-up step (its cgroup)
-            raise StartError(f"could not start {spec.argv[0]!r}: {exc}") from None
-        finally:
-            for fd in join_fds:
-                os.close(fd)
+        # Not start_new_session: setsid(1) makes the session itself, so that the
+        # pty becomes its controlling terminal; the pid stays the program's. The
+        # child joins its cgroups before that exec, as process.spawn's children do.
+        process = await exec_in_group(
+            [SETSID, "--ctty", *spec.argv],
+            spec.group,
+            spec.rlimits,
+            repr(spec.argv[0]),
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=str(spec.cwd),
+            env=env,
+        )
         return LaunchedProcess(process, output_fd, stderr_fd, tag)
 
     def resize(self, rows: int, cols: int) -> None:
