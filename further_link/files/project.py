@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from further_link.errors import StartError
@@ -74,8 +75,9 @@ def open_project_dir(work_dir_real: Path, directory: Path, what: str) -> int:
     return fd
 
 
-class ProjectScript:
-    """An inline script written into its project directory; ``remove`` deletes it.
+class ScriptFile:
+    """A script the server wrote for one run (an inline script, v5 ``code``); ``remove``
+    deletes it when the run ends.
 
     Owns ``dir_fd`` (closed by ``remove``), so the file is found again even if
     the directory was renamed meanwhile (an upload replacing the project).
@@ -83,44 +85,15 @@ class ProjectScript:
 
     def __init__(self, dir_fd: int, directory: Path, name: str) -> None:
         self._dir_fd: int | None = dir_fd
+        self.name = name
         self.path = directory / name
-        self._name = name
-
-    @classmethod
-    def write(cls, dir_fd: int, directory: Path, source: str) -> ProjectScript:
-        """Create a new script file in the directory of ``dir_fd`` (taking ownership of it)."""
-        data = source.encode("utf-8")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            for _ in range(NAME_ATTEMPTS):
-                name = f"{SCRIPT_PREFIX}{os.urandom(4).hex()}.py"
-                try:
-                    fd = os.open(name, flags, 0o644, dir_fd=dir_fd)
-                except FileExistsError:
-                    continue
-                break
-            else:  # pragma: no cover - 16 clashes of 32 random bits
-                raise StartError("could not find a free name for the script in directoryName")
-        except OSError as exc:
-            os.close(dir_fd)
-            raise StartError(
-                f"cannot write the script into directoryName: {exc.strerror}"
-            ) from None
-        script = cls(dir_fd, directory, name)
-        try:
-            with open(fd, "wb") as out:
-                out.write(data)
-        except BaseException:
-            script.remove()
-            raise
-        return script
 
     def remove(self) -> None:
         """Delete the file (if still there) and release the directory; idempotent."""
         if self._dir_fd is None:
             return
         try:
-            os.unlink(self._name, dir_fd=self._dir_fd)
+            os.unlink(self.name, dir_fd=self._dir_fd)
         except FileNotFoundError:
             pass  # the project was replaced or removed meanwhile
         except OSError as exc:
@@ -128,6 +101,52 @@ class ProjectScript:
         finally:
             os.close(self._dir_fd)
             self._dir_fd = None
+
+
+def write_script(
+    dir_fd: int, directory: Path, names: Iterable[str], text: str, mode: int, where: str
+) -> ScriptFile:
+    """A new file holding ``text`` with exactly ``mode`` (whatever the umask), named by
+    the first of ``names`` still free in ``directory``, whose descriptor ``dir_fd`` is.
+
+    Takes over ``dir_fd``: the returned ``ScriptFile`` closes it, or this on failure.
+    The file is created afresh (``O_EXCL | O_NOFOLLOW``). Raises ``StartError``
+    naming ``where`` (the directory, in the learner's words) when it cannot be written.
+    """
+    data = text.encode("utf-8")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        for name in names:
+            try:
+                fd = os.open(name, flags, mode, dir_fd=dir_fd)
+            except FileExistsError:
+                continue
+            break
+        else:
+            raise StartError(f"no free script name in {where}; remove old scripts")
+    except BaseException as exc:
+        os.close(dir_fd)
+        if isinstance(exc, OSError):
+            raise StartError(f"cannot write a script into {where}: {exc.strerror}") from None
+        raise
+    script = ScriptFile(dir_fd, directory, name)
+    try:
+        with open(fd, "wb") as out:
+            os.fchmod(out.fileno(), mode)
+            out.write(data)
+    except BaseException as exc:
+        script.remove()
+        if isinstance(exc, OSError):
+            raise StartError(f"cannot write a script into {where}: {exc.strerror}") from None
+        raise
+    return script
+
+
+def write_project_script(dir_fd: int, directory: Path, source: str) -> ScriptFile:
+    """An inline script, hidden and randomly named, in its project directory (``dir_fd``,
+    taken over as ``write_script`` does); raises ``StartError``."""
+    names = (f"{SCRIPT_PREFIX}{os.urandom(4).hex()}.py" for _ in range(NAME_ATTEMPTS))
+    return write_script(dir_fd, directory, names, source, 0o644, "directoryName")
 
 
 def remove_stale_scripts(work_dir: Path) -> int:

@@ -17,7 +17,7 @@ from further_link.channel import SOCKET_ENV_VAR
 from further_link.config import Config
 from further_link.errors import StartError, UnsafePathError
 from further_link.files.paths import confine_path, describe_kind
-from further_link.files.project import ProjectScript, open_project_dir
+from further_link.files.project import ScriptFile, open_project_dir, write_project_script
 from further_link.files.upload import CACHE_DIR_NAME, STAGING_PREFIX
 from further_link.protocol.runpy import StartCommand
 from further_link.runs.display import graphical_session
@@ -102,7 +102,7 @@ class Plan:
     """What to start, and the inline script in a project that the run must remove."""
 
     spec: ProgramSpec
-    project_script: ProjectScript | None = None
+    project_script: ScriptFile | None = None
 
 
 def plan_program(command: StartCommand, config: Config, library_dir: Path, run_dir: Path) -> Plan:
@@ -118,7 +118,7 @@ def plan_program(command: StartCommand, config: Config, library_dir: Path, run_d
         script = resolve_source_path(config, command.source_path)
         cwd = directory or script.parent
     elif directory is not None and dir_fd is not None:
-        project_script = ProjectScript.write(dir_fd, directory, command.source_script or "")
+        project_script = write_project_script(dir_fd, directory, command.source_script or "")
         script = project_script.path
         cwd = directory
     else:

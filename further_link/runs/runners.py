@@ -14,18 +14,19 @@ name the level that failed. A user's own file is never chmod-ed.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pwd
 import secrets
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from further_link.config import Config, RunAs
 from further_link.errors import StartError
 from further_link.files.paths import describe_kind
+from further_link.files.project import ScriptFile, write_script
 from further_link.protocol.run import RunStart
 from further_link.runs.launch import program_env
 from further_link.runs.process import ProgramSpec
@@ -37,25 +38,6 @@ FALLBACK_SHELL = "/bin/sh"
 # Upstream names temporary scripts <N>.py / exec-<N> with N from 100 to 999.
 SCRIPT_NUMBERS = range(100, 1000)
 SCRIPT_NAME_TRIES = 50
-
-
-class ScriptFile:
-    """A temporary script the server wrote for ``code``; ``remove`` deletes it (once)."""
-
-    def __init__(self, dir_fd: int, name: str, path: Path) -> None:
-        self._dir_fd: int | None = dir_fd
-        self.name = name
-        self.path = path
-
-    def remove(self) -> None:
-        dir_fd, self._dir_fd = self._dir_fd, None
-        if dir_fd is None:
-            return
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.name, dir_fd=dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 @dataclass
@@ -76,14 +58,10 @@ def plan_run(command: RunStart, config: Config, library_dir: Path, run_dir: Path
         cwd, argv = target, [shell]
     elif command.code is not None:
         directory = open_directory(target, create=True)
-        try:
-            if command.runner == "python3":
-                script = write_script(directory, target, "", ".py", command.code, 0o644)
-            else:
-                script = write_script(directory, target, "exec-", "", command.code, 0o700)
-        except BaseException:
-            close_dir(directory)
-            raise
+        python = command.runner == "python3"
+        prefix, suffix, mode = ("", ".py", 0o644) if python else ("exec-", "", 0o700)
+        names = _numbered(prefix, suffix)
+        script = write_script(directory, target, names, command.code, mode, repr(str(target)))
         cwd = target
         argv = [str(script.path)]
     else:
@@ -205,36 +183,7 @@ def _descend(parent: int, name: str, where: Path, create: bool) -> int:
         os.close(parent)
 
 
-def write_script(
-    dir_fd: int, directory: Path, prefix: str, suffix: str, text: str, mode: int
-) -> ScriptFile:
-    """A new file ``<prefix><N><suffix>`` holding ``text``, with exactly ``mode``.
-
-    Takes over ``dir_fd`` (the returned ``ScriptFile`` closes it).
-    """
-    data = text.encode("utf-8")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+def _numbered(prefix: str, suffix: str) -> Iterator[str]:
+    """Upstream's names for temporary scripts, ``<prefix><N><suffix>``, in random order."""
     for _ in range(SCRIPT_NAME_TRIES):
-        name = f"{prefix}{secrets.choice(SCRIPT_NUMBERS)}{suffix}"
-        try:
-            fd = os.open(name, flags, mode, dir_fd=dir_fd)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise StartError(
-                f"cannot write a script into {str(directory)!r}: {exc.strerror}"
-            ) from None
-        try:
-            os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        except OSError as exc:
-            os.unlink(name, dir_fd=dir_fd)
-            raise StartError(
-                f"cannot write a script into {str(directory)!r}: {exc.strerror}"
-            ) from None
-        finally:
-            os.close(fd)
-        return ScriptFile(dir_fd, name, directory / name)
-    raise StartError(f"no free script name in {str(directory)!r}; remove old scripts")
+        yield f"{prefix}{secrets.choice(SCRIPT_NUMBERS)}{suffix}"
