@@ -12,7 +12,8 @@ runs that a crash or kill left behind are removed when the server starts.
 The directory is reached from the work dir one component at a time with
 ``O_NOFOLLOW``, and the file is created through that directory's descriptor:
 the server may have more rights than programs, and a program can replace any
-folder it owns with a symbolic link at any moment.
+folder it owns with a symbolic link at any moment. ``write_script`` writes the
+v5 runners' ``code`` scripts (runs/runners.py) the same way.
 """
 
 from __future__ import annotations
