@@ -68,11 +68,16 @@ def own_origins(request: web.Request) -> list[str]:
     ]
 
 
+def origin_is_allowed(request: web.Request) -> bool:
+    """True unless a browser page from an origin we don't know makes the request."""
+    config = request.app[ACCESS_CONFIG]
+    return origin_allowed(request.headers.get("Origin"), own_origins(request), config.origins)
+
+
 def check_origin(request: web.Request) -> None:
     """HTTP 403 when a browser page from an origin we don't know makes the request."""
     origin = request.headers.get("Origin")
-    config = request.app[ACCESS_CONFIG]
-    if not origin_allowed(origin, own_origins(request), config.origins):
+    if not origin_is_allowed(request):
         log.warning("refused a request from origin %s (%s)", excerpt(origin), request.remote)
         raise web.HTTPForbidden(
             text=(
@@ -118,7 +123,7 @@ def check_token(request: web.Request) -> None:
 def cors_headers(request: web.Request) -> dict[str, str]:
     """Let an allowed cross-origin page read the answer (and send the cookie)."""
     origin = request.headers.get("Origin")
-    if origin is None:
+    if not origin:
         return {}
     return {
         "Access-Control-Allow-Origin": origin,

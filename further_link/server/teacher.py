@@ -28,7 +28,7 @@ from further_link.compat import app_key
 from further_link.config import Config
 from further_link.errors import BodyError, TeacherError
 from further_link.runs.classlock import ClassLock
-from further_link.server.access import TOKENS, check_origin, check_token, cors_headers
+from further_link.server.access import TOKENS, check_origin, check_paired
 from further_link.server.bodies import read_json_object
 from further_link.trust.teachers import (
     ACTIONS,
@@ -110,10 +110,9 @@ async def command(request: web.Request) -> web.Response:
 
 
 async def lock_state(request: web.Request) -> web.Response:
-    check_origin(request)
-    check_token(request)
+    headers = check_paired(request)
     state = request.app[TEACHING].lock.state()
-    return web.json_response(state, headers={**cors_headers(request), "Cache-Control": "no-store"})
+    return web.json_response(state, headers={**headers, "Cache-Control": "no-store"})
 
 
 def _refusal(status: int, message: str) -> web.HTTPException:
