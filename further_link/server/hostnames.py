@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Iterable
 
-import psutil
+from further_link.system.addresses import interface_addresses
 
 # Addresses change (DHCP, a new network); the list is rebuilt this often.
 REFRESH_SECONDS = 30.0
@@ -55,16 +55,6 @@ def own_names(hostname: str, addresses: Iterable[str], extra: Iterable[str]) -> 
     return frozenset(names)
 
 
-def local_addresses() -> list[str]:
-    """Every address of every interface of this machine (IPv6 zone ids dropped)."""
-    found = []
-    for entries in psutil.net_if_addrs().values():
-        for entry in entries:
-            if entry.family in (socket.AF_INET, socket.AF_INET6):
-                found.append(entry.address.split("%", 1)[0])
-    return found
-
-
 def normalise_host(host: str) -> str:
     """``Host`` header value -> bare lower-case name or address; ``""`` when unusable.
 
@@ -102,7 +92,7 @@ class OwnNames:
         now = time.monotonic()
         if now - self._built >= REFRESH_SECONDS:
             try:
-                addresses = local_addresses()
+                addresses = interface_addresses()
             except OSError:
                 addresses = []
             self._names = own_names(socket.gethostname(), addresses, self._extra)

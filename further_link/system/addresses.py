@@ -20,25 +20,37 @@ def _url(scheme: str, host: str, port: int) -> str:
     return f"{scheme}://{shown}:{port}/"
 
 
+def interface_addresses() -> list[str]:
+    """Every IPv4 and IPv6 address of every interface of this machine, loopback and
+    link-local ones included (IPv6 zone ids dropped); may repeat one.
+
+    Raises ``OSError`` when the interfaces cannot be listed.
+    """
+    found = []
+    for entries in psutil.net_if_addrs().values():
+        for entry in entries:
+            if entry.family in (socket.AF_INET, socket.AF_INET6):
+                found.append(entry.address.split("%", 1)[0])
+    return found
+
+
 def local_addresses(ipv6: bool) -> list[str]:
     """This machine's addresses (IPv4 first), without IPv6 link-local ones.
 
     Loopback addresses are left out unless there is nothing else.
     """
     found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
-    families = (socket.AF_INET, socket.AF_INET6) if ipv6 else (socket.AF_INET,)
-    for entries in psutil.net_if_addrs().values():
-        for entry in entries:
-            if entry.family not in families:
-                continue
-            try:
-                address = ipaddress.ip_address(entry.address.split("%", 1)[0])
-            except ValueError:
-                continue
-            if address.version == 6 and address.is_link_local:
-                continue  # needs a %interface suffix that browsers do not accept
-            if address not in found:
-                found.append(address)
+    for raw in interface_addresses():
+        try:
+            address = ipaddress.ip_address(raw)
+        except ValueError:
+            continue
+        if address.version == 6 and not ipv6:
+            continue
+        if address.version == 6 and address.is_link_local:
+            continue  # needs a %interface suffix that browsers do not accept
+        if address not in found:
+            found.append(address)
     outside = [a for a in found if not a.is_loopback]
     chosen = outside or found
     return [str(a) for a in sorted(chosen, key=lambda a: (a.version, int(a)))]

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from further_link.config import Config
 from further_link.errors import ConfigError
-from further_link.server.hostnames import further_host_name, local_addresses, reachable_ipv4
+from further_link.server.hostnames import further_host_name, reachable_ipv4
+from further_link.system.addresses import interface_addresses
 from further_link.trust.secretfile import write_secret
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ MAX_ADDRESSES = 32
 
 def device_addresses() -> list[str]:
     """This device's IPv4 addresses that other machines can reach."""
-    return reachable_ipv4(local_addresses())
+    return reachable_ipv4(interface_addresses())
 
 
 def _recorded_addresses(path: Path) -> list[str]:
