@@ -25,8 +25,7 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from further_link import PACKAGE_VERSION, __version__
 from further_link.config import Config
-from further_link.server.hostnames import reachable_ipv4
-from further_link.system.addresses import WILDCARDS, interface_addresses
+from further_link.system.addresses import WILDCARDS, device_addresses
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ class Advertiser:
         """(addresses announced, interfaces used; None: zeroconf's default interfaces)."""
         host = self._config.host
         if host in WILDCARDS:
-            return reachable_ipv4(interface_addresses()), None
+            return device_addresses(), None
         return [host], [host]
 
     def start(self) -> None:

@@ -14,32 +14,11 @@ import socket
 import time
 from collections.abc import Iterable
 
-from further_link.system.addresses import interface_addresses
+from further_link.system.addresses import further_host_name, interface_addresses
 
 # Addresses change (DHCP, a new network); the list is rebuilt this often.
 REFRESH_SECONDS = 30.0
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-FURTHER_DOMAIN = "further-link.pi-top.com"
-
-
-def further_host_name(address: str) -> str:
-    """``192.168.1.20`` -> ``192-168-1-20.further-link.pi-top.com``, the name Further uses."""
-    return f"{address.replace('.', '-')}.{FURTHER_DOMAIN}"
-
-
-def reachable_ipv4(addresses: Iterable[str]) -> list[str]:
-    """The IPv4 addresses other machines can reach (no loopback or link-local), sorted."""
-    found = set()
-    for raw in addresses:
-        try:
-            address = ipaddress.ip_address(raw)
-        except ValueError:
-            continue
-        if address.version == 4 and not (
-            address.is_loopback or address.is_link_local or address.is_unspecified
-        ):
-            found.add(str(address))
-    return sorted(found)
 
 
 def own_names(hostname: str, addresses: Iterable[str], extra: Iterable[str]) -> frozenset[str]:
