@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from colours import BLUE, JPEG_TOLERANCE, RED, close_to
+from pagekit import run_program
 from PIL import Image
 from test_webpage import (
     WAIT_MS,
@@ -33,7 +34,6 @@ from test_webpage import (
     open_paired,
     page,
     pytestmark,
-    run_program,
     shot,
     terminal_text,
     wait_for_terminal,
