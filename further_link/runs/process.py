@@ -295,15 +295,26 @@ class Program:
         return self._process is not None and self._process.returncode is not None
 
     async def start(self) -> None:
+        """Launch the program; ``begin`` then starts reading its output and feeding stdin.
+
+        Split so that the caller can announce the start before any of that
+        work (and the log line) is done: what the program prints meanwhile
+        waits in its pipe. Raises ``StartError`` (or ``OSError``) when it cannot
+        be started.
+        """
         launched = await self._launcher(self.spec)
         self._process = launched.process
         self.tag = launched.tag
-        log.info("program started pid=%d cwd=%s", self._process.pid, self.spec.cwd)
         self._tree = proctree.RunTree(self._process.pid, self.tag)
         self._readers = [
             PipeReader(launched.stdout_fd, "stdout", self._deliver),
             PipeReader(launched.stderr_fd, "stderr", self._deliver),
         ]
+
+    def begin(self) -> None:
+        """Start reading the started program's output, feeding its stdin and watching it."""
+        assert self._process is not None, "program not started"
+        log.info("program started pid=%d cwd=%s", self._process.pid, self.spec.cwd)
         self._pump_tasks = [
             asyncio.ensure_future(reader.run(self._remaining_drain_time))
             for reader in self._readers

@@ -175,6 +175,10 @@ class Run:
         self.state = RunState.RUNNING
         self._announce_display()
         self.sink.put(Started(process=self.process, run_id=self.run_id))
+        # On the loop's next turn, after the connection's sender has woken for
+        # `started` (its wake-up was queued first): the readers' first steps and
+        # the log line then no longer come between `start` and `started`.
+        asyncio.get_running_loop().call_soon(self.program.begin)
         self._task = asyncio.ensure_future(self._supervise())
 
     async def _start_in_turn(self, planner: Planner) -> None:
