@@ -821,6 +821,7 @@ function stopProgram() {
     return;
   }
   if (send({ type: "stop", process: program.id })) {
+    program.terminal.hold();
     program.state = "stopping";
     updateControls();
   }

@@ -9,7 +9,8 @@
 // previous one and the browser drew a frame; past BACKLOG_MAX_CHARS the
 // oldest waiting output is dropped (a terminal keeps only its scrollback
 // anyway), and `finish()` after Stop drops all but the tail so the end shows
-// at once.
+// at once. Between Stop and the end, `hold()` keeps only that tail and draws
+// nothing, so the page reads what the device still sends as fast as it comes.
 
 import { Terminal } from "@xterm/xterm";
 import { FitAddon } from "@xterm/addon-fit";
@@ -58,6 +59,7 @@ export class TerminalView {
     this.backlogChars = 0;
     this.writing = false;
     this.skipped = 0;
+    this.held = false;
     this.written = 0; // characters handed to xterm, for tests and figures
     this.observer = new ResizeObserver(() => this.resize());
     this.observer.observe(element);
@@ -85,7 +87,8 @@ export class TerminalView {
     if (!text) return;
     this.backlog.push(text);
     this.backlogChars += text.length;
-    while (this.backlogChars > BACKLOG_MAX_CHARS && this.backlog.length > 1) {
+    const most = this.held ? FINISH_KEEP_CHARS : BACKLOG_MAX_CHARS;
+    while (this.backlogChars > most && this.backlog.length > 1) {
       const dropped = this.backlog.shift();
       this.backlogChars -= dropped.length;
       this.skipped += dropped.length;
@@ -94,7 +97,7 @@ export class TerminalView {
   }
 
   pump() {
-    if (this.writing || !this.backlog.length) return;
+    if (this.writing || this.held || !this.backlog.length) return;
     let slice = "";
     if (this.skipped) {
       slice = `\r\n\x1b[2m[… ${this.skipped} characters of output skipped to keep up …]\x1b[0m\r\n`;
@@ -131,11 +134,21 @@ export class TerminalView {
   }
 
   /**
+   * Stop was pressed: until `finish`, output is kept (only its tail, which is
+   * all `finish` shows) but not drawn. Drawing megabytes of a flood the
+   * person asked to stop would delay reading the device's `stopped` behind it.
+   */
+  hold() {
+    this.held = true;
+  }
+
+  /**
    * The program ended: write `line` after its output. When `dropBacklog` (the
    * person pressed Stop), only the tail of the waiting output is kept, so the
    * end shows at once.
    */
   finish(line, dropBacklog) {
+    this.held = false;
     if (!dropBacklog) {
       this.write(line);
       return;
@@ -154,6 +167,7 @@ export class TerminalView {
   }
 
   clear() {
+    this.held = false;
     this.backlog = [];
     this.backlogChars = 0;
     this.skipped = 0;
