@@ -11,60 +11,30 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from _client import BenchClientError
 from _context import BenchContext, record_server_log
 from _report import BenchResult
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from pagekit import (
+    CHROMIUM,
+    FLOOD,
+    READ_WATCH,
+    TEN_MB,
+    WATCH_STOP,
+    WATCH_TASKS,
+    launch_chromium,
+    run_program,
+)
+
 WAIT_MS = 120_000
 LONG_TASK_TARGET_MS = 100.0
 STOP_TARGET_MS = 500.0
-TEN_MB = "line = 'x' * 99\nfor i in range(100_000):\n    print(line)\n"
-FLOOD = "import itertools\nfor i in itertools.count():\n    print('line', i)\n"
-
-WATCH_TASKS = """() => {
-    window.bench = { longest: 0, gap: 0, last: performance.now(), done: false, tasks: [] }
-    new PerformanceObserver(list => {
-        for (const entry of list.getEntries()) {
-            window.bench.longest = Math.max(window.bench.longest, entry.duration)
-            window.bench.tasks.push([Math.round(entry.startTime), Math.round(entry.duration)])
-        }
-    }).observe({ type: 'longtask' })
-    const frame = now => {
-        window.bench.gap = Math.max(window.bench.gap, now - window.bench.last)
-        window.bench.last = now
-        if (!window.bench.done) requestAnimationFrame(frame)
-    }
-    requestAnimationFrame(frame)
-}"""
-WATCH_STOP = """() => {
-    const state = document.getElementById('run-state')
-    window.stopTimes = {}
-    const clicked = () => { window.stopTimes.clicked = performance.now() }
-    const options = { capture: true, once: true }
-    document.getElementById('stop').addEventListener('click', clicked, options)
-    const observer = new MutationObserver(() => {
-        if (state.textContent === 'Stopped') {
-            window.stopTimes.shown = performance.now()
-            observer.disconnect()
-        }
-    })
-    observer.observe(state, { childList: true, characterData: true, subtree: true })
-}"""
-
-
-async def _run(page: Any, source: str) -> None:
-    content = page.locator("#editor .cm-content")
-    await content.click()
-    await content.press("Control+a")
-    await content.press("Delete")
-    await page.keyboard.insert_text(source)
-    await page.locator("#run").click()
 
 
 async def bench_page(ctx: BenchContext) -> BenchResult:
@@ -80,9 +50,7 @@ async def bench_page(ctx: BenchContext) -> BenchResult:
         served = await stack.enter_async_context(ctx.serve(result))
         server = served.server
         playwright = await stack.enter_async_context(async_playwright())
-        browser = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=WAIT_MS
-        )
+        browser = await launch_chromium(playwright, WAIT_MS)
         stack.push_async_callback(browser.close)
         page = await browser.new_page(viewport={"width": 1280, "height": 800})
         page.set_default_timeout(WAIT_MS)
@@ -93,14 +61,14 @@ async def bench_page(ctx: BenchContext) -> BenchResult:
 
         await page.evaluate(WATCH_TASKS)
         began = time.perf_counter()
-        await _run(page, TEN_MB)
+        await run_program(page, TEN_MB)
         await page.wait_for_function(
             "() => document.getElementById('run-state').textContent === 'Finished'"
             " && window.furtherLink.program.terminal.backlog.length === 0"
             " && window.furtherLink.program.terminal.written >= 10_000_000"
         )
         shown_all = time.perf_counter() - began
-        figures = await page.evaluate("(() => { window.bench.done = true; return window.bench })()")
+        figures = await page.evaluate(READ_WATCH)
         longest = float(figures["longest"])
         result.add(
             "10 MB output: longest task",
@@ -116,7 +84,7 @@ async def bench_page(ctx: BenchContext) -> BenchResult:
 
         stops: list[float] = []
         for _ in range(rounds):
-            await _run(page, FLOOD)
+            await run_program(page, FLOOD)
             await page.wait_for_function(
                 "() => window.furtherLink.program.terminal.written > 3_000_000"
             )

@@ -23,6 +23,7 @@
      +-- ServiceError           `further-link install-service` cannot (un)install the unit
      +-- PrivilegeError         a server started as root cannot drop to the program user
      +-- TeacherError           a teacher's command was refused (unknown key, bad signature)
+     +-- BodyError              a small JSON request body is too big, late or not an object
 
 Each message names what was wrong so that a learner or teacher can act on it.
 The web layer turns any of them into one ``error`` event; nothing else is
@@ -146,3 +147,12 @@ class ClassLockedError(SessionStateError):
 
 class TeacherError(FurtherLinkError):
     """A teacher's command was refused: unknown key, stale challenge or bad signature."""
+
+
+class BodyError(FurtherLinkError):
+    """A small JSON request body (``/pair``, ``/teacher``) was refused; ``status`` is the HTTP
+    status to answer (400 malformed, 408 too slow, 413 too big)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status

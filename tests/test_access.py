@@ -219,6 +219,35 @@ async def test_malformed_pair_requests_say_what_to_send(
         assert (await response.json())["error"] == 'send JSON like {"code": "123456789"}'
 
 
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [("x" * 5000, 413), ("{" * 100, 400), ('["pair"]', 400), (b"\xff{}", 400)],
+)
+async def test_malformed_teacher_commands_are_refused_before_any_check(
+    server: RunningServer, http: aiohttp.ClientSession, body: str | bytes, status: int
+) -> None:
+    async with http.post(
+        server.base_url + "/teacher", data=body, headers={"Content-Type": "application/json"}
+    ) as response:
+        assert response.status == status
+        assert (await response.json())["error"].endswith("send a JSON object")
+
+
+async def test_the_lock_state_refusal_tells_an_allowed_page_to_pair(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
+    origin = "https://further.pi-top.com"
+    url = server.base_url + "/teacher/lock"
+    async with http.get(url, headers={"Origin": origin}) as refused:
+        assert refused.status == 401
+        assert refused.headers["Access-Control-Allow-Origin"] == origin
+    headers = {"Origin": origin, "Authorization": f"Bearer {server.token}"}
+    async with http.get(url, headers=headers) as response:
+        assert response.status == 200
+        assert response.headers["Access-Control-Allow-Origin"] == origin
+        assert (await response.json())["locked"] is False
+
+
 async def test_pairing_from_an_allowed_site_uses_cors(
     server: RunningServer, http: aiohttp.ClientSession
 ) -> None:

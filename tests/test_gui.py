@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import psutil
 import pytest
+from colours import BLUE, JPEG_TOLERANCE, RED, close_to
 from PIL import Image
 from rfbclient import RfbClient
 
@@ -33,11 +34,6 @@ from v5client import V5Client, V5Connect, connect_run
 __all__ = ["connect_run"]
 
 StartServer = Callable[..., Awaitable[RunningServer]]
-
-RED = (255, 0, 0)
-BLUE = (0, 0, 255)
-# JPEG is lossy: a colour is "the same" within this distance per channel.
-JPEG_TOLERANCE = 48
 
 # A 300x200 turtle window at the top left (no window manager moves it): red
 # background, a blue 100x100 square in its middle, i.e. at (100..200, 50..150).
@@ -70,10 +66,6 @@ OUTSIDE = (30, 100)  # on the red background
 
 def draw_program(sleep: float) -> str:
     return DRAW.replace("{sleep}", repr(sleep))
-
-
-def close_to(pixel: Any, colour: tuple[int, int, int], tolerance: int = 8) -> bool:
-    return all(abs(int(a) - b) <= tolerance for a, b in zip(pixel, colour))
 
 
 def shows_the_drawing(image: Image.Image, tolerance: int = 8) -> bool:

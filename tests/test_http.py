@@ -112,8 +112,7 @@ def test_certificate_names_further_host_names_and_follows_new_addresses(tmp_path
 async def test_tls_handshake_under_the_further_name_of_this_device(
     start_server: StartServer, http: aiohttp.ClientSession
 ) -> None:
-    from further_link.server.hostnames import further_host_name
-    from further_link.trust.tls import device_addresses
+    from further_link.system.addresses import device_addresses, further_host_name
 
     server = await start_server(no_ssl=False)
     names = [further_host_name(address) for address in device_addresses()]

@@ -7,6 +7,7 @@ import base64
 import io
 from typing import Any
 
+from pagekit import run_program
 from PIL import Image
 from test_webpage import (
     WAIT_MS,
@@ -17,7 +18,6 @@ from test_webpage import (
     open_paired,
     page,
     pytestmark,
-    run_program,
     wait_for_terminal,
 )
 

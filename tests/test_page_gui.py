@@ -21,6 +21,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from colours import BLUE, JPEG_TOLERANCE, RED, close_to
+from pagekit import run_program
 from PIL import Image
 from test_webpage import (
     WAIT_MS,
@@ -32,7 +34,6 @@ from test_webpage import (
     open_paired,
     page,
     pytestmark,
-    run_program,
     shot,
     terminal_text,
     wait_for_terminal,
@@ -44,11 +45,6 @@ __all__ = ["browser", "new_page", "page", "pytestmark"]
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS_GUI_SCREENSHOT = ROOT / "docs" / "page-gui.png"
-
-RED = (255, 0, 0)
-BLUE = (0, 0, 255)
-# The last frame is a JPEG: a colour is "the same" within this distance per channel.
-JPEG_TOLERANCE = 48
 
 # The page asks for a 640x480 display; the turtle window fills it (no window
 # manager moves it): red, with a blue 200x200 square in the middle, i.e. at
@@ -77,10 +73,6 @@ print("closing")
 """
 INSIDE = [(320, 240), (240, 160), (400, 320)]  # in the blue square
 OUTSIDE = [(40, 40), (600, 240), (320, 440)]  # on the red background
-
-
-def close_to(pixel: Any, colour: tuple[int, int, int], tolerance: int) -> bool:
-    return all(abs(int(a) - b) <= tolerance for a, b in zip(pixel, colour))
 
 
 def shows_the_square(pixel_at: Any, tolerance: int) -> bool:

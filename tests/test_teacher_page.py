@@ -26,8 +26,9 @@ from fleetkit import (
     start_teacher,
     stop_class,
 )
+from pagekit import CHROMIUM
 from test_fleet import LESSON, write_project
-from test_webpage import CHROMIUM, ROOT, browser, expect, new_page, shot
+from test_webpage import ROOT, browser, expect, new_page, shot
 
 from conftest import AS_ROOT, Client
 

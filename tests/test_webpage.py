@@ -18,6 +18,17 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
+from pagekit import (
+    CHROMIUM,
+    FLOOD,
+    READ_WATCH,
+    TEN_MB,
+    WATCH_STOP,
+    WATCH_TASKS,
+    launch_chromium,
+    run_program,
+    set_program,
+)
 
 from further_link.trust.auth import pairing_code
 from further_link.trust.pairing import BURST
@@ -28,16 +39,6 @@ playwright_api = pytest.importorskip("playwright.async_api")
 async_playwright = playwright_api.async_playwright
 expect = playwright_api.expect
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
 DOCS_SCREENSHOT = ROOT / "docs" / "screenshot.png"
@@ -61,9 +62,7 @@ LOGO_PNG = base64.b64decode(
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
     async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=WAIT_MS * 2
-        )
+        browser = await launch_chromium(playwright, WAIT_MS * 2)
         yield browser
         await browser.close()
 
@@ -105,20 +104,6 @@ async def open_paired(page: Any, server: RunningServer) -> None:
     await page.get_by_label("Pairing code").fill(server.token)
     await page.get_by_role("button", name="Pair").click()
     await expect(page.locator("#connection")).to_contain_text("Connected")
-
-
-async def set_program(page: Any, source: str) -> None:
-    """Replace the open file's text as a paste would (no auto-indent, no closing brackets)."""
-    content = page.locator("#editor .cm-content")
-    await content.click()
-    await content.press("Control+a")
-    await content.press("Delete")
-    await page.keyboard.insert_text(source)
-
-
-async def run_program(page: Any, source: str) -> None:
-    await set_program(page, source)
-    await page.get_by_role("button", name="Run").click()
 
 
 async def terminal_text(page: Any, which: str = "program") -> str:
@@ -410,28 +395,16 @@ async def test_stop_under_a_flood_is_shown_within_half_a_second(
     page: Any, server: RunningServer
 ) -> None:
     await open_paired(page, server)
-    await run_program(page, "import itertools\nfor i in itertools.count():\n    print('line', i)\n")
+    await run_program(page, FLOOD)
     # A few MB through the terminal first.
     await page.wait_for_function(
         "() => window.furtherLink.program.terminal.written > 3_000_000", timeout=WAIT_MS * 4
     )
     # The time from the click to the page saying so, measured in the page.
-    await page.evaluate(
-        """() => {
-            const state = document.getElementById('run-state')
-            window.stopFigures = {}
-            const clicked = () => { window.stopFigures.clicked = performance.now() }
-            document.getElementById('stop').addEventListener('click', clicked, { capture: true })
-            new MutationObserver(() => {
-                if (state.textContent === 'Stopped' && !window.stopFigures.shown) {
-                    window.stopFigures.shown = performance.now()
-                }
-            }).observe(state, { childList: true, characterData: true, subtree: true })
-        }"""
-    )
+    await page.evaluate(WATCH_STOP)
     await page.get_by_role("button", name="Stop").click()
     await expect(page.locator("#run-state")).to_have_text("Stopped")
-    figures = await page.evaluate("window.stopFigures")
+    figures = await page.evaluate("window.stopTimes")
     elapsed_ms = figures["shown"] - figures["clicked"]
     print(f"stop under a flood: shown stopped {elapsed_ms:.0f} ms after the click")
     assert elapsed_ms <= 500
@@ -443,33 +416,17 @@ async def test_ten_megabytes_of_output_never_block_the_page_for_100_ms(
     page: Any, server: RunningServer
 ) -> None:
     await open_paired(page, server)
-    await page.evaluate(
-        """() => {
-            window.blocked = { longest: 0, gaps: 0, last: performance.now() }
-            new PerformanceObserver(list => {
-                for (const entry of list.getEntries()) {
-                    window.blocked.longest = Math.max(window.blocked.longest, entry.duration)
-                }
-            }).observe({ type: 'longtask' })
-            const frame = now => {
-                window.blocked.gaps = Math.max(window.blocked.gaps, now - window.blocked.last)
-                window.blocked.last = now
-                if (!window.blocked.done) requestAnimationFrame(frame)
-            }
-            requestAnimationFrame(frame)
-        }"""
-    )
-    # 10 MB: 100 000 lines of 100 characters.
-    await run_program(page, "line = 'x' * 99\nfor i in range(100_000):\n    print(line)\n")
+    await page.evaluate(WATCH_TASKS)
+    await run_program(page, TEN_MB)
     await expect(page.locator("#run-state")).to_have_text("Finished", timeout=WAIT_MS * 4)
     await page.wait_for_function(
         "() => window.furtherLink.program.terminal.backlog.length === 0", timeout=WAIT_MS * 4
     )
-    figures = await page.evaluate("(() => { window.blocked.done = true; return window.blocked })()")
+    figures = await page.evaluate(READ_WATCH)
     written = await page.evaluate("window.furtherLink.program.terminal.written")
     print(
         f"10 MB of output: {written} characters to the terminal; longest task "
-        f"{figures['longest']:.0f} ms, longest gap between frames {figures['gaps']:.0f} ms"
+        f"{figures['longest']:.0f} ms, longest gap between frames {figures['gap']:.0f} ms"
     )
     assert written >= 10_000_000
     # The target is 100 ms (README gives the figure measured on a quiet machine);

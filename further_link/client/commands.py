@@ -441,12 +441,12 @@ class RunSession:
         """Upload, start and follow the program; raises ``ConnectionLost`` on a blip."""
         if project is not None:
             await self._send(project.upload_message())
-            await self._expect("uploaded")
+            await expect_message(self._ws, self._device, "uploaded")
         start: dict[str, Any] = {"sourceScript": script, "keepAlive": KEEP_ALIVE}
         if project is not None:
             start["directoryName"] = project.name
         await self._send({"type": "start", "data": start})
-        started = await self._expect("started")
+        started = await expect_message(self._ws, self._device, "started")
         run_id = (started.get("data") or {}).get("runId")
         self.run_id = run_id if isinstance(run_id, str) else None
         interrupts.on_first = self.request_stop
@@ -484,7 +484,7 @@ class RunSession:
 
     async def _show_output(self) -> int:
         while True:
-            message = await self._receive()
+            message = await receive_message(self._ws, self._device)
             kind, data = message["type"], message.get("data") or {}
             if kind in ("stdout", "stderr"):
                 self._write(kind, self._not_yet_shown(kind, str(data.get("output", ""))))
@@ -541,37 +541,6 @@ class RunSession:
                 await self._send({"type": "stdin", "data": {"input": "", "eof": True}})
                 return
             await self._send({"type": "stdin", "data": {"input": line}})
-
-    async def _expect(self, kind: str) -> dict[str, Any]:
-        """Wait for ``kind``; the device's ``error`` instead ends the run."""
-        while True:
-            message = await self._receive()
-            if message["type"] == kind:
-                return message
-            if message["type"] == "error":
-                raise ClientError(str((message.get("data") or {}).get("message")))
-
-    async def _receive(self) -> dict[str, Any]:
-        while True:
-            message = await self._ws.receive()
-            if message.type is aiohttp.WSMsgType.TEXT:
-                try:
-                    decoded = json.loads(message.data)
-                except json.JSONDecodeError:
-                    decoded = None
-                if not isinstance(decoded, dict) or not isinstance(decoded.get("type"), str):
-                    raise ClientError(f"{self._device.key} sent something that is not a message")
-                return decoded
-            if message.type in (
-                aiohttp.WSMsgType.CLOSE,
-                aiohttp.WSMsgType.CLOSING,
-                aiohttp.WSMsgType.CLOSED,
-                aiohttp.WSMsgType.ERROR,
-            ):
-                code = self._ws.close_code
-                broken = message.type is aiohttp.WSMsgType.ERROR or code in BROKEN_CLOSE_CODES
-                error = ConnectionLost if broken else ClientError
-                raise error(describe_close(self._device, code))
 
     async def _send(self, message: dict[str, Any]) -> None:
         # A closed connection is reported by the receive loop.
@@ -630,7 +599,7 @@ async def _connect_and_run(
         try:
             while True:
                 try:
-                    ws = await _open_run_py(http, request, tls)
+                    ws = await open_run_py(http, device, request.token, request.token_from, tls)
                 except ConnectionLost:
                     if give_up_at is None or time.monotonic() >= give_up_at:
                         raise
@@ -655,24 +624,78 @@ async def _connect_and_run(
                 await session.close()
 
 
-async def _open_run_py(
-    http: aiohttp.ClientSession, request: RunRequest, tls: TlsOption
+# --------------------------------------------------------------- websocket
+
+
+async def open_run_py(
+    http: aiohttp.ClientSession,
+    device: Device,
+    token: str | None,
+    token_from: str | None,
+    tls: TlsOption,
+    timeout: float | None = None,
 ) -> aiohttp.ClientWebSocketResponse:
-    """The /run-py websocket; raises ``ConnectionLost`` when the device cannot be reached."""
-    device = request.device
-    headers = {"Authorization": f"Bearer {request.token}"} if request.token else {}
+    """The /run-py websocket, sending ``token`` (``token_from``: "given" or "stored", for
+    messages) and checking the pinned certificate ``tls``; ``timeout`` in seconds, None: none.
+
+    Raises ``ClientError`` when the device refuses the upgrade (not paired, origin,
+    no /run-py), ``ConnectionLost`` when it cannot be reached.
+    """
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    connecting = http.ws_connect(
+        device.url("/run-py", websocket=True),
+        headers=headers,
+        ssl=tls,
+        heartbeat=HEARTBEAT,
+        max_msg_size=MAX_RECEIVED_MESSAGE,
+    )
     try:
-        return await http.ws_connect(
-            device.url("/run-py", websocket=True),
-            headers=headers,
-            ssl=tls,
-            heartbeat=HEARTBEAT,
-            max_msg_size=MAX_RECEIVED_MESSAGE,
-        )
+        return await asyncio.wait_for(connecting, timeout)
     except aiohttp.WSServerHandshakeError as exc:
-        raise ClientError(describe_refusal(device, exc.status, request.token_from)) from None
+        raise ClientError(describe_refusal(device, exc.status, token_from)) from None
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
         raise ConnectionLost(describe_connect_failure(device, exc)) from None
+
+
+async def receive_message(ws: aiohttp.ClientWebSocketResponse, device: Device) -> dict[str, Any]:
+    """The device's next message, a JSON object with a string ``type``.
+
+    Raises ``ClientError`` for anything else or when the device closed the
+    connection, ``ConnectionLost`` when the connection broke.
+    """
+    while True:
+        message = await ws.receive()
+        if message.type is aiohttp.WSMsgType.TEXT:
+            try:
+                decoded = json.loads(message.data)
+            except json.JSONDecodeError:
+                decoded = None
+            if not isinstance(decoded, dict) or not isinstance(decoded.get("type"), str):
+                raise ClientError(f"{device.key} sent something that is not a message")
+            return decoded
+        if message.type in (
+            aiohttp.WSMsgType.CLOSE,
+            aiohttp.WSMsgType.CLOSING,
+            aiohttp.WSMsgType.CLOSED,
+            aiohttp.WSMsgType.ERROR,
+        ):
+            code = ws.close_code
+            broken = message.type is aiohttp.WSMsgType.ERROR or code in BROKEN_CLOSE_CODES
+            error = ConnectionLost if broken else ClientError
+            raise error(describe_close(device, code))
+
+
+async def expect_message(
+    ws: aiohttp.ClientWebSocketResponse, device: Device, kind: str
+) -> dict[str, Any]:
+    """The next message of type ``kind``, skipping others; the device's ``error`` instead
+    raises ``ClientError`` with its message (as do the failures of ``receive_message``)."""
+    while True:
+        message = await receive_message(ws, device)
+        if message["type"] == kind:
+            return message
+        if message["type"] == "error":
+            raise ClientError(str((message.get("data") or {}).get("message")))
 
 
 # -------------------------------------------------------------------- pair

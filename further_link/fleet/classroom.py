@@ -14,7 +14,6 @@ Nothing here knows about the teacher's page: it reads ``snapshot`` and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -25,16 +24,15 @@ from typing import Any, Callable
 import aiohttp
 
 from further_link.client.commands import (
-    HEARTBEAT,
-    MAX_RECEIVED_MESSAGE,
     Device,
     Project,
     TlsOption,
     check_pin,
-    describe_close,
     describe_connect_failure,
-    describe_refusal,
+    expect_message,
+    open_run_py,
     read_certificate_fingerprint,
+    receive_message,
 )
 from further_link.client.hosts import HostStore, fingerprint_bytes
 from further_link.errors import ClientError
@@ -167,14 +165,17 @@ class DeviceLink:
         self._tls = aiohttp.Fingerprint(fingerprint_bytes(seen))
         return self._tls
 
-    def _auth(self) -> dict[str, str]:
+    def _token(self) -> str:
         token = self._store.get(self.device.key).token
         if token is None:
             raise ClientError(
                 f"not paired with {self.name}: pair the class with the teacher key "
                 "(`further-link class pair`) or run " + self.device.pair_command()
             )
-        return {"Authorization": f"Bearer {token}"}
+        return token
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token()}"}
 
     async def _json(self, method: str, path: str, **options: Any) -> tuple[int, Any]:
         tls = await self._trust()
@@ -311,22 +312,8 @@ class DeviceLink:
 
     async def _connect(self) -> aiohttp.ClientWebSocketResponse:
         tls = await self._trust()
-        headers = self._auth()
-        try:
-            return await asyncio.wait_for(
-                self._http.ws_connect(
-                    self.device.url("/run-py", websocket=True),
-                    headers=headers,
-                    ssl=tls,
-                    heartbeat=HEARTBEAT,
-                    max_msg_size=MAX_RECEIVED_MESSAGE,
-                ),
-                REQUEST_TIMEOUT,
-            )
-        except aiohttp.WSServerHandshakeError as exc:
-            raise ClientError(describe_refusal(self.device, exc.status, "stored")) from None
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            raise ClientError(describe_connect_failure(self.device, exc)) from None
+        token = self._token()
+        return await open_run_py(self._http, self.device, token, "stored", tls, REQUEST_TIMEOUT)
 
     async def _send(self, ws: aiohttp.ClientWebSocketResponse, message: dict[str, Any]) -> None:
         try:
@@ -335,33 +322,11 @@ class DeviceLink:
             raise ClientError(f"the connection to {self.name} is closed") from None
 
     async def _receive(self, ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
-        while True:
-            message = await ws.receive()
-            if message.type is aiohttp.WSMsgType.TEXT:
-                with contextlib.suppress(json.JSONDecodeError):
-                    decoded = json.loads(message.data)
-                    if isinstance(decoded, dict) and isinstance(decoded.get("type"), str):
-                        return decoded
-                raise ClientError(f"{self.name} sent something that is not a message")
-            if message.type in (
-                aiohttp.WSMsgType.CLOSE,
-                aiohttp.WSMsgType.CLOSING,
-                aiohttp.WSMsgType.CLOSED,
-                aiohttp.WSMsgType.ERROR,
-            ):
-                raise ClientError(describe_close(self.device, ws.close_code))
+        return await receive_message(ws, self.device)
 
     async def _expect(self, ws: aiohttp.ClientWebSocketResponse, kind: str) -> None:
-        async def wait() -> None:
-            while True:
-                message = await self._receive(ws)
-                if message["type"] == kind:
-                    return
-                if message["type"] == "error":
-                    raise ClientError(str((message.get("data") or {}).get("message")))
-
         try:
-            await asyncio.wait_for(wait(), START_TIMEOUT)
+            await asyncio.wait_for(expect_message(ws, self.device, kind), START_TIMEOUT)
         except asyncio.TimeoutError:
             raise ClientError(
                 f"{self.name} sent no {kind!r} within {START_TIMEOUT:.0f} s"

@@ -303,6 +303,12 @@ class WarmPool:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(None, group.add, launched.process.pid)
+        except ProcessLookupError:
+            # It has already ended, before it could be moved: a preload module
+            # may have ended it, and its status pipe says which (the caller
+            # reads it next, and drops that module); without preloading, the
+            # hand-over finds it gone and discards it.
+            return True
         except OSError as exc:
             log.warning("could not move a waiting interpreter into its cgroup: %s", exc)
             self._discard(launched, group)

@@ -7,17 +7,16 @@ turns refusals into HTTP answers *before* any websocket upgrade.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 from collections.abc import Awaitable
-from typing import Any, Callable
+from typing import Callable
 
 from aiohttp import web
 
 from further_link.compat import app_key
 from further_link.config import Config
-from further_link.errors import excerpt, shorten
+from further_link.errors import BodyError, excerpt, shorten
+from further_link.server.bodies import read_json_object
 from further_link.server.hostnames import OwnNames
 from further_link.server.pairscreen import PAIR_SCREEN, setup_pair_screen, show_on_device
 from further_link.trust.auth import (
@@ -69,11 +68,16 @@ def own_origins(request: web.Request) -> list[str]:
     ]
 
 
+def origin_is_allowed(request: web.Request) -> bool:
+    """True unless a browser page from an origin we don't know makes the request."""
+    config = request.app[ACCESS_CONFIG]
+    return origin_allowed(request.headers.get("Origin"), own_origins(request), config.origins)
+
+
 def check_origin(request: web.Request) -> None:
     """HTTP 403 when a browser page from an origin we don't know makes the request."""
     origin = request.headers.get("Origin")
-    config = request.app[ACCESS_CONFIG]
-    if not origin_allowed(origin, own_origins(request), config.origins):
+    if not origin_is_allowed(request):
         log.warning("refused a request from origin %s (%s)", excerpt(origin), request.remote)
         raise web.HTTPForbidden(
             text=(
@@ -119,7 +123,7 @@ def check_token(request: web.Request) -> None:
 def cors_headers(request: web.Request) -> dict[str, str]:
     """Let an allowed cross-origin page read the answer (and send the cookie)."""
     origin = request.headers.get("Origin")
-    if origin is None:
+    if not origin:
         return {}
     return {
         "Access-Control-Allow-Origin": origin,
@@ -170,9 +174,12 @@ async def pair(request: web.Request) -> web.Response:
     check_origin(request)
     show_pairing_code(request)
     headers = cors_headers(request)
-    body = await _read_pair_body(request, headers)
-    if isinstance(body, web.Response):
-        return body
+    try:
+        body = await read_json_object(
+            request, MAX_PAIR_BODY, request.app[ACCESS_CONFIG].header_timeout, PAIR_USAGE
+        )
+    except BodyError as refused:
+        return _error(refused.status, refused.message, headers)
     tokens = request.app[TOKENS]
     token = tokens.current()
     if "token" in body:
@@ -217,35 +224,6 @@ async def pair(request: web.Request) -> web.Response:
 
 
 PAIR_USAGE = 'send JSON like {"code": "123456789"}'
-
-
-async def _read_pair_body(
-    request: web.Request, headers: dict[str, str]
-) -> dict[str, Any] | web.Response:
-    """The parsed JSON object, or the 4xx answer for anything else (never a 500)."""
-    if request.content_length is not None and request.content_length > MAX_PAIR_BODY:
-        return _error(413, f"the body is over {MAX_PAIR_BODY} bytes; {PAIR_USAGE}", headers)
-    timeout = request.app[ACCESS_CONFIG].header_timeout
-    try:
-        # The connection's header clock stops while a request is handled: the body has its own.
-        raw = await asyncio.wait_for(request.content.read(MAX_PAIR_BODY + 1), timeout)
-    except asyncio.TimeoutError:
-        return _error(408, f"the body did not arrive within {timeout:g} s", headers)
-    except (ConnectionError, ValueError) as exc:
-        # aiohttp reports a broken chunked body or a body cut short as these.
-        return _error(
-            400, f"the body could not be read ({type(exc).__name__}); {PAIR_USAGE}", headers
-        )
-    if len(raw) > MAX_PAIR_BODY:
-        return _error(413, f"the body is over {MAX_PAIR_BODY} bytes; {PAIR_USAGE}", headers)
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError):
-        # ValueError covers bad JSON, bad UTF-8 and numbers too long to convert.
-        return _error(400, PAIR_USAGE, headers)
-    if not isinstance(body, dict):
-        return _error(400, PAIR_USAGE, headers)
-    return body
 
 
 def _paired(request: web.Request, token: str, headers: dict[str, str]) -> web.Response:

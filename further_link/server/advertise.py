@@ -25,12 +25,11 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from further_link import PACKAGE_VERSION, __version__
 from further_link.config import Config
-from further_link.server.hostnames import local_addresses, reachable_ipv4
+from further_link.system.addresses import WILDCARDS, device_addresses
 
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_further-link._tcp.local."
-WILDCARDS = ("", "0.0.0.0", "::")
 # DNS labels hold at most 63 bytes.
 MAX_NAME_BYTES = 63
 
@@ -69,7 +68,7 @@ class Advertiser:
         """(addresses announced, interfaces used; None: zeroconf's default interfaces)."""
         host = self._config.host
         if host in WILDCARDS:
-            return reachable_ipv4(local_addresses()), None
+            return device_addresses(), None
         return [host], [host]
 
     def start(self) -> None:

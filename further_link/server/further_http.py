@@ -19,8 +19,7 @@ import re
 from aiohttp import web
 
 from further_link.compat import app_key
-from further_link.server.access import ACCESS_CONFIG, check_origin, own_origins
-from further_link.trust.auth import origin_allowed
+from further_link.server.access import check_origin, cors_headers, origin_is_allowed
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +43,8 @@ async def _grant(request: web.Request, response: web.StreamResponse) -> None:
     if not _is_further_path(request.path):
         return
     response.headers.update(PRIVATE_NETWORK)
-    origin = request.headers.get("Origin")
-    config = request.app[ACCESS_CONFIG]
-    if origin and origin_allowed(origin, own_origins(request), config.origins):
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Allow-Credentials"] = "true"
-        response.headers["Vary"] = "Origin"
+    if origin_is_allowed(request):
+        response.headers.update(cors_headers(request))
 
 
 async def preflight(request: web.Request) -> web.Response:

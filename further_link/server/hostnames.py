@@ -14,32 +14,11 @@ import socket
 import time
 from collections.abc import Iterable
 
-import psutil
+from further_link.system.addresses import further_host_name, interface_addresses
 
 # Addresses change (DHCP, a new network); the list is rebuilt this often.
 REFRESH_SECONDS = 30.0
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-FURTHER_DOMAIN = "further-link.pi-top.com"
-
-
-def further_host_name(address: str) -> str:
-    """``192.168.1.20`` -> ``192-168-1-20.further-link.pi-top.com``, the name Further uses."""
-    return f"{address.replace('.', '-')}.{FURTHER_DOMAIN}"
-
-
-def reachable_ipv4(addresses: Iterable[str]) -> list[str]:
-    """The IPv4 addresses other machines can reach (no loopback or link-local), sorted."""
-    found = set()
-    for raw in addresses:
-        try:
-            address = ipaddress.ip_address(raw)
-        except ValueError:
-            continue
-        if address.version == 4 and not (
-            address.is_loopback or address.is_link_local or address.is_unspecified
-        ):
-            found.add(str(address))
-    return sorted(found)
 
 
 def own_names(hostname: str, addresses: Iterable[str], extra: Iterable[str]) -> frozenset[str]:
@@ -53,16 +32,6 @@ def own_names(hostname: str, addresses: Iterable[str], extra: Iterable[str]) -> 
     names.update(further_host_name(a) for a in addresses if "." in a and ":" not in a)
     names.discard("")
     return frozenset(names)
-
-
-def local_addresses() -> list[str]:
-    """Every address of every interface of this machine (IPv6 zone ids dropped)."""
-    found = []
-    for entries in psutil.net_if_addrs().values():
-        for entry in entries:
-            if entry.family in (socket.AF_INET, socket.AF_INET6):
-                found.append(entry.address.split("%", 1)[0])
-    return found
 
 
 def normalise_host(host: str) -> str:
@@ -102,7 +71,7 @@ class OwnNames:
         now = time.monotonic()
         if now - self._built >= REFRESH_SECONDS:
             try:
-                addresses = local_addresses()
+                addresses = interface_addresses()
             except OSError:
                 addresses = []
             self._names = own_names(socket.gethostname(), addresses, self._extra)

@@ -17,20 +17,19 @@ learner's page can say why nothing starts.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import ssl
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
 from further_link.compat import app_key
 from further_link.config import Config
-from further_link.errors import TeacherError
+from further_link.errors import BodyError, TeacherError
 from further_link.runs.classlock import ClassLock
-from further_link.server.access import TOKENS, check_origin, check_token, cors_headers
+from further_link.server.access import TOKENS, check_origin, check_paired
+from further_link.server.bodies import read_json_object
 from further_link.trust.teachers import (
     ACTIONS,
     CHALLENGE_SECONDS,
@@ -74,7 +73,11 @@ async def challenge(request: web.Request) -> web.Response:
 async def command(request: web.Request) -> web.Response:
     check_origin(request)
     teaching = request.app[TEACHING]
-    body = await _read_body(request)
+    timeout = request.app[TEACHING_CONFIG].header_timeout
+    try:
+        body = await read_json_object(request, MAX_TEACHER_BODY, timeout, "send a JSON object")
+    except BodyError as refused:
+        raise _refusal(refused.status, refused.message) from None
     action, params = body.get("action"), body.get("params", {})
     key, challenge_text, signature = body.get("key"), body.get("challenge"), body.get("signature")
     if action not in ACTIONS or not isinstance(params, dict):
@@ -107,31 +110,9 @@ async def command(request: web.Request) -> web.Response:
 
 
 async def lock_state(request: web.Request) -> web.Response:
-    check_origin(request)
-    check_token(request)
+    headers = check_paired(request)
     state = request.app[TEACHING].lock.state()
-    return web.json_response(state, headers={**cors_headers(request), "Cache-Control": "no-store"})
-
-
-async def _read_body(request: web.Request) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > MAX_TEACHER_BODY:
-        raise _refusal(413, f"the body is over {MAX_TEACHER_BODY} bytes")
-    timeout = request.app[TEACHING_CONFIG].header_timeout
-    try:
-        raw = await asyncio.wait_for(request.content.read(MAX_TEACHER_BODY + 1), timeout)
-    except asyncio.TimeoutError:
-        raise _refusal(408, f"the body did not arrive within {timeout:g} s") from None
-    except (ConnectionError, ValueError):
-        raise _refusal(400, "the body could not be read") from None
-    if len(raw) > MAX_TEACHER_BODY:
-        raise _refusal(413, f"the body is over {MAX_TEACHER_BODY} bytes")
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError):
-        body = None
-    if not isinstance(body, dict):
-        raise _refusal(400, "send a JSON object")
-    return body
+    return web.json_response(state, headers={**headers, "Cache-Control": "no-store"})
 
 
 def _refusal(status: int, message: str) -> web.HTTPException:

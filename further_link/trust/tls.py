@@ -23,7 +23,7 @@ from pathlib import Path
 
 from further_link.config import Config
 from further_link.errors import ConfigError
-from further_link.server.hostnames import further_host_name, local_addresses, reachable_ipv4
+from further_link.system.addresses import device_addresses, further_host_name
 from further_link.trust.secretfile import write_secret
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,6 @@ VALIDITY = datetime.timedelta(days=3650)
 # load cryptography to see whether they are still this device's.
 ADDRESSES_NAME = "cert-addresses.txt"
 MAX_ADDRESSES = 32
-
-
-def device_addresses() -> list[str]:
-    """This device's IPv4 addresses that other machines can reach."""
-    return reachable_ipv4(local_addresses())
 
 
 def _recorded_addresses(path: Path) -> list[str]:
