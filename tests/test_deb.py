@@ -204,12 +204,15 @@ async def main():
         async with http.ws_connect(url, ssl=tls) as ws:
             start = {"type": "start", "data": {"sourceScript": sys.argv[1]}}
             await ws.send_str(json.dumps(start))
+            # An unbuffered print() is several writes, which may come as several messages.
+            output = ""
             while True:
                 message = json.loads((await ws.receive(timeout=60)).data)
                 if message["type"] == "stdout":
-                    print("stdout", json.dumps(message["data"]["output"]))
+                    output += message["data"]["output"]
                 if message["type"] == "stopped":
                     break
+            print("stdout", json.dumps(output))
 asyncio.run(main())
 """
 
