@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import psutil
 import pytest
-from colours import BLUE, JPEG_TOLERANCE, RED, close_to
+from colours import BLUE, JPEG_TOLERANCE, RED, close_to, turtle_square
 from PIL import Image
 from rfbclient import RfbClient
 
@@ -37,29 +37,16 @@ StartServer = Callable[..., Awaitable[RunningServer]]
 
 # A 300x200 turtle window at the top left (no window manager moves it): red
 # background, a blue 100x100 square in its middle, i.e. at (100..200, 50..150).
-DRAW = """
-import os, sys, time, turtle
-screen = turtle.Screen()
-screen.setup(300, 200, 0, 0)
-screen.tracer(0)
-screen.bgcolor("red")
-pen = turtle.Turtle()
-pen.hideturtle()
-pen.penup()
-pen.goto(-50, -50)
-pen.color("blue")
-pen.begin_fill()
-for _ in range(4):
-    pen.forward(100)
-    pen.left(90)
-pen.end_fill()
-screen.update()
-screen.getcanvas().update()
+DRAW = (
+    turtle_square(300, 200, 100)
+    + """\
+import os, sys, time
 cgroup = [l for l in open("/proc/self/cgroup").read().splitlines() if l.startswith("0::")]
 print(os.environ["DISPLAY"], os.environ["XAUTHORITY"], cgroup[0][3:] if cgroup else "-")
 sys.stdout.flush()
 time.sleep(float(sys.argv[1]) if len(sys.argv) > 1 else {sleep})
 """
+)
 INSIDE = (150, 100)  # in the blue square
 OUTSIDE = (30, 100)  # on the red background
 

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from colours import BLUE, JPEG_TOLERANCE, RED, close_to
+from colours import BLUE, JPEG_TOLERANCE, RED, close_to, turtle_square
 from pagekit import run_program
 from PIL import Image
 from test_webpage import (
@@ -50,27 +50,13 @@ DOCS_GUI_SCREENSHOT = ROOT / "docs" / "page-gui.png"
 # manager moves it): red, with a blue 200x200 square in the middle, i.e. at
 # (220..420, 140..340). It stays until the learner presses Enter, so the test
 # looks at the live window however slow the machine is.
-TURTLE_SQUARE = """\
-import turtle
-screen = turtle.Screen()
-screen.setup(640, 480, 0, 0)
-screen.tracer(0)
-screen.bgcolor("red")
-pen = turtle.Turtle()
-pen.hideturtle()
-pen.penup()
-pen.goto(-100, -100)
-pen.color("blue")
-pen.begin_fill()
-for _ in range(4):
-    pen.forward(200)
-    pen.left(90)
-pen.end_fill()
-screen.update()
-screen.getcanvas().update()
+TURTLE_SQUARE = (
+    turtle_square(640, 480, 200)
+    + """\
 input("drawn: press Enter to close the window ")
 print("closing")
 """
+)
 INSIDE = [(320, 240), (240, 160), (400, 320)]  # in the blue square
 OUTSIDE = [(40, 40), (600, 240), (320, 440)]  # on the red background
 
