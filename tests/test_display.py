@@ -9,7 +9,9 @@ for "the first one".
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
 import secrets
 import socket
 import subprocess
@@ -161,3 +163,65 @@ def test_xauthority_of_the_program_user_and_its_runtime_dir(sandbox: Path) -> No
     finally:
         listener.close()
         wayland.close()
+
+
+def _as_account(account: str, action: Callable[[], object]) -> object:
+    """``action()`` in a forked child that has become ``account``, as the server
+    does once it drops to the program account (privsep.py); as is when not root."""
+    if os.geteuid() != 0:
+        return action()
+    entry = pwd.getpwnam(account)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
+            os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
+            os.write(write_end, json.dumps(action()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        answer = reader.read()
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child as the program account failed"
+    return json.loads(answer)
+
+
+def test_the_program_accounts_own_cookies_are_judged_as_it_would_read_them(
+    sandbox: Path,
+) -> None:
+    """Serving as the program account, its groups decide, not only a file's owner."""
+    account = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
+    entry = pwd.getpwnam(account)
+    directory = sandbox / "sockets"
+    directory.mkdir()
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(directory / "X0"))
+    home = sandbox / "home"
+    home.mkdir()
+    cookie = home / ".Xauthority"
+    cookie.write_bytes(b"\x01\x00")
+    runtime_root = sandbox / "run-user"  # none: no Wayland, no runtime dir
+    try:
+        # Owned by someone else, readable through the account's group only.
+        if os.geteuid() == 0:
+            os.chown(cookie, 0, entry.pw_gid)
+        cookie.chmod(0o640)
+        found = _as_account(
+            account,
+            lambda: graphical_session({}, entry.pw_uid, home, directory, runtime_root),
+        )
+        assert found == {"DISPLAY": ":0", "XAUTHORITY": str(cookie)}
+        cookie.chmod(0o600 if os.geteuid() == 0 else 0o000)  # now beyond the account's reach
+        found = _as_account(
+            account,
+            lambda: graphical_session({}, entry.pw_uid, home, directory, runtime_root),
+        )
+        assert found == {"DISPLAY": ":0"}
+    finally:
+        listener.close()

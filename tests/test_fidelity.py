@@ -106,6 +106,46 @@ async def test_learners_own_main_py_is_never_touched(client: Client, server: Run
     assert (project / "main.py").read_text() == "print('learner main')\n"
 
 
+# Run by a program as the program account: it replaces the inline script of
+# every run directory stocked for later runs with its own code.
+PLANT_IN_STOCKED_PLACES = """
+import os, pathlib, time
+mine = pathlib.Path(os.environ["FURTHER_LINK_IO_SOCKET"]).parent
+time.sleep(0.5)  # the places taken after this run's are stocked 50 ms after it took its own
+planted = 0
+for place in mine.parent.glob(mine.name.rstrip("_0123456789abcdefghijklmnopqrstuvwxyz") + "*"):
+    if place == mine or place.stat().st_uid != os.getuid():
+        continue
+    try:
+        (place / "main.py").unlink()
+        (place / "main.py").write_text("print('planted')")
+        planted += 1
+    except OSError:
+        pass
+print(planted)
+"""
+
+
+async def test_a_program_cannot_plant_the_next_runs_script(client: Client) -> None:
+    """Run directories are made ahead: another program of the same account may
+    replace their script file, and the run then refuses rather than run it."""
+    result = await client.run({"sourceScript": PLANT_IN_STOCKED_PLACES})
+    assert result.exit_code == 0, result.stderr
+    assert int(result.stdout) >= 1, "the adversary found no stocked run directory"
+    outcomes = []
+    for _ in range(3):  # past the planted places, to a fresh one
+        await client.send("start", {"sourceScript": "print('mine')"})
+        reply = await client.receive()
+        if reply["type"] == "error":
+            outcomes.append(reply["data"]["message"])
+            continue
+        assert reply["type"] == "started", reply
+        outcomes.append((await client.collect()).stdout)
+    assert "planted\n" not in outcomes
+    assert any("another program changed" in str(outcome) for outcome in outcomes), outcomes
+    assert outcomes[-1] == "mine\n", outcomes
+
+
 async def test_two_runs_in_one_directory_at_once(
     connect: ClientFactory, server: RunningServer
 ) -> None:

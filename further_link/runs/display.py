@@ -86,7 +86,8 @@ def _xauthority(
         candidates.append(home / ".Xauthority")
     try:
         owner = os.stat(socket).st_uid
-        if owner != 0:
+        # The program's own session (the usual desktop) needs no account lookup.
+        if owner != 0 and not (owner == uid and home is not None):
             candidates.append(Path(pwd.getpwuid(owner).pw_dir) / ".Xauthority")
     except (OSError, KeyError):
         pass
@@ -99,13 +100,21 @@ def _xauthority(
 
 
 def _readable_by(path: Path, uid: int) -> bool:
-    """Whether the user ``uid`` may read ``path`` (by its mode bits; the server may be root)."""
+    """Whether the user ``uid`` may read the regular file ``path``."""
     try:
         info = os.stat(path)
-        entry = pwd.getpwuid(uid)
-    except (OSError, KeyError):
+    except OSError:
         return False
     if not stat.S_ISREG(info.st_mode):
+        return False
+    if uid == os.geteuid() != 0:
+        # The server serves as the program's account (privsep.py): the kernel
+        # answers for the program, with its groups and any ACL, and no lookup.
+        return os.access(path, os.R_OK)
+    # The server is root (e.g. before it drops): judge by the mode bits.
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
         return False
     if info.st_uid == uid:
         return bool(info.st_mode & stat.S_IRUSR)

@@ -22,9 +22,8 @@ from further_link.files.upload import CACHE_DIR_NAME, STAGING_PREFIX
 from further_link.protocol.runpy import StartCommand
 from further_link.runs.display import graphical_session
 from further_link.runs.process import ProgramSpec
+from further_link.runs.rundirs import SOCKET_NAME, RunPlace
 
-SCRIPT_NAME = "main.py"
-SOCKET_NAME = "io.sock"
 MPL_BACKEND = "module://further_link.mpl_backend"
 DEFAULT_SCRIPT_CWD = Path("/tmp")
 
@@ -105,8 +104,9 @@ class Plan:
     project_script: ScriptFile | None = None
 
 
-def plan_program(command: StartCommand, config: Config, library_dir: Path, run_dir: Path) -> Plan:
-    """Build the spec; writes an inline script into its project, else into ``run_dir``."""
+def plan_program(command: StartCommand, config: Config, library_dir: Path, place: RunPlace) -> Plan:
+    """Build the spec; writes an inline script into its project, else into ``place``."""
+    run_dir = place.directory
     directory: Path | None = None
     dir_fd: int | None = None
     if command.directory_name is not None:
@@ -122,8 +122,7 @@ def plan_program(command: StartCommand, config: Config, library_dir: Path, run_d
         script = project_script.path
         cwd = directory
     else:
-        script = run_dir / SCRIPT_NAME
-        _write_new_file(script, (command.source_script or "").encode("utf-8"))
+        script = place.write_script((command.source_script or "").encode("utf-8"))
         cwd = DEFAULT_SCRIPT_CWD
     try:
         spec = _spec(config, script, cwd, program_env(config, library_dir, run_dir, directory))
@@ -146,13 +145,6 @@ def _spec(config: Config, script: Path, cwd: Path, env: dict[str, str]) -> Progr
         )
     )
     return ProgramSpec(argv=[config.python, "-u", str(script)], cwd=cwd, env=env)
-
-
-def _write_new_file(path: Path, data: bytes) -> None:
-    """Create ``path`` afresh: never through a link or into a file someone put there first."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 # Modules a user program needs for `import further_link`; they import only the

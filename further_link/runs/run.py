@@ -86,7 +86,7 @@ class RunPlan:
     display: DisplayRequest | None = None  # its own X display (v5 novncOptions; gui.py)
 
 
-Planner = Callable[[Path], RunPlan]  # the run dir -> the plan; raises StartError
+Planner = Callable[[RunPlace], RunPlan]  # the run place -> the plan; raises StartError
 
 
 class Run:
@@ -175,8 +175,13 @@ class Run:
         # On the loop's next turn, after the connection's sender has woken for
         # `started` (its wake-up was queued first): the readers' first steps and
         # the log line then no longer come between `start` and `started`.
-        asyncio.get_running_loop().call_soon(self.program.begin)
+        asyncio.get_running_loop().call_soon(self._begin)
         self._task = asyncio.ensure_future(self._supervise())
+
+    def _begin(self) -> None:
+        self.program.begin()
+        assert self._channel is not None
+        self._channel.begin()
 
     async def _start_in_turn(self, planner: Planner) -> None:
         """A queued start: wait for the turn, then start; a refusal is said, not raised."""
@@ -211,7 +216,8 @@ class Run:
         group: RunGroup | None = None
         display: VirtualDisplay | None = None
         try:
-            plan = planner(place.directory)
+            plan = planner(place)
+            place.release()
             group, rlimits = contain_run(services)
             spec = dataclasses.replace(plan.spec, group=group, rlimits=rlimits)
             if plan.display is not None:

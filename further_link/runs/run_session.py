@@ -134,7 +134,7 @@ class RunSession:
             keep_alive=keep_alive_for(command.keep_alive, self._config),
         )
         run.on_taken = self._ended
-        await run.start(lambda run_dir: self._plan(command, run_dir))
+        await run.start(lambda place: self._plan(command, place.directory))
         self._processes[process_id] = run
 
     async def _attach(self, command: RunAttach) -> None:

@@ -9,8 +9,10 @@ that took it is starting then).
 
 A stocked directory is the server's (which is the program user's, after any
 privilege drop), mode 0700, and its socket mode 0600, as ``SideChannel``
-would make it. The inline script is created in it only when a run takes it,
-never through a link or over a file put there first (launch.py).
+would make it. Its inline script file is created with it, empty, never
+through a link or over a file put there first, and kept open: a run writes
+its script through that descriptor, never by path (creating a file costs
+about 0.1-0.2 ms here, a fifth of the time from ``start`` to ``started``).
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from further_link.runs.launch import SOCKET_NAME
+from further_link.errors import StartError
 
 log = logging.getLogger(__name__)
 
+
 RUN_DIR_PREFIX = "further-link-run-"
+SCRIPT_NAME = "main.py"
+SOCKET_NAME = "io.sock"
 STOCK = 2
 # Seconds after a place is taken before the next is made (see the module doc).
 RESTOCK_DELAY = 0.05
@@ -39,17 +44,50 @@ LISTEN_BACKLOG = 8
 
 @dataclass
 class RunPlace:
-    """A new run directory and the side channel's socket in it, bound and listening."""
+    """A new run directory, with the side channel's socket in it, bound and
+    listening, and an empty inline script file, open for writing."""
 
     directory: Path
     listener: socket.socket
+    script_fd: int | None
 
     @property
     def socket_path(self) -> Path:
         return self.directory / SOCKET_NAME
 
+    def write_script(self, data: bytes) -> Path:
+        """Write ``data`` into the place's script file (once); returns its path.
+
+        Raises ``StartError`` when the name no longer leads to the file made
+        with the place: a program of the same account replaced it.
+        """
+        fd, self.script_fd = self.script_fd, None
+        if fd is None:
+            raise RuntimeError("the run place's script was already written")
+        path = self.directory / SCRIPT_NAME
+        with os.fdopen(fd, "wb") as script:
+            made = os.fstat(fd)
+            try:
+                found = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                found = None
+            if found is None or (found.st_dev, found.st_ino) != (made.st_dev, made.st_ino):
+                raise StartError(
+                    f"could not prepare the run: another program changed {self.directory}; "
+                    "press Run again"
+                )
+            script.write(data)
+        return path
+
+    def release(self) -> None:
+        """Close the script file if no script was written (the run needs it no more)."""
+        fd, self.script_fd = self.script_fd, None
+        if fd is not None:
+            os.close(fd)
+
     def discard(self) -> None:
         """Close the socket and remove the directory (for a place no run will use)."""
+        self.release()
         self.listener.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -58,17 +96,20 @@ def make_run_place() -> RunPlace:
     """A fresh place; raises ``OSError`` when the temp dir cannot take one."""
     directory = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    script_fd = None
     try:
         path = directory / SOCKET_NAME
         listener.bind(str(path))
         os.chmod(path, 0o600)
         listener.listen(LISTEN_BACKLOG)
         listener.setblocking(False)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        script_fd = os.open(directory / SCRIPT_NAME, flags, 0o644)
     except BaseException:
         listener.close()
         shutil.rmtree(directory, ignore_errors=True)
         raise
-    return RunPlace(directory, listener)
+    return RunPlace(directory, listener, script_fd)
 
 
 class RunPlaces:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import enum
 import logging
-from pathlib import Path
 
 from further_link.config import Config
 from further_link.errors import (
@@ -33,6 +32,7 @@ from further_link.protocol.events import Ping, Pong, Stdin, Stop, Uploaded, UseC
 from further_link.protocol.runpy import AttachCommand, Command, StartCommand, UploadCommand
 from further_link.runs.launch import plan_program
 from further_link.runs.run import Run, RunPlan, RunState, error_event
+from further_link.runs.rundirs import RunPlace
 from further_link.runs.services import Services
 from further_link.runs.sink import EventSink
 
@@ -116,7 +116,7 @@ class Session:
             keep_alive=keep_alive_for(command.keep_alive, self._config),
         )
         run.on_taken = self._ended
-        await run.start(lambda run_dir: self._plan(command, run_dir))
+        await run.start(lambda place: self._plan(command, place))
         self._run = run
         self._ran = True
 
@@ -132,8 +132,8 @@ class Session:
         )
         self._ran = True
 
-    def _plan(self, command: StartCommand, run_dir: Path) -> RunPlan:
-        plan = plan_program(command, self._config, self._services.library_dir, run_dir)
+    def _plan(self, command: StartCommand, place: RunPlace) -> RunPlan:
+        plan = plan_program(command, self._config, self._services.library_dir, place)
         script = plan.project_script
         return RunPlan(plan.spec, release=(script.remove,) if script is not None else ())
 

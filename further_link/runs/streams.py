@@ -107,14 +107,23 @@ class SideChannel:
         self._on_frame = on_frame
         self._max_frame_bytes = max_frame_bytes
         self._server: asyncio.AbstractServer | None = None
+        self._opening: asyncio.Future[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._key_listeners: set[asyncio.StreamWriter] = set()
         self._control_listeners: set[asyncio.StreamWriter] = set()
         self.controls = ControlSet()
 
     async def start(self) -> None:
+        """Take over the listener, or listen at ``path``.
+
+        With a listener, connections are accepted only from ``begin`` on: it
+        already listens, so a program's connections wait in its backlog, and
+        starting costs the run no loop turn before ``started``.
+        """
         if self._listener is not None:
-            self._server = await asyncio.start_unix_server(self._accept, sock=self._listener)
+            self._server = await asyncio.start_unix_server(
+                self._accept, sock=self._listener, start_serving=False
+            )
             return
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.path))
         try:
@@ -123,6 +132,15 @@ class SideChannel:
             # The caller never gets a started channel to close: do it here.
             await self.close()
             raise
+
+    def begin(self) -> None:
+        """Start accepting connections (called once the run is announced)."""
+        if self._server is not None and not self._server.is_serving():
+            self._opening = asyncio.ensure_future(self._serve_if_open(self._server))
+
+    async def _serve_if_open(self, server: asyncio.AbstractServer) -> None:
+        if self._server is server:  # not closed while this task waited for its turn
+            await server.start_serving()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
