@@ -135,15 +135,31 @@ def test_the_first_display_is_the_lowest_numbered_socket(sandbox: Path) -> None:
             listener.close()
 
 
-def test_xauthority_of_the_program_user_and_its_runtime_dir(sandbox: Path) -> None:
+@pytest.fixture
+def display_zero(sandbox: Path) -> Iterator[Path]:
+    """A directory of X sockets holding display :0 (a bound socket, no server)."""
     directory = sandbox / "sockets"
     directory.mkdir()
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(directory / "X0"))
+    with listener:
+        yield directory
+
+
+def _cookie_in_home(sandbox: Path) -> tuple[Path, Path]:
+    """A home directory and an ``.Xauthority`` file in it."""
     home = sandbox / "home"
     home.mkdir()
     cookie = home / ".Xauthority"
     cookie.write_bytes(b"\x01\x00")
+    return home, cookie
+
+
+def test_xauthority_of_the_program_user_and_its_runtime_dir(
+    sandbox: Path, display_zero: Path
+) -> None:
+    directory = display_zero
+    home, cookie = _cookie_in_home(sandbox)
     cookie.chmod(0o600)
     runtime_root = sandbox / "run-user"
     runtime = runtime_root / str(os.getuid())
@@ -161,7 +177,6 @@ def test_xauthority_of_the_program_user_and_its_runtime_dir(sandbox: Path) -> No
         cookie.chmod(0o000)  # not readable by its owner: not offered
         assert "XAUTHORITY" not in graphical_session({}, os.getuid(), home, directory, runtime_root)
     finally:
-        listener.close()
         wayland.close()
 
 
@@ -193,35 +208,21 @@ def _as_account(account: str, action: Callable[[], object]) -> object:
 
 
 def test_the_program_accounts_own_cookies_are_judged_as_it_would_read_them(
-    sandbox: Path,
+    sandbox: Path, display_zero: Path
 ) -> None:
     """Serving as the program account, its groups decide, not only a file's owner."""
     account = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
     entry = pwd.getpwnam(account)
-    directory = sandbox / "sockets"
-    directory.mkdir()
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(directory / "X0"))
-    home = sandbox / "home"
-    home.mkdir()
-    cookie = home / ".Xauthority"
-    cookie.write_bytes(b"\x01\x00")
+    home, cookie = _cookie_in_home(sandbox)
     runtime_root = sandbox / "run-user"  # none: no Wayland, no runtime dir
-    try:
-        # Owned by someone else, readable through the account's group only.
-        if os.geteuid() == 0:
-            os.chown(cookie, 0, entry.pw_gid)
-        cookie.chmod(0o640)
-        found = _as_account(
-            account,
-            lambda: graphical_session({}, entry.pw_uid, home, directory, runtime_root),
-        )
-        assert found == {"DISPLAY": ":0", "XAUTHORITY": str(cookie)}
-        cookie.chmod(0o600 if os.geteuid() == 0 else 0o000)  # now beyond the account's reach
-        found = _as_account(
-            account,
-            lambda: graphical_session({}, entry.pw_uid, home, directory, runtime_root),
-        )
-        assert found == {"DISPLAY": ":0"}
-    finally:
-        listener.close()
+
+    def session() -> object:
+        return graphical_session({}, entry.pw_uid, home, display_zero, runtime_root)
+
+    # Owned by someone else, readable through the account's group only.
+    if os.geteuid() == 0:
+        os.chown(cookie, 0, entry.pw_gid)
+    cookie.chmod(0o640)
+    assert _as_account(account, session) == {"DISPLAY": ":0", "XAUTHORITY": str(cookie)}
+    cookie.chmod(0o600 if os.geteuid() == 0 else 0o000)  # now beyond the account's reach
+    assert _as_account(account, session) == {"DISPLAY": ":0"}
