@@ -14,6 +14,7 @@ import os
 import pwd
 import secrets
 import socket
+import struct
 import subprocess
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
@@ -192,7 +193,7 @@ def _as_account(account: str, action: Callable[[], object]) -> object:
         code = 1
         try:
             os.close(read_end)
-            os.setgroups([])
+            os.setgroups(os.getgrouplist(account, entry.pw_gid))  # as privsep.py does
             os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
             os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
             os.write(write_end, json.dumps(action()).encode())
@@ -219,10 +220,32 @@ def test_the_program_accounts_own_cookies_are_judged_as_it_would_read_them(
     def session() -> object:
         return graphical_session({}, entry.pw_uid, home, display_zero, runtime_root)
 
-    # Owned by someone else, readable through the account's group only.
-    if os.geteuid() == 0:
+    if os.geteuid() == 0:  # owned by root, readable through the account's group only
         os.chown(cookie, 0, entry.pw_gid)
     cookie.chmod(0o640)
     assert _as_account(account, session) == {"DISPLAY": ":0", "XAUTHORITY": str(cookie)}
     cookie.chmod(0o600 if os.geteuid() == 0 else 0o000)  # now beyond the account's reach
     assert _as_account(account, session) == {"DISPLAY": ":0"}
+    if os.geteuid() == 0:
+        # Its mode bits say anyone may read it; an ACL entry denies the account.
+        cookie.chmod(0o644)
+        _deny_by_acl(cookie, entry.pw_uid)
+        assert _as_account(account, session) == {"DISPLAY": ":0"}
+
+
+def _deny_by_acl(path: Path, uid: int) -> None:
+    """Give ``path`` a POSIX access ACL: its mode's rights, and none for ``uid``.
+
+    The extended attribute's format is the kernel's (``posix_acl_xattr.h``):
+    a version, then (tag, permissions, id) entries in tag order.
+    """
+    mode = path.stat().st_mode
+    entries = [
+        (0x01, (mode >> 6) & 7, 0xFFFFFFFF),  # the owner
+        (0x02, 0, uid),  # this account: nothing
+        (0x04, (mode >> 3) & 7, 0xFFFFFFFF),  # the owning group
+        (0x10, 7, 0xFFFFFFFF),  # the mask
+        (0x20, mode & 7, 0xFFFFFFFF),  # others
+    ]
+    blob = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+    os.setxattr(path, "system.posix_acl_access", blob)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 import time
 from collections.abc import Awaitable
 from pathlib import Path
@@ -106,43 +107,62 @@ async def test_learners_own_main_py_is_never_touched(client: Client, server: Run
     assert (project / "main.py").read_text() == "print('learner main')\n"
 
 
-# Run by a program as the program account: it replaces the inline script of
-# every run directory stocked for later runs with its own code.
+# Run by a program as the program account: it tampers with every run directory
+# stocked for later runs, in one of three ways (argv[1]).
 PLANT_IN_STOCKED_PLACES = """
-import os, pathlib, time
+import os, pathlib, sys, time
 mine = pathlib.Path(os.environ["FURTHER_LINK_IO_SOCKET"]).parent
 time.sleep(0.5)  # the places taken after this run's are stocked 50 ms after it took its own
 planted = 0
-for place in mine.parent.glob(mine.name.rstrip("_0123456789abcdefghijklmnopqrstuvwxyz") + "*"):
-    if place == mine or place.stat().st_uid != os.getuid():
+for place in mine.parent.iterdir():
+    if place == mine or not place.name.startswith("further-link-run-"):
         continue
-    try:
+    how = {HOW!r}
+    if how == "replaced":
         (place / "main.py").unlink()
         (place / "main.py").write_text("print('planted')")
-        planted += 1
-    except OSError:
-        pass
+    elif how == "written":  # the same file, filled before the run writes from byte 0
+        with open(place / "main.py", "r+") as script:
+            script.write(" " * 4096 + "\\nprint('planted')\\n")
+    else:  # a module beside the script, first on its import path
+        (place / "random.py").write_text("print('planted')")
+    planted += 1
 print(planted)
 """
 
 
-async def test_a_program_cannot_plant_the_next_runs_script(client: Client) -> None:
-    """Run directories are made ahead: another program of the same account may
-    replace their script file, and the run then refuses rather than run it."""
-    result = await client.run({"sourceScript": PLANT_IN_STOCKED_PLACES})
+@pytest.mark.parametrize("how", ["replaced", "written", "module"])
+async def test_a_program_cannot_plant_the_next_runs_script(
+    how: str,
+    start_server: ServerFactory,
+    connect: ClientFactory,
+    sandbox: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Run directories are made ahead, and programs run as the server's account:
+    a program that changes a stocked one makes the run that takes it refuse."""
+    # A temp dir of this test's own: the adversary must not reach other servers' runs.
+    private_tmp = sandbox / "tmp"
+    private_tmp.mkdir(mode=0o1777)
+    private_tmp.chmod(0o1777)
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))  # a server in this process
+    server = await start_server(environ={"TMPDIR": str(private_tmp)})  # or in its own
+    client = await connect(server)
+    adversary = PLANT_IN_STOCKED_PLACES.replace("{HOW!r}", repr(how))
+    result = await client.run({"sourceScript": adversary})
     assert result.exit_code == 0, result.stderr
     assert int(result.stdout) >= 1, "the adversary found no stocked run directory"
     outcomes = []
     for _ in range(3):  # past the planted places, to a fresh one
-        await client.send("start", {"sourceScript": "print('mine')"})
+        await client.send("start", {"sourceScript": "import random\nprint('mine')"})
         reply = await client.receive()
         if reply["type"] == "error":
             outcomes.append(reply["data"]["message"])
             continue
         assert reply["type"] == "started", reply
         outcomes.append((await client.collect()).stdout)
-    assert "planted\n" not in outcomes
-    assert any("another program changed" in str(outcome) for outcome in outcomes), outcomes
+    assert not any("planted" in outcome for outcome in outcomes), outcomes
+    assert any("another program changed" in outcome for outcome in outcomes), outcomes
     assert outcomes[-1] == "mine\n", outcomes
 
 

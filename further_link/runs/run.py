@@ -173,15 +173,16 @@ class Run:
         self._announce_display()
         self.sink.put(Started(process=self.process, run_id=self.run_id))
         # On the loop's next turn, after the connection's sender has woken for
-        # `started` (its wake-up was queued first): the readers' first steps and
-        # the log line then no longer come between `start` and `started`.
+        # `started` (its wake-up was queued first): the readers' first steps,
+        # the side channel's accept loop and the log line then no longer come
+        # between `start` and `started`.
         asyncio.get_running_loop().call_soon(self._begin)
         self._task = asyncio.ensure_future(self._supervise())
 
     def _begin(self) -> None:
-        self.program.begin()
         assert self._channel is not None
         self._channel.begin()
+        self.program.begin()
 
     async def _start_in_turn(self, planner: Planner) -> None:
         """A queued start: wait for the turn, then start; a refusal is said, not raised."""

@@ -136,11 +136,8 @@ class SideChannel:
     def begin(self) -> None:
         """Start accepting connections (called once the run is announced)."""
         if self._server is not None and not self._server.is_serving():
-            self._opening = asyncio.ensure_future(self._serve_if_open(self._server))
-
-    async def _serve_if_open(self, server: asyncio.AbstractServer) -> None:
-        if self._server is server:  # not closed while this task waited for its turn
-            await server.start_serving()
+            # `close` cancels this should it come first.
+            self._opening = asyncio.ensure_future(self._server.start_serving())
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -272,6 +269,8 @@ class SideChannel:
     async def close(self) -> None:
         """Stop listening, let pending frames through briefly, then end."""
         server, self._server = self._server, None
+        if self._opening is not None:
+            self._opening.cancel()
         if server is not None:
             server.close()
         handlers = list(self._handlers)
