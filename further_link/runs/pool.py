@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -273,6 +274,10 @@ class WarmPool:
                 os.close(write_end)
                 self._discard(launched, group)
                 return
+            # Read now, so that the run which takes it need not (see RunTree).
+            info = proctree.read_proc_info(launched.process.pid)
+            if info is not None:
+                launched = dataclasses.replace(launched, start_time=info.start_time)
             self._waiting.append((launched, write_end, group))
             # Tests of a server process (and a curious admin) see the pool fill from the log.
             log.debug(

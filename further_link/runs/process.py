@@ -92,6 +92,9 @@ class LaunchedProcess:
     stdout_fd: int
     stderr_fd: int
     tag: str  # the run tag in its environment (see proctree)
+    # Its start time in /proc (clock ticks after boot), when the launcher read
+    # it ahead (the pool, for a waiting interpreter); else read at start.
+    start_time: int | None = None
 
 
 Launcher = Callable[[ProgramSpec], Awaitable[LaunchedProcess]]
@@ -331,7 +334,7 @@ class Program:
         launched = await self._launcher(self.spec)
         self._process = launched.process
         self.tag = launched.tag
-        self._tree = proctree.RunTree(self._process.pid, self.tag)
+        self._tree = proctree.RunTree(self._process.pid, self.tag, launched.start_time)
         self._readers = [
             PipeReader(launched.stdout_fd, "stdout", self._deliver),
             PipeReader(launched.stderr_fd, "stderr", self._deliver),

@@ -192,16 +192,20 @@ class RunTree:
     seen processes consistent.
     """
 
-    def __init__(self, root_pid: int, tag: str) -> None:
+    def __init__(self, root_pid: int, tag: str, root_start_time: int | None = None) -> None:
+        """``root_start_time``: the root's start time as /proc gives it, if known
+        (read now otherwise)."""
         self.root_pid = root_pid
         self._tag_entry = f"{RUN_TAG_VAR}={tag}".encode()
         self._me = os.getpid()
         self._lock = threading.Lock()
         # pid -> start time of every process seen alive in the run, root included.
         self._seen: dict[int, int] = {}
-        root = read_proc_info(root_pid)
-        if root is not None:
-            self._seen[root_pid] = root.start_time
+        if root_start_time is None:
+            root = read_proc_info(root_pid)
+            root_start_time = root.start_time if root is not None else None
+        if root_start_time is not None:
+            self._seen[root_pid] = root_start_time
 
     def live_processes(self) -> set[int]:
         """Every live process of the run (the root included while it runs)."""
