@@ -85,12 +85,13 @@ class RunPlace:
         return self.directory / SCRIPT_NAME
 
     def _untouched(self, dir_fd: int, script_fd: int) -> bool:
+        """Raises ``OSError`` for what is not a change (e.g. out of descriptors)."""
         made_dir, made_script = os.fstat(dir_fd), os.fstat(script_fd)
         try:
             found_dir = os.stat(self.directory, follow_symlinks=False)
             found_script = os.stat(SCRIPT_NAME, dir_fd=dir_fd, follow_symlinks=False)
-            names = sorted(os.listdir(dir_fd))
-        except OSError:
+            names = sorted(os.listdir(dir_fd))  # takes a descriptor of its own
+        except (FileNotFoundError, NotADirectoryError):
             return False
         return (
             _same_file(made_dir, found_dir)
