@@ -188,12 +188,14 @@ def _as_account(account: str, action: Callable[[], object]) -> object:
         return action()
     entry = pwd.getpwnam(account)
     read_end, write_end = os.pipe()
+    # Looked up before the fork: the child of a process with threads only makes system calls.
+    groups = os.getgrouplist(account, entry.pw_gid)
     child = os.fork()
     if child == 0:
         code = 1
         try:
             os.close(read_end)
-            os.setgroups(os.getgrouplist(account, entry.pw_gid))  # as privsep.py does
+            os.setgroups(groups)  # as privsep.py does
             os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
             os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
             os.write(write_end, json.dumps(action()).encode())
