@@ -430,6 +430,23 @@ async def test_oversized_frame_is_refused_from_its_header_alone(
     await assert_usable(client)
 
 
+async def test_text_frame_that_is_not_utf8_closes_with_1007(
+    server: RunningServer, client: Client
+) -> None:
+    """RFC 6455 section 8.1: a text message that is not UTF-8 fails the connection."""
+    reader, writer = await open_raw_websocket(server)
+    try:
+        payload = b'{"type": "\xff"}'
+        mask = os.urandom(4)
+        masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+        writer.write(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+        await writer.drain()
+        assert await read_close_code(reader) == 1007
+    finally:
+        writer.close()
+    await assert_usable(client)
+
+
 # ------------------------------------------------------------------ sourcePath
 
 

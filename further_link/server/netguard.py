@@ -36,6 +36,11 @@ from further_link.config import Config
 log = logging.getLogger(__name__)
 
 EMFILE_LOG_INTERVAL = 10.0
+# What aiohttp is handed at once. A batch of tiny websocket messages becomes
+# Python objects about ten times its size before aiohttp can pause reading, so
+# the batch is kept small; the rest waits in the kernel or, under TLS,
+# still encrypted in the TLS layer. One TLS record holds at most 16 KiB.
+READ_BYTES = 16 * 1024
 
 
 def raise_fd_limit() -> int:
@@ -72,8 +77,11 @@ class ConnectionGuard:
         self._idle: dict[GuardedProtocol, None] = {}
         self._refusals = CountedLog("refused %d connection(s) over the %s connection limit")
         self._evictions = CountedLog("closed %d idle connection(s) at the %s connection limit")
+        # Every connection reads into this one buffer: a transport fills it and hands
+        # it on in one synchronous step, and nothing keeps it after.
+        self.read_buffer = memoryview(bytearray(READ_BYTES))
 
-    def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+    def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.BaseProtocol]:
         """The protocol factory to give ``create_server`` in place of aiohttp's."""
         return lambda: GuardedProtocol(self, inner)
 
@@ -149,8 +157,14 @@ class CountedLog:
             self._since = 0
 
 
-class GuardedProtocol(asyncio.Protocol):
-    """aiohttp's protocol for one connection, behind the caps and the header clock."""
+class GuardedProtocol(asyncio.BufferedProtocol):
+    """aiohttp's protocol for one connection, behind the caps and the header clock.
+
+    Data reaches aiohttp in pieces of at most ``READ_BYTES``, read straight
+    into the guard's buffer (no object per TLS record), so pausing aiohttp's
+    reading takes effect after one small piece, not after everything the
+    transport had.
+    """
 
     def __init__(self, guard: ConnectionGuard, inner: Callable[[], asyncio.Protocol]) -> None:
         self._guard = guard
@@ -224,6 +238,12 @@ class GuardedProtocol(asyncio.Protocol):
         self._busy -= 1
         if not self._busy and self._inner is not None and self._clock is None:
             self._start_clock()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._guard.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(self._guard.read_buffer[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self._inner is not None:

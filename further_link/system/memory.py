@@ -10,7 +10,14 @@ from the heap, whose freed middle is never given back: a client sending one
 4 MiB message after another keeps the server's resident memory several
 buffers higher than anything it holds. Setting the threshold once turns
 that adjustment off, as ``MALLOC_MMAP_THRESHOLD_`` in the environment would.
-Nothing else changes: smaller blocks, the vast majority, stay on the heap.
+
+The threshold sits above asyncio's read size (256 KiB: ``sock.recv``,
+``os.read`` and the TLS layer's ``SSLObject.read`` each ask for that much,
+then shrink the result to what arrived). Below it, every read would be a
+mapping of its own, and a shrunk mapping keeps a whole page: a client
+sending tiny websocket messages, one TLS record each, made the server hold
+a 4 KiB page per 22-byte record, about 25 MiB for one batch of pings.
+Smaller blocks, the vast majority, stay on the heap as before.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import logging
 log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-LARGE_BLOCK_BYTES = 128 * 1024  # glibc's own starting value, kept from moving
+# Above asyncio's 256 KiB reads (plus their object header), far below a message's
+# multi-megabyte buffers.
+LARGE_BLOCK_BYTES = 512 * 1024
 # The largest piece of program output read from a pipe at once, or merged into
 # one message. With JSON's escaping (``\n`` is two characters) and the
 # websocket framing, each buffer such a piece passes through (bytes read,
