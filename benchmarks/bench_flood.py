@@ -90,8 +90,10 @@ def written_by_program(stderr: str) -> int | None:
 async def bench_flood(ctx: BenchContext) -> BenchResult:
     result = BenchResult("flood")
     stall = ctx.scale.flood_seconds
+    # The flooder reads nothing, pings included, for the whole stall: the server's
+    # heartbeat would rightly drop it (FURTHER_LINK_HEARTBEAT), ending the flood early.
     async with (
-        ctx.serve(result) as served,
+        ctx.serve(result, settings={"FURTHER_LINK_HEARTBEAT": "0"}) as served,
         served.client() as other,
         served.client(receive_buffer=RECEIVE_BUFFER) as flooder,
     ):
