@@ -34,8 +34,6 @@ from _report import BenchResult, MiB, Target, percentile, summarise
 from _server import RunningServer
 
 RECEIVE_BUFFER = 16 * 1024
-# The stall must stay shorter than the server's heartbeat (FURTHER_LINK_HEARTBEAT,
-# 10 s): a client that reads nothing cannot answer its ping and would be dropped.
 SAMPLE_INTERVAL = 0.05
 DRAIN_TIMEOUT = 60.0
 STOP_LIMIT_RUNS = 3

@@ -38,8 +38,10 @@ log = logging.getLogger(__name__)
 EMFILE_LOG_INTERVAL = 10.0
 # What aiohttp is handed at once. A batch of tiny websocket messages becomes
 # Python objects about ten times its size before aiohttp can pause reading, so
-# the batch is kept small; the rest waits in the kernel or, under TLS,
-# still encrypted in the TLS layer. One TLS record holds at most 16 KiB.
+# the batch is kept small; the rest waits in the kernel or, under TLS on
+# Python 3.11+, still encrypted in the TLS layer (3.9 and 3.10 decrypt all
+# they read, up to 256 KiB, and hand it on without pausing in between).
+# One TLS record holds at most 16 KiB.
 READ_BYTES = 16 * 1024
 
 
@@ -78,7 +80,8 @@ class ConnectionGuard:
         self._refusals = CountedLog("refused %d connection(s) over the %s connection limit")
         self._evictions = CountedLog("closed %d idle connection(s) at the %s connection limit")
         # Every connection reads into this one buffer: a transport fills it and hands
-        # it on in one synchronous step, and nothing keeps it after.
+        # it on in one synchronous step, and nothing keeps it after. A memoryview,
+        # not the bytearray: the TLS layer reads into slices of it, which must not copy.
         self.read_buffer = memoryview(bytearray(READ_BYTES))
 
     def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.BaseProtocol]:
@@ -161,9 +164,9 @@ class GuardedProtocol(asyncio.BufferedProtocol):
     """aiohttp's protocol for one connection, behind the caps and the header clock.
 
     Data reaches aiohttp in pieces of at most ``READ_BYTES``, read straight
-    into the guard's buffer (no object per TLS record), so pausing aiohttp's
-    reading takes effect after one small piece, not after everything the
-    transport had.
+    into the guard's buffer (on Python 3.11+ no object per TLS record), so
+    pausing aiohttp's reading takes effect after one small piece, not after
+    everything the transport had (for TLS, on 3.11+ only).
     """
 
     def __init__(self, guard: ConnectionGuard, inner: Callable[[], asyncio.Protocol]) -> None:

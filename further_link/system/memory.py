@@ -16,7 +16,10 @@ The threshold sits above asyncio's read size (256 KiB: ``sock.recv``,
 then shrink the result to what arrived). Below it, every read would be a
 mapping of its own, and a shrunk mapping keeps a whole page: a client
 sending tiny websocket messages, one TLS record each, made the server hold
-a 4 KiB page per 22-byte record, about 25 MiB for one batch of pings.
+a 4 KiB page per 22-byte record, about 25 MiB for one batch of pings. The
+server's own connections now read into a buffer (netguard.py), but TLS on
+Python 3.9 and 3.10, stream readers (the noVNC proxy) and pipes still read
+this way.
 Smaller blocks, the vast majority, stay on the heap as before.
 """
 
