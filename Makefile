@@ -97,6 +97,8 @@ deb:
 # As root on Debian the package is built once first; tests/test_deb.py installs,
 # uses, removes and purges it.
 TEST_DEB := $(CURDIR)/dist/further-link_$(VERSION)_all.deb
+# The slowest tests are listed at the end of each pass: where the suite's time goes.
+PYTEST_ARGS ?= --durations=15
 test: lint system-deps
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  $(MAKE) --no-print-directory deb; fi
