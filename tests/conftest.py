@@ -517,6 +517,22 @@ def sleeper_script(marker: Path, seconds: int = 60) -> str:
     return write_pid_code(marker) + f"import time\nprint('up')\ntime.sleep({seconds})\n"
 
 
+def reset_peak_rss(pid: int) -> int:
+    """Set the peak resident size of ``pid`` (VmHWM) to its size now; return that, in bytes.
+
+    The kernel's own mark, not samples: a buffer that lives a millisecond counts.
+    """
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return peak_rss(pid)
+
+
+def peak_rss(pid: int) -> int:
+    """The most memory ``pid`` has held resident since its peak was last reset, in bytes."""
+    found = re.search(r"^VmHWM:\s+(\d+) kB$", Path(f"/proc/{pid}/status").read_text(), re.M)
+    assert found is not None, "the kernel reports no VmHWM"
+    return int(found.group(1)) * 1024
+
+
 def alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:

@@ -19,16 +19,10 @@ import aiohttp
 import pytest
 from test_cli import ServerProcess, plain_server
 
+from conftest import peak_rss, reset_peak_rss
+
 FLOOD = "import sys\ni = 0\nwhile True:\n    sys.stdout.write(f'{i:09d}\\n')\n    i += 1\n"
 STALL_SECONDS = 4.0
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 @pytest.fixture
@@ -56,19 +50,18 @@ async def test_stalled_reader_is_bounded_lossless_and_does_not_slow_others(
     async with aiohttp.ClientSession() as http:
         other = await http.ws_connect(url)
         idle = [await run_latency(other) for _ in range(10)]
-        rss_before = rss_kib(pid)
+        rss_before = reset_peak_rss(pid)
 
         flooder = await http.ws_connect(url, max_msg_size=0)
         await flooder.send_json({"type": "start", "data": {"sourceScript": FLOOD}})
         # Stop reading: the flooding client's socket fills, then the server's queue.
         busy: list[float] = []
         deadline = time.monotonic() + STALL_SECONDS
-        peak_rss = rss_before
         while time.monotonic() < deadline:
             busy.append(await run_latency(other))
-            peak_rss = max(peak_rss, rss_kib(pid))
             await asyncio.sleep(0.05)
 
+        growth_mib = (peak_rss(pid) - rss_before) / 2**20
         stop_sent = time.monotonic()
         await flooder.send_json({"type": "stop"})
         text_parts: list[str] = []
@@ -92,7 +85,6 @@ async def test_stalled_reader_is_bounded_lossless_and_does_not_slow_others(
     assert numbers == list(range(len(numbers))), "output was dropped or reordered"
     assert kinds[0] == "started" and kinds.count("stopped") == 1
 
-    growth_mib = (peak_rss - rss_before) / 1024
     print(
         f"\nflood: {len(numbers)} lines ({len(text) / 2**20:.1f} MiB) delivered in order; "
         f"server RSS growth {growth_mib:.1f} MiB; other client's run latency idle "
