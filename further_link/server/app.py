@@ -109,15 +109,24 @@ class RunPyWebSocket(web.WebSocketResponse):
     _acked_at_ping: int | None = None
 
     def _send_heartbeat(self) -> None:
-        self._acked_at_ping = bytes_acked(self.get_extra_info("socket"))
+        self._acked_at_ping = self._bytes_acked()
         super()._send_heartbeat()
 
     def _pong_not_received(self) -> None:
-        if made_progress(self._acked_at_ping, bytes_acked(self.get_extra_info("socket"))):
+        if made_progress(self._acked_at_ping, self._bytes_acked()):
             log.debug("a ping is still behind output the client is reading; waiting longer")
             self._reset_heartbeat()
             return
         super()._pong_not_received()
+
+    def _bytes_acked(self) -> int | None:
+        # The timers may fire after the stall watchdog aborted the connection.
+        # Python 3.11's TLS transport, closed twice, then raises
+        # AttributeError from get_extra_info: a closed one is not asked.
+        transport = self._writer.transport if self._writer is not None else None
+        if transport is None or transport.is_closing():
+            return None
+        return bytes_acked(transport.get_extra_info("socket"))
 
     def over_the_limit(self, data: str | bytes) -> bool:
         """Whether a received message is too big although aiohttp let it through.
