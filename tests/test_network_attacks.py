@@ -31,7 +31,7 @@ from further_link.server.netguard import raise_fd_limit
 from further_link.trust.auth import TokenStore, pairing_code
 from further_link.trust.control import current_generation
 from further_link.trust.pairing import BURST, HOLD_SECONDS, WRONG_PER_CODE
-from further_link.trust.tls import ensure_self_signed
+from further_link.trust.tls import CERT_NAME, ensure_self_signed, server_ssl_context
 
 from conftest import (
     PROGRAM_SETTINGS,
@@ -40,6 +40,7 @@ from conftest import (
     FileServer,
     RunningServer,
     alive,
+    make_config,
     peak_rss,
     program_home,
     reset_peak_rss,
@@ -567,11 +568,11 @@ async def test_heartbeat_timers_firing_after_the_connection_was_cut_off_raise_no
 ) -> None:
     """The stall watchdog aborts a TLS connection, aiohttp closes it again, and a
     heartbeat timer already due still fires: the flood test above met this race
-    about once in 40 runs on a busy machine (Python 3.11's TLS transport raised
-    from ``get_extra_info``)."""
-    cert, key = ensure_self_signed(sandbox / "tls", ["127.0.0.1"])
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert, key)
+    about 3 times in 93 runs on a busy machine (Python 3.11's TLS transport
+    raised from ``get_extra_info``)."""
+    config = make_config(sandbox)
+    server_tls = server_ssl_context(config)
+    cert = config.config_dir / CERT_NAME
     raised: asyncio.Future[list[BaseException]] = asyncio.get_running_loop().create_future()
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
